@@ -1,0 +1,151 @@
+//! Closeness checks and seeded random tensors, for tests and parity checks.
+//!
+//! `close` holds element-wise when `|a - e| <= atol + rtol |e|`. NaN never
+//! passes (not even against NaN), and neither does an infinity, so a
+//! diverged computation can never look correct.
+
+use std::cell::Cell;
+use std::sync::Mutex;
+
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{Error, Result, TchResultExt};
+
+/// How far `actual` is from `expected`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Closeness {
+    pub max_abs: f64,
+    /// Largest `|a - e| / |e|` over elements with `e != 0`.
+    pub max_rel: f64,
+    /// Elements outside `atol + rtol |e|` (non-finite ones included).
+    pub mismatched: i64,
+    pub numel: i64,
+    pub ok: bool,
+}
+
+/// Compare two tensors of the same shape (any float dtype, any device).
+pub fn closeness(actual: &Tensor, expected: &Tensor, atol: f64, rtol: f64) -> Result<Closeness> {
+    if actual.size() != expected.size() {
+        return Err(Error::shape(
+            "closeness",
+            format!("{:?}", expected.size()),
+            actual.size(),
+        ));
+    }
+    let a = actual
+        .f_detach()?
+        .f_to_kind(Kind::Double)?
+        .f_to_device(Device::Cpu)
+        .op("closeness")?;
+    let e = expected
+        .f_detach()?
+        .f_to_kind(Kind::Double)?
+        .f_to_device(Device::Cpu)
+        .op("closeness")?;
+    let diff = a.f_sub(&e)?.f_abs()?;
+    let bound = e.f_abs()?.f_mul_scalar(rtol)?.f_add_scalar(atol)?;
+    // `<=` is false for NaN; an infinite difference is caught by isfinite.
+    let good = diff
+        .f_le_tensor(&bound)?
+        .f_logical_and(&diff.f_isfinite()?)?;
+    let numel = a.numel() as i64;
+    let mismatched = numel - good.f_sum(Kind::Int64)?.int64_value(&[]);
+    let finite_diff = diff.f_nan_to_num(Some(f64::INFINITY), Some(f64::INFINITY), None)?;
+    let max_abs = if numel == 0 {
+        0.0
+    } else {
+        finite_diff.f_max()?.double_value(&[])
+    };
+    let nonzero = e.f_ne(0)?;
+    let rel = finite_diff
+        .f_div(&e.f_abs()?)?
+        .f_masked_fill(&nonzero.f_logical_not()?, 0.0)?;
+    let max_rel = if numel == 0 {
+        0.0
+    } else {
+        rel.f_max()?.double_value(&[])
+    };
+    Ok(Closeness {
+        max_abs,
+        max_rel,
+        mismatched,
+        numel,
+        ok: mismatched == 0,
+    })
+}
+
+/// Panic with a readable report unless `actual` is close to `expected`.
+#[track_caller]
+pub fn assert_close(actual: &Tensor, expected: &Tensor, atol: f64, rtol: f64) {
+    match closeness(actual, expected, atol, rtol) {
+        Ok(c) if c.ok => {}
+        Ok(c) => panic!(
+            "not close (atol {atol:e}, rtol {rtol:e}): {} of {} elements mismatched, max abs err {:e}, max rel err {:e}",
+            c.mismatched, c.numel, c.max_abs, c.max_rel
+        ),
+        Err(e) => panic!("cannot compare: {e}"),
+    }
+}
+
+/// Seed libtorch's generators (CPU and CUDA): the same seed gives the same
+/// initialisation, dropout masks and samples on the CPU.
+pub fn manual_seed(seed: u64) {
+    tch::manual_seed(seed as i64);
+}
+
+static SEED_LOCK: Mutex<()> = Mutex::new(());
+
+thread_local! {
+    static HOLDS_SEED_LOCK: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Run `f` right after seeding, with no other thread's `with_seed` in
+/// between (libtorch's generator is global, and tests run on several
+/// threads). Nested calls on one thread simply reseed.
+pub fn with_seed<T>(seed: u64, f: impl FnOnce() -> T) -> T {
+    if HOLDS_SEED_LOCK.get() {
+        manual_seed(seed);
+        return f();
+    }
+    let _guard = SEED_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    HOLDS_SEED_LOCK.set(true);
+    struct Release;
+    impl Drop for Release {
+        fn drop(&mut self) {
+            HOLDS_SEED_LOCK.set(false);
+        }
+    }
+    let _release = Release;
+    manual_seed(seed);
+    f()
+}
+
+/// `N(0, 1)` values drawn on the CPU from `seed`, then moved to `device`, so
+/// the values are identical whatever the device.
+pub fn randn_seeded(shape: &[i64], seed: u64, device: Device) -> Result<Tensor> {
+    with_seed(seed, || Tensor::f_randn(shape, (Kind::Float, Device::Cpu)))
+        .and_then(|t| t.f_to_device(device))
+        .op("randn_seeded")
+}
+
+/// Uniform integers in `0..high`, drawn like [`randn_seeded`].
+pub fn randint_seeded(high: i64, shape: &[i64], seed: u64, device: Device) -> Result<Tensor> {
+    with_seed(seed, || {
+        Tensor::f_randint(high, shape, (Kind::Int64, Device::Cpu))
+    })
+    .and_then(|t| t.f_to_device(device))
+    .op("randint_seeded")
+}
+
+/// Reject NaN/Inf in `t`, naming `what` (one host sync).
+pub fn check_finite(op: &str, what: &str, t: &Tensor) -> Result<()> {
+    let all = t.f_isfinite()?.f_all()?.int64_value(&[]) != 0;
+    if all {
+        Ok(())
+    } else {
+        Err(Error::NonFinite {
+            op: op.to_owned(),
+            what: what.to_owned(),
+        })
+    }
+}

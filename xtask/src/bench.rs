@@ -1,0 +1,161 @@
+//! `cargo xtask bench`: criterion benchmarks and their PyTorch references in
+//! one run, then a ratio table.
+//!
+//! Convention: a criterion benchmark with full id `TOPIC/CASE/rust` is paired
+//! with the line `TOPIC/CASE/pytorch SECONDS` printed by
+//! `benches/reference/TOPIC.py` (run with the cache venv's python, same
+//! machine, same run). The ratio is `pytorch / rust` (above 1 = we are faster).
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+
+use crate::{Args, Fail, cargo, repo_root, run, setup};
+
+pub fn bench(a: &Args) -> Result<(), Fail> {
+    let torch = setup::ensure(false)?;
+    let root = repo_root();
+    // Benchmarks are selected by topic: `-p` names a method crate, the
+    // topic files follow the crates' names with `_` (tensor-core -> tensor_core).
+    let topics: Vec<String> = if a.packages.is_empty() {
+        let mut t: Vec<String> = fs::read_dir(root.join("benches"))
+            .map_err(|e| Fail::new("bench", e.to_string(), "is the benches/ folder there?"))?
+            .filter_map(|e| {
+                let p = e.ok()?.path();
+                (p.extension()? == "rs" && p.file_stem()? != "lib")
+                    .then(|| p.file_stem()?.to_str().map(str::to_owned))?
+            })
+            .collect();
+        t.sort();
+        t
+    } else {
+        a.packages.iter().map(|p| p.replace('-', "_")).collect()
+    };
+    let mut c = cargo();
+    c.args(["bench", "-p", "modular-benches"]);
+    for t in &topics {
+        c.args(["--bench", t]);
+    }
+    c.arg("--");
+    if a.flags.iter().any(|f| f == "--quick") {
+        c.arg("--quick");
+    }
+    c.args(&a.rest);
+    run("criterion", c)?;
+
+    let mut reference = BTreeMap::new();
+    for t in &topics {
+        let script = root
+            .join("benches")
+            .join("reference")
+            .join(format!("{t}.py"));
+        if !script.exists() {
+            continue;
+        }
+        println!("xtask: reference: {}", script.display());
+        let out = Command::new(&torch.python)
+            .arg(&script)
+            .current_dir(&root)
+            .env(
+                "OMP_NUM_THREADS",
+                std::env::var("OMP_NUM_THREADS").unwrap_or_default(),
+            )
+            .output()
+            .map_err(|e| Fail::new("bench: reference", e.to_string(), "check the venv"))?;
+        if !out.status.success() {
+            return Err(Fail::new(
+                "bench: reference",
+                format!(
+                    "{} failed: {}",
+                    script.display(),
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+                "fix the reference script",
+            ));
+        }
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let mut it = line.split_whitespace();
+            if let (Some(id), Some(s)) = (it.next(), it.next())
+                && let (Some(case), Ok(secs)) = (id.strip_suffix("/pytorch"), s.parse::<f64>())
+            {
+                reference.insert(case.to_owned(), secs);
+            }
+        }
+    }
+    let ours = criterion_medians(&root.join("target").join("criterion"));
+    println!(
+        "\n{:<48} {:>12} {:>12} {:>8}",
+        "benchmark", "rust", "pytorch", "ratio"
+    );
+    for (id, ns) in &ours {
+        let Some(case) = id.strip_suffix("/rust") else {
+            continue;
+        };
+        if !topics.iter().any(|t| case.starts_with(&format!("{t}/"))) {
+            continue;
+        }
+        let secs = ns * 1e-9;
+        match reference.get(case) {
+            Some(r) => println!(
+                "{case:<48} {:>12} {:>12} {:>7.2}x",
+                fmt_s(secs),
+                fmt_s(*r),
+                r / secs
+            ),
+            None => println!("{case:<48} {:>12} {:>12} {:>8}", fmt_s(secs), "-", "-"),
+        }
+    }
+    Ok(())
+}
+
+fn fmt_s(s: f64) -> String {
+    if s < 1e-3 {
+        format!("{:.1} us", s * 1e6)
+    } else if s < 1.0 {
+        format!("{:.2} ms", s * 1e3)
+    } else {
+        format!("{s:.2} s")
+    }
+}
+
+/// `full_id -> median ns` from criterion's `new/benchmark.json` + `estimates.json`.
+fn criterion_medians(dir: &Path) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.file_name().is_some_and(|n| n == "benchmark.json")
+                && p.parent()
+                    .and_then(Path::file_name)
+                    .is_some_and(|n| n == "new")
+            {
+                let (Ok(b), Ok(est)) = (
+                    fs::read_to_string(&p),
+                    fs::read_to_string(p.with_file_name("estimates.json")),
+                ) else {
+                    continue;
+                };
+                if let (Some(id), Some(median)) = (json_str(&b, "full_id"), json_median(&est)) {
+                    out.insert(id, median);
+                }
+            }
+        }
+    }
+    out
+}
+
+fn json_str(text: &str, key: &str) -> Option<String> {
+    let i = text.find(&format!("\"{key}\":\""))? + key.len() + 4;
+    Some(text[i..].split('"').next()?.to_owned())
+}
+
+fn json_median(text: &str) -> Option<f64> {
+    let i = text.find("\"median\":")?;
+    let j = text[i..].find("\"point_estimate\":")? + i + 17;
+    text[j..].split([',', '}']).next()?.trim().parse().ok()
+}

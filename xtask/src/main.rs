@@ -1,0 +1,325 @@
+//! `cargo xtask <command>`: everything a fresh machine needs, in one place.
+//!
+//! - `setup`   install PyTorch into the per-user cache venv and configure cargo
+//! - `test`    setup, then `cargo fmt --check`, clippy (`-D warnings`), build, tests
+//! - `bench`   setup, criterion benchmarks, the PyTorch references, ratio table
+//! - `demo`    setup, then the demo binary
+//! - `doctor`  what is installed, and whether test executables link libtorch_cuda
+//! - `env`     shell `export` lines for running a built binary by hand
+//!
+//! Every command takes `-p CRATE` (repeatable) to narrow it to crates.
+
+mod bench;
+mod setup;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::Instant;
+
+/// A failure with what failed and what to do about it.
+#[derive(Debug)]
+pub struct Fail {
+    stage: String,
+    what: String,
+    todo: String,
+}
+
+impl Fail {
+    pub fn new(stage: &str, what: impl Into<String>, todo: impl Into<String>) -> Self {
+        Self {
+            stage: stage.to_owned(),
+            what: what.into(),
+            todo: todo.into(),
+        }
+    }
+}
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace root")
+        .to_owned()
+}
+
+/// Parsed command line: the command, `-p` crates, flags, and arguments after `--`.
+#[derive(Debug, Default)]
+pub struct Args {
+    pub command: String,
+    pub packages: Vec<String>,
+    pub flags: Vec<String>,
+    pub rest: Vec<String>,
+}
+
+fn parse(argv: Vec<String>) -> Result<Args, Fail> {
+    let mut a = Args::default();
+    let mut it = argv.into_iter();
+    while let Some(s) = it.next() {
+        match s.as_str() {
+            "--" => {
+                a.rest = it.collect();
+                break;
+            }
+            "-p" | "--package" => match it.next() {
+                Some(p) => a.packages.push(p),
+                None => {
+                    return Err(Fail::new(
+                        "arguments",
+                        "-p needs a crate name",
+                        "e.g. `cargo xtask test -p tensor-core`",
+                    ));
+                }
+            },
+            _ if s.starts_with("--package=") => a.packages.push(s["--package=".len()..].to_owned()),
+            _ if s.starts_with('-') => a.flags.push(s),
+            _ if a.command.is_empty() => a.command = s,
+            _ => a.rest.push(s),
+        }
+    }
+    Ok(a)
+}
+
+/// `-p X -p Y`, or `--workspace` when none was given.
+pub fn package_args(pkgs: &[String]) -> Vec<String> {
+    if pkgs.is_empty() {
+        vec!["--workspace".into()]
+    } else {
+        pkgs.iter()
+            .flat_map(|p| ["-p".to_owned(), p.clone()])
+            .collect()
+    }
+}
+
+pub fn cargo() -> Command {
+    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.current_dir(repo_root());
+    c
+}
+
+/// Run a command to completion, inheriting stdio; a non-zero exit is a `Fail`.
+pub fn run(stage: &str, mut cmd: Command) -> Result<(), Fail> {
+    let shown = format!("{cmd:?}").replace('"', "");
+    println!("xtask: {stage}: {shown}");
+    let status = cmd.status().map_err(|e| {
+        Fail::new(
+            stage,
+            format!("could not start {shown}: {e}"),
+            "check the toolchain installation",
+        )
+    })?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(Fail::new(
+            stage,
+            format!("{shown} exited with {status}"),
+            "see the output above",
+        ))
+    }
+}
+
+struct Timer(Vec<(String, f64)>);
+
+impl Timer {
+    fn time<T>(&mut self, name: &str, f: impl FnOnce() -> Result<T, Fail>) -> Result<T, Fail> {
+        let t = Instant::now();
+        let r = f();
+        self.0.push((name.to_owned(), t.elapsed().as_secs_f64()));
+        r
+    }
+    fn report(&self) {
+        let parts: Vec<String> = self.0.iter().map(|(n, s)| format!("{n} {s:.1}s")).collect();
+        println!("xtask: timings: {}", parts.join(", "));
+    }
+}
+
+fn test(a: &Args) -> Result<(), Fail> {
+    let mut timer = Timer(Vec::new());
+    timer.time("setup", || setup::ensure(true))?;
+    let pkgs = package_args(&a.packages);
+    timer.time("fmt", || {
+        let mut c = cargo();
+        c.arg("fmt");
+        if a.packages.is_empty() {
+            c.arg("--all");
+        } else {
+            c.args(&pkgs);
+        }
+        c.args(["--", "--check"]);
+        run("format check", c)
+    })?;
+    timer.time("clippy", || {
+        let mut c = cargo();
+        c.arg("clippy")
+            .args(&pkgs)
+            .args(["--all-targets", "--", "-D", "warnings"]);
+        run("clippy", c)
+    })?;
+    timer.time("build", || {
+        let mut c = cargo();
+        c.arg("test").args(&pkgs).arg("--no-run");
+        run("build tests", c)
+    })?;
+    let r = timer.time("tests", || {
+        let mut c = cargo();
+        c.arg("test").args(&pkgs).args(&a.flags);
+        if !a.rest.is_empty() {
+            c.arg("--").args(&a.rest);
+        }
+        run("tests", c)
+    });
+    timer.report();
+    r
+}
+
+fn demo(a: &Args) -> Result<(), Fail> {
+    setup::ensure(false)?;
+    let mut c = cargo();
+    c.args(["run", "--quiet", "-p", "modular-cli", "--", "demo"])
+        .args(&a.rest);
+    run("demo", c)
+}
+
+fn doctor(a: &Args) -> Result<(), Fail> {
+    let t = setup::ensure(true)?;
+    println!("torch       {}", t.version);
+    println!("venv        {}", t.venv.display());
+    println!("lib         {}", t.lib_dir.display());
+    println!(
+        "cuda lib    {}",
+        if t.has_cuda_lib() {
+            "present"
+        } else {
+            "absent (CPU-only wheel)"
+        }
+    );
+    let pkgs = if a.packages.is_empty() {
+        vec!["tensor-core".to_owned()]
+    } else {
+        a.packages.clone()
+    };
+    let out = cargo()
+        .args(["test", "--no-run", "--message-format=json"])
+        .args(package_args(&pkgs))
+        .output()
+        .map_err(|e| Fail::new("doctor", e.to_string(), "check the toolchain"))?;
+    if !out.status.success() {
+        return Err(Fail::new(
+            "doctor",
+            "building the test executables failed",
+            "run `cargo xtask test` to see why",
+        ));
+    }
+    let mut bad = 0;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some(i) = line.find("\"executable\":\"") else {
+            continue;
+        };
+        let rest = &line[i + 14..];
+        let Some(exe) = rest.split('"').next() else {
+            continue;
+        };
+        let ldd = Command::new("ldd").arg(exe).output();
+        let text = ldd
+            .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+            .unwrap_or_default();
+        let linked = text.lines().find(|l| l.contains("libtorch_cuda.so"));
+        match linked {
+            Some(l) => println!("ok          {exe}\n            {}", l.trim()),
+            None => {
+                bad += 1;
+                println!("MISSING     {exe}: ldd lists no libtorch_cuda.so");
+            }
+        }
+    }
+    if bad > 0 && t.has_cuda_lib() {
+        return Err(Fail::new(
+            "doctor",
+            format!("{bad} executable(s) do not link libtorch_cuda"),
+            "run `cargo xtask setup` (it writes .cargo/torch.toml and the linker wrapper) and rebuild",
+        ));
+    }
+    Ok(())
+}
+
+fn env_cmd() -> Result<(), Fail> {
+    let t = setup::ensure(false)?;
+    println!("export LIBTORCH_USE_PYTORCH=1");
+    println!("export VIRTUAL_ENV={}", t.venv.display());
+    println!("export PATH={}/bin:$PATH", t.venv.display());
+    println!(
+        "export LD_LIBRARY_PATH={}:${{LD_LIBRARY_PATH:-}}",
+        t.lib_dir.display()
+    );
+    Ok(())
+}
+
+const USAGE: &str = "usage: cargo xtask <setup|test|bench|demo|doctor|env> [-p CRATE]... [-- ARGS]";
+
+fn main() -> ExitCode {
+    let args = match parse(std::env::args().skip(1).collect()) {
+        Ok(a) => a,
+        Err(f) => return report(f),
+    };
+    let r = match args.command.as_str() {
+        "setup" => setup::ensure(true).map(|_| ()),
+        "test" => test(&args),
+        "bench" => bench::bench(&args),
+        "demo" => demo(&args),
+        "doctor" => doctor(&args),
+        "env" => env_cmd(),
+        "" | "help" => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        other => Err(Fail::new(
+            "arguments",
+            format!("unknown command '{other}'"),
+            USAGE,
+        )),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => report(f),
+    }
+}
+
+fn report(f: Fail) -> ExitCode {
+    eprintln!(
+        "xtask: {} failed: {}\n  what to do: {}",
+        f.stage, f.what, f.todo
+    );
+    ExitCode::FAILURE
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_packages_flags_and_rest() {
+        let a = parse(
+            [
+                "test",
+                "-p",
+                "tensor-core",
+                "--package=model-zoo",
+                "--release",
+                "--",
+                "grouped",
+            ]
+            .map(String::from)
+            .to_vec(),
+        )
+        .unwrap();
+        assert_eq!(a.command, "test");
+        assert_eq!(a.packages, ["tensor-core", "model-zoo"]);
+        assert_eq!(a.flags, ["--release"]);
+        assert_eq!(a.rest, ["grouped"]);
+        assert_eq!(
+            package_args(&a.packages),
+            ["-p", "tensor-core", "-p", "model-zoo"]
+        );
+        assert_eq!(package_args(&[]), ["--workspace"]);
+        assert!(parse(vec!["test".into(), "-p".into()]).is_err());
+    }
+}
