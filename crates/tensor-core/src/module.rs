@@ -22,6 +22,12 @@
 //! transparent children; a path that names a slot holding a wrapper gets
 //! the wrapper (the outermost module).
 //!
+//! **Labelled children.** A child named `(label)` is transparent in the same
+//! way (its parameters are named as if it were not there), but the label
+//! addresses it: BERT keeps its FFN under `(ffn)` so that
+//! `encoder.layer.3.(ffn)` names the `FeedForward` while its weights stay
+//! `encoder.layer.3.intermediate.dense.weight`.
+//!
 //! **Contract.** `children()` and `children_mut()` list the same children in
 //! the same order, as do `params()` and `params_mut()`.
 
@@ -88,8 +94,18 @@ pub fn is<T: Module>(m: &dyn Module) -> bool {
     (m as &dyn Any).is::<T>()
 }
 
-/// Join a parent path and a child name; empty parts vanish.
+/// Is this child name a label, `(name)`: transparent for parameter names
+/// but addressable as a path segment?
+pub fn is_label(name: &str) -> bool {
+    name.len() > 2 && name.starts_with('(') && name.ends_with(')')
+}
+
+/// Join a parent path and a child name; empty parts and labels vanish
+/// (this is how parameter names and descendants' paths are formed).
 pub fn join_path(prefix: &str, name: &str) -> String {
+    if is_label(name) {
+        return prefix.to_owned();
+    }
     match (prefix.is_empty(), name.is_empty()) {
         (true, _) => name.to_owned(),
         (_, true) => prefix.to_owned(),
@@ -176,11 +192,22 @@ fn visit_params_mut(
     Ok(())
 }
 
+/// The path that addresses a child itself: like `join_path`, but a label
+/// stays (`encoder.layer.3.(ffn)`).
+fn slot_path(prefix: &str, name: &str) -> String {
+    if is_label(name) && !prefix.is_empty() {
+        format!("{prefix}.{name}")
+    } else if is_label(name) {
+        name.to_owned()
+    } else {
+        join_path(prefix, name)
+    }
+}
+
 fn visit_modules<'a>(m: &'a dyn Module, prefix: &str, out: &mut Vec<(String, &'a dyn Module)>) {
     for (n, c) in m.children() {
-        let p = join_path(prefix, n);
-        out.push((p.clone(), c));
-        visit_modules(c, &p, out);
+        out.push((slot_path(prefix, n), c));
+        visit_modules(c, &join_path(prefix, n), out);
     }
 }
 
@@ -188,6 +215,9 @@ fn visit_modules<'a>(m: &'a dyn Module, prefix: &str, out: &mut Vec<(String, &'a
 fn resolve(m: &dyn Module, path: &str) -> Option<Vec<usize>> {
     for (i, (name, c)) in m.children().into_iter().enumerate() {
         let found = if name.is_empty() {
+            resolve(c, path)
+        } else if is_label(name) && path != name && !path.starts_with(&format!("{name}.")) {
+            // A label is transparent unless the path names it.
             resolve(c, path)
         } else if path == name {
             Some(Vec::new())
@@ -223,9 +253,9 @@ fn post_order_slots(
     f: &mut dyn FnMut(&str, &mut Slot) -> Result<()>,
 ) -> Result<()> {
     for (n, c) in m.children_mut() {
-        let p = join_path(prefix, n);
-        post_order_slots(c.as_mut(), &p, f)?;
-        f(&p, c)?;
+        let (inner, own) = (join_path(prefix, n), slot_path(prefix, n));
+        post_order_slots(c.as_mut(), &inner, f)?;
+        f(&own, c)?;
     }
     Ok(())
 }
@@ -712,9 +742,22 @@ impl Context {
         r
     }
 
-    /// Path of the module currently running (`encoder.layer.3.intermediate`).
+    /// Path of the module currently running (`encoder.layer.3.intermediate.dense`),
+    /// formed as [`ModuleExt::named_modules`] forms it: a label shows only
+    /// when it is the last segment (`encoder.layer.3.(ffn)`).
     pub fn path(&self) -> String {
-        self.path.join(".")
+        let last = self.path.len().saturating_sub(1);
+        let mut out = String::new();
+        for (i, seg) in self.path.iter().enumerate() {
+            if is_label(seg) && i != last {
+                continue;
+            }
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(seg);
+        }
+        out
     }
 
     /// Add an auxiliary loss (kept on its device) under the current path.

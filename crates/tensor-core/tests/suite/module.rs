@@ -7,7 +7,7 @@ use tensor_core::{Error, Result};
 const CPU: Device = Device::Cpu;
 
 /// A two-layer toy encoder with BERT's naming: `layer.N.attention.*`, the FFN
-/// transparent inside the layer (its slots are `intermediate.dense`, `output.dense`).
+/// labelled `(ffn)` inside the layer (its slots are `intermediate.dense`, `output.dense`).
 #[derive(Debug)]
 struct Layer {
     attention: Slot,
@@ -20,16 +20,16 @@ impl Module for Layer {
     }
     fn forward(&self, xs: &Tensor, ctx: &mut Context) -> Result<Tensor> {
         let h = xs + ctx.call("attention", self.attention.as_ref(), xs)?;
-        Ok(&h + ctx.call("", self.ffn.as_ref(), &h)?)
+        Ok(&h + ctx.call("(ffn)", self.ffn.as_ref(), &h)?)
     }
     fn children(&self) -> Vec<(&str, &dyn Module)> {
         vec![
             ("attention", self.attention.as_ref()),
-            ("", self.ffn.as_ref()),
+            ("(ffn)", self.ffn.as_ref()),
         ]
     }
     fn children_mut(&mut self) -> Vec<(&str, &mut Slot)> {
-        vec![("attention", &mut self.attention), ("", &mut self.ffn)]
+        vec![("attention", &mut self.attention), ("(ffn)", &mut self.ffn)]
     }
 }
 
@@ -110,7 +110,18 @@ fn get_by_path_and_by_type() {
         16
     );
     let ffns = m.find(&mut |_, m| is::<FeedForward>(m));
-    assert_eq!(ffns, ["layer.0", "layer.1"]);
+    assert_eq!(ffns, ["layer.0.(ffn)", "layer.1.(ffn)"]);
+    assert_eq!(m.get("layer.1.(ffn)").unwrap().kind(), "FeedForward");
+    assert_eq!(
+        m.get("layer.1.(ffn).intermediate.dense").unwrap().kind(),
+        "Linear"
+    );
+    assert_eq!(m.get("layer.1").unwrap().kind(), "Layer");
+    let linears = m.find(&mut |_, m| is::<Linear>(m));
+    assert!(
+        linears.contains(&"layer.1.intermediate.dense".to_owned()),
+        "{linears:?}"
+    );
     let e = m.get("layer.0.attention.self.qurey").unwrap_err();
     let text = e.to_string();
     assert!(matches!(e, Error::UnknownName { .. }), "{text}");
@@ -345,7 +356,7 @@ fn context_carries_extensions_losses_and_activations() {
     let kept = (sink.as_mut() as &mut dyn std::any::Any).downcast_mut::<KeepActivations>();
     let kept = kept.expect("KeepActivations");
     let keys: Vec<&str> = kept.values.iter().map(|(k, _)| k.as_str()).collect();
-    assert_eq!(keys, ["layer.0:act", "layer.1:act"]);
+    assert_eq!(keys, ["layer.0.(ffn):act", "layer.1.(ffn):act"]);
     assert_eq!(kept.values[0].1.size(), [2, 3, 16]);
     assert_eq!(
         ctx.remove::<AdapterChoice>(),
@@ -363,4 +374,23 @@ fn to_kind_casts_float_parameters() {
             .all(|(_, p)| p.kind() == Kind::Half && p.requires_grad())
     );
     m.to_device(CPU).unwrap();
+}
+
+#[test]
+fn replacing_a_labelled_ffn_keeps_parameter_names() {
+    let mut m = toy();
+    let before: Vec<String> = m.named_parameters().into_iter().map(|(n, _)| n).collect();
+    let old = m.replace("layer.0.(ffn)", Box::new(Identity)).unwrap();
+    assert_eq!(old.kind(), "FeedForward");
+    m.replace("layer.0.(ffn)", old).unwrap();
+    let after: Vec<String> = m.named_parameters().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(before, after);
+    let mut seen = Vec::new();
+    m.for_each_slot_mut(&mut |p, _| {
+        seen.push(p.to_owned());
+        Ok(())
+    })
+    .unwrap();
+    assert!(seen.contains(&"layer.0.(ffn)".to_owned()));
+    assert!(seen.contains(&"layer.0.output.dense".to_owned()));
 }
