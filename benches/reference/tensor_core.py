@@ -6,25 +6,12 @@ eager PyTorch formulation (as in Hugging Face's Mixtral/Switch code): sort the
 assignments by expert, one matmul per expert, index_add back.
 """
 import math
-import statistics
-import time
-
 import torch
 import torch.nn.functional as F
 
+from timing import median_seconds
+
 TOKENS, D, FF, E, K = 32 * 128, 384, 1536, 8, 2
-
-
-def timeit(fn, warmup=3, reps=20):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
 
 def main():
     torch.manual_seed(0)
@@ -88,7 +75,7 @@ def main():
             "self_attention": attention,
         }
         for name, fn in cases.items():
-            print(f"tensor_core/{name}/pytorch {timeit(fn):.6e}", flush=True)
+            print(f"tensor_core/{name}/pytorch {median_seconds(fn):.6e}", flush=True)
 
 
 if __name__ == "__main__":

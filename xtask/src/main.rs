@@ -4,6 +4,7 @@
 //! - `test`    setup, then `cargo fmt --check`, clippy (`-D warnings`), build, tests
 //! - `bench`   setup, criterion benchmarks, the PyTorch references, ratio table
 //! - `demo`    setup, then the demo binary
+//! - `finetune` setup, then fine-tune MiniLM on the project's sentiment data
 //! - `doctor`  what is installed, and whether test executables link libtorch_cuda
 //! - `env`     shell `export` lines for running a built binary by hand
 //!
@@ -48,12 +49,17 @@ pub struct Args {
     pub packages: Vec<String>,
     pub flags: Vec<String>,
     pub rest: Vec<String>,
+    /// Everything after the command, in order (for commands that forward their arguments).
+    pub raw: Vec<String>,
 }
 
 fn parse(argv: Vec<String>) -> Result<Args, Fail> {
     let mut a = Args::default();
     let mut it = argv.into_iter();
     while let Some(s) = it.next() {
+        if !a.command.is_empty() && s != "--" {
+            a.raw.push(s.clone());
+        }
         match s.as_str() {
             "--" => {
                 a.rest = it.collect();
@@ -179,6 +185,16 @@ fn demo(a: &Args) -> Result<(), Fail> {
     run("demo", c)
 }
 
+/// The real-task fine-tuning run (not part of CI); see `modular finetune --help`.
+fn finetune(a: &Args) -> Result<(), Fail> {
+    setup::ensure(false)?;
+    let mut c = cargo();
+    c.args(["run", "--quiet", "-p", "modular-cli", "--", "finetune"])
+        .args(&a.raw)
+        .args(&a.rest);
+    run("finetune", c)
+}
+
 fn doctor(a: &Args) -> Result<(), Fail> {
     let t = setup::ensure(true)?;
     println!("torch       {}", t.version);
@@ -253,7 +269,8 @@ fn env_cmd() -> Result<(), Fail> {
     Ok(())
 }
 
-const USAGE: &str = "usage: cargo xtask <setup|test|bench|demo|doctor|env> [-p CRATE]... [-- ARGS]";
+const USAGE: &str =
+    "usage: cargo xtask <setup|test|bench|demo|finetune|doctor|env> [-p CRATE]... [-- ARGS]";
 
 fn main() -> ExitCode {
     let args = match parse(std::env::args().skip(1).collect()) {
@@ -265,6 +282,7 @@ fn main() -> ExitCode {
         "test" => test(&args),
         "bench" => bench::bench(&args),
         "demo" => demo(&args),
+        "finetune" => finetune(&args),
         "doctor" => doctor(&args),
         "env" => env_cmd(),
         "" | "help" => {

@@ -1,112 +1,222 @@
 //! `modular`: the project's command-line entry point.
 //!
-//! `modular demo` is what `cargo xtask demo` runs. Until `model-zoo` lands it
-//! exercises `tensor-core` alone, on MiniLM-sized shapes, and says so: device
-//! choice, a feed-forward block, the grouped expert computation checked
-//! against the dense block it was cut from, and a safetensors round trip.
+//! - `modular demo [--model DIR]`: what `cargo xtask demo` runs. Loads the
+//!   embedded default model (all-MiniLM-L6-v2 from PyPI, or the folder given
+//!   / `MODULAR_MODEL_DIR`), embeds sentences, ranks them against queries,
+//!   and checks `tensor-core`'s grouped expert computation on the model's own
+//!   first FFN cut into 8 experts.
+//! - `modular finetune [options]`: fine-tune the encoder on the project's
+//!   sentiment data (see `modular finetune --help`).
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
+use model_zoo::bert::SentenceEncoder;
+use model_zoo::data::TextClassification;
+use model_zoo::finetune::{FinetuneOptions, finetune};
+use model_zoo::source::ModelSource;
 use tensor_core::grouped::{Dispatch, grouped_linear};
-use tensor_core::io;
-use tensor_core::prelude::*;
-use tensor_core::tch;
-use tensor_core::testing::{closeness, randn_seeded, with_seed};
+use tensor_core::layers::{Activation, FeedForward};
+use tensor_core::module::ModuleExt;
+use tensor_core::tch::{self, Device, Kind, Tensor};
+use tensor_core::testing::closeness;
 
-/// all-MiniLM-L6-v2's FFN: d_model 384, d_ff 1536.
-const D_MODEL: i64 = 384;
-const D_FF: i64 = 1536;
-const EXPERTS: i64 = 8;
+type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
 
-fn demo() -> Result<()> {
+const CORPUS: &[&str] = &[
+    "A man is eating food.",
+    "A man is riding a white horse on an enclosed ground.",
+    "A monkey is playing drums.",
+    "Two men pushed carts through the woods.",
+    "The new movie is awesome and the acting is superb.",
+    "The film was boring and far too long.",
+    "Low-rank adapters fine-tune large models cheaply.",
+    "Mixture-of-experts layers route each token to a few experts.",
+];
+const QUERIES: &[&str] = &[
+    "Someone is having a meal.",
+    "I loved this film!",
+    "parameter-efficient fine-tuning",
+];
+
+fn demo(model: Option<PathBuf>) -> AnyResult<()> {
     let device = tensor_core::best();
+    let source = ModelSource::resolve(model.as_deref())?;
     println!("modular demo");
     println!(
-        "  device           {device:?} (CUDA available: {})",
+        "  device   {device:?} (CUDA available: {})",
         tensor_core::device::cuda_available()
     );
-    println!(
-        "  model            none yet: model-zoo (all-MiniLM-L6-v2) has not landed; this demo runs tensor-core only"
-    );
-
-    let mut ffn = with_seed(0, || {
-        FeedForward::new(D_MODEL, D_FF, Activation::Gelu, FfnNames::bert(), device)
-    })?;
-    ffn.to_device(device)?;
-    let x = randn_seeded(&[32 * 128, D_MODEL], 1, device)?;
+    println!("  model    {source}");
     let t = Instant::now();
-    let dense = tch::no_grad(|| ffn.forward(&x, &mut Context::eval()))?;
-    let dense_ms = t.elapsed().as_secs_f64() * 1e3;
+    let enc = SentenceEncoder::from_folder(&source.dir, device)?;
+    let count = enc.model.param_count();
     println!(
-        "  FeedForward      [{} tokens, {D_MODEL}] -> {D_FF} -> {D_MODEL} in {dense_ms:.1} ms",
-        x.size()[0]
+        "  loaded   {} layers, d_model {}, {:.1}M parameters, max {} tokens, in {:.2}s",
+        enc.model.config.num_hidden_layers,
+        enc.model.config.hidden_size,
+        count.total as f64 / 1e6,
+        enc.tokenizer.max_len,
+        t.elapsed().as_secs_f64()
     );
 
-    // Cut W1's rows and W2's columns into 8 contiguous experts and send every
-    // token to all of them: the grouped computation must give back the dense block.
-    let f = D_FF / EXPERTS;
-    let grouped = tch::no_grad(|| -> Result<Tensor> {
-        let w1 = ffn.w1()?.f_view([EXPERTS, f, D_MODEL])?;
-        let b1 = ffn.b1()?.expect("bias").f_view([EXPERTS, f])?;
-        let w2 = ffn
-            .w2()?
-            .f_view([D_MODEL, EXPERTS, f])?
-            .f_permute([1, 0, 2])?;
+    let t = Instant::now();
+    let corpus = enc.embed(CORPUS)?;
+    let queries = enc.embed(QUERIES)?;
+    println!(
+        "  embedded {} sentences in {:.0} ms -> {:?}",
+        CORPUS.len() + QUERIES.len(),
+        t.elapsed().as_secs_f64() * 1e3,
+        corpus.size()
+    );
+    // Normalised embeddings: cosine similarity is a dot product.
+    let scores = queries.matmul(&corpus.tr()).to_device(Device::Cpu);
+    for (qi, q) in QUERIES.iter().enumerate() {
+        let row = scores.get(qi as i64);
+        let (top, idx) = row.topk(2, -1, true, true);
+        println!("  query    \"{q}\"");
+        for k in 0..2 {
+            println!(
+                "             {:.3}  {}",
+                top.double_value(&[k]),
+                CORPUS[idx.int64_value(&[k]) as usize]
+            );
+        }
+    }
+
+    // tensor-core on the real model: cut layer 0's FFN into 8 experts of 192
+    // neurons and send every token to all of them; the grouped computation
+    // must give back the dense FFN.
+    let ffn = enc.model.get_as::<FeedForward>("encoder.layer.0.(ffn)")?;
+    let ids = enc.tokenizer.encode_batch(CORPUS, device)?;
+    let x = tch::no_grad(|| enc.model.hidden_states(&ids.input_ids, &ids.attention_mask))?[0]
+        .reshape([-1, 384]);
+    let (e, f) = (8i64, 1536 / 8);
+    let grouped = tch::no_grad(|| -> AnyResult<Tensor> {
+        let w1 = ffn.w1()?.view([e, f, 384]);
+        let b1 = ffn.b1()?.ok_or("no b1")?.view([e, f]);
+        let w2 = ffn.w2()?.view([384, e, f]).permute([1, 0, 2]);
         let n = x.size()[0];
-        let idx =
-            Tensor::f_arange(EXPERTS, (Kind::Int64, device))?.f_expand([n, EXPERTS], false)?;
-        let d = Dispatch::new(&idx, EXPERTS)?;
+        let d = Dispatch::new(
+            &Tensor::arange(e, (Kind::Int64, device)).expand([n, e], false),
+            e,
+        )?;
         let counts = d.counts_host()?;
-        let h = grouped_linear(&d.permute(&x)?, &counts, &w1, Some(&b1))?;
-        let h = Activation::Gelu.apply(&h)?;
+        let h =
+            Activation::Gelu.apply(&grouped_linear(&d.permute(&x)?, &counts, &w1, Some(&b1))?)?;
         let y = grouped_linear(&h, &counts, &w2, None)?;
-        Ok(d.unpermute(&y, None)?.f_add(ffn.b2()?.expect("bias"))?)
+        Ok(d.unpermute(&y, None)? + ffn.b2()?.ok_or("no b2")?)
     })?;
+    let dense = tch::no_grad(|| ffn.forward_dense(&x))?;
     let c = closeness(&grouped, &dense, 1e-4, 1e-4)?;
     println!(
-        "  grouped experts  {EXPERTS} experts x {f} neurons, all selected: max |err| vs dense {:.2e} ({})",
+        "  experts  encoder.layer.0.(ffn) as 8 x 192-neuron experts, all selected: max |err| vs dense {:.1e} ({})",
         c.max_abs,
         if c.ok { "ok" } else { "MISMATCH" }
     );
-
-    let dir = std::env::temp_dir().join(format!("modular-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|source| Error::Io {
-        path: dir.clone(),
-        source,
-    })?;
-    let path = dir.join("ffn.safetensors");
-    let params = ffn.named_parameters();
-    let refs: Vec<(&str, &Tensor)> = params.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    io::save(&path, &refs, None)?;
-    let back = io::load(&path, Device::Cpu)?;
-    let exact = back.len() == params.len()
-        && params.iter().all(|(name, p)| {
-            back.iter()
-                .any(|(n, t)| n == name && t.equal(&p.to_device(Device::Cpu)))
-        });
-    println!(
-        "  safetensors      {} tensors ({}) written and read back: {}",
-        back.len(),
-        back.iter()
-            .map(|(n, _)| n.as_str())
-            .collect::<Vec<_>>()
-            .join(", "),
-        if exact { "bit-exact" } else { "DIFFERENT" }
-    );
-    let _ = std::fs::remove_dir_all(&dir);
-    if !c.ok || !exact {
-        return Err(Error::config("demo checks failed"));
+    if !c.ok {
+        return Err("grouped experts disagree with the dense FFN".into());
     }
+    Ok(())
+}
+
+/// `FeedForward::forward` with a fresh eval context.
+trait DenseForward {
+    fn forward_dense(&self, x: &Tensor) -> tensor_core::Result<Tensor>;
+}
+
+impl DenseForward for FeedForward {
+    fn forward_dense(&self, x: &Tensor) -> tensor_core::Result<Tensor> {
+        tensor_core::Module::forward(self, x, &mut tensor_core::Context::eval())
+    }
+}
+
+const FINETUNE_HELP: &str =
+    "usage: modular finetune [--model DIR] [--data DIR] [--epochs N] [--batch N] [--max-len N]
+                        [--lr X] [--train-limit N] [--seed N] [--quiet]
+Fine-tunes the encoder (mean pooling + linear head, full fine-tuning, AdamW,
+linear warm-up/decay) on DIR/{train,validation,test_id}.jsonl
+(default: the project's data/sentiment_domains) and prints the metrics.";
+
+fn finetune_cmd(args: &[String]) -> AnyResult<()> {
+    let mut opts = FinetuneOptions::default();
+    let mut model = None;
+    let mut data = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = |name: &str| {
+            it.next()
+                .cloned()
+                .ok_or_else(|| format!("{name} needs a value\n{FINETUNE_HELP}"))
+        };
+        match a.as_str() {
+            "--model" => model = Some(PathBuf::from(value("--model")?)),
+            "--data" => data = Some(PathBuf::from(value("--data")?)),
+            "--epochs" => opts.epochs = value("--epochs")?.parse()?,
+            "--batch" => opts.batch_size = value("--batch")?.parse()?,
+            "--max-len" => opts.max_len = value("--max-len")?.parse()?,
+            "--lr" => opts.lr = value("--lr")?.parse()?,
+            "--train-limit" => opts.train_limit = Some(value("--train-limit")?.parse()?),
+            "--seed" => opts.seed = value("--seed")?.parse()?,
+            "--quiet" => opts.progress = false,
+            "--help" | "-h" => {
+                println!("{FINETUNE_HELP}");
+                return Ok(());
+            }
+            other => return Err(format!("unknown option '{other}'\n{FINETUNE_HELP}").into()),
+        }
+    }
+    let source = ModelSource::resolve(model.as_deref())?;
+    let data = match data {
+        Some(d) => TextClassification::load(d)?,
+        None => TextClassification::sentiment()?,
+    };
+    let device = tensor_core::best();
+    println!("model  {source}");
+    println!(
+        "data   {} (train {}, validation {}, test {})",
+        data.dir.display(),
+        data.train.len(),
+        data.validation.len(),
+        data.test.len()
+    );
+    println!("device {device:?}; {opts:?}");
+    let r = finetune(&source, &data, &opts, device)?;
+    println!(
+        "trained on {} examples x {} epoch(s) in {:.0}s, final epoch loss {:.4}, {} trainable parameters",
+        r.train_examples, r.epochs, r.train_seconds, r.final_train_loss, r.trainable_params
+    );
+    println!("| split | accuracy | macro-F1 | MCC |");
+    println!("|---|---|---|---|");
+    println!(
+        "| validation | {:.4} | {:.4} | {:.4} |",
+        r.validation.accuracy, r.validation.macro_f1, r.validation.mcc
+    );
+    println!(
+        "| test_id | {:.4} | {:.4} | {:.4} |",
+        r.test.accuracy, r.test.macro_f1, r.test.mcc
+    );
+    println!("majority class on test_id: {:.4}", r.test_majority);
     Ok(())
 }
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
-        Some("demo") | None => demo(),
+        Some("demo") | None => {
+            let model = args
+                .iter()
+                .position(|a| a == "--model")
+                .and_then(|i| args.get(i + 1))
+                .map(PathBuf::from);
+            demo(model)
+        }
+        Some("finetune") => finetune_cmd(&args[1..]),
         Some(other) => {
-            eprintln!("unknown command '{other}'\nusage: modular demo");
+            eprintln!(
+                "unknown command '{other}'\nusage: modular demo [--model DIR] | modular finetune [options]"
+            );
             return ExitCode::FAILURE;
         }
     };

@@ -1,0 +1,261 @@
+//! The project's real text-classification data: JSONL files, one object per
+//! line with `text` (string) and `label` (integer), as in `data/`.
+//!
+//! A malformed line is an error naming the file and the line, never skipped
+//! silently.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TextExample {
+    pub text: String,
+    pub label: i64,
+}
+
+/// Read a JSONL file of `{"text": ..., "label": ...}` rows.
+pub fn load_jsonl(path: impl AsRef<Path>) -> Result<Vec<TextExample>> {
+    let path = path.as_ref();
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
+    let err = |line: usize, reason: String| Error::Data {
+        path: path.to_owned(),
+        line,
+        reason,
+    };
+    let mut out = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        let n = i + 1;
+        if raw.trim().is_empty() {
+            continue;
+        }
+        let v: Value =
+            serde_json::from_str(raw).map_err(|e| err(n, format!("not valid JSON: {e}")))?;
+        let text = v
+            .get("text")
+            .ok_or_else(|| err(n, "no 'text' field".into()))?
+            .as_str()
+            .ok_or_else(|| err(n, "'text' is not a string".into()))?;
+        let label = v
+            .get("label")
+            .ok_or_else(|| err(n, "no 'label' field".into()))?
+            .as_i64()
+            .ok_or_else(|| err(n, format!("'label' is not an integer: {}", v["label"])))?;
+        if label < 0 {
+            return Err(err(n, format!("negative label {label}")));
+        }
+        out.push(TextExample {
+            text: text.to_owned(),
+            label,
+        });
+    }
+    if out.is_empty() {
+        return Err(Error::file(path, "no examples"));
+    }
+    Ok(out)
+}
+
+/// A labelled text-classification dataset with its splits.
+#[derive(Debug, Clone)]
+pub struct TextClassification {
+    pub dir: PathBuf,
+    pub train: Vec<TextExample>,
+    pub validation: Vec<TextExample>,
+    /// In-domain test set.
+    pub test: Vec<TextExample>,
+    pub num_labels: i64,
+}
+
+impl TextClassification {
+    /// `train.jsonl`, `validation.jsonl` and `test_id.jsonl` from `dir`.
+    pub fn load(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref().to_owned();
+        let train = load_jsonl(dir.join("train.jsonl"))?;
+        let validation = load_jsonl(dir.join("validation.jsonl"))?;
+        let test = load_jsonl(dir.join("test_id.jsonl"))?;
+        let num_labels = train
+            .iter()
+            .chain(&validation)
+            .chain(&test)
+            .map(|e| e.label)
+            .max()
+            .unwrap_or(0)
+            + 1;
+        if num_labels < 2 {
+            return Err(Error::file(&dir, "fewer than two labels"));
+        }
+        Ok(Self {
+            dir,
+            train,
+            validation,
+            test,
+            num_labels,
+        })
+    }
+
+    /// The project's sentiment data (`data/sentiment_domains` in the repository).
+    pub fn sentiment() -> Result<Self> {
+        Self::load(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/sentiment_domains"))
+    }
+}
+
+/// Share of the most frequent label: the accuracy to beat.
+pub fn majority_rate(examples: &[TextExample]) -> f64 {
+    let mut counts = std::collections::HashMap::new();
+    for e in examples {
+        *counts.entry(e.label).or_insert(0usize) += 1;
+    }
+    counts.values().copied().max().unwrap_or(0) as f64 / examples.len().max(1) as f64
+}
+
+/// A labelled image set: `images [N, 1, rows, cols]` f32 scaled to 0..1, `labels [N]` i64.
+#[derive(Debug)]
+pub struct ImageSet {
+    pub images: tensor_core::tch::Tensor,
+    pub labels: tensor_core::tch::Tensor,
+}
+
+fn read_gz(path: &Path) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let file =
+        std::fs::File::open(path).map_err(|e| Error::file(path, format!("cannot open: {e}")))?;
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(file)
+        .read_to_end(&mut out)
+        .map_err(|e| Error::file(path, format!("not a valid gzip file: {e}")))?;
+    Ok(out)
+}
+
+fn be_u32(path: &Path, b: &[u8], at: usize) -> Result<usize> {
+    b.get(at..at + 4)
+        .map(|s| u32::from_be_bytes([s[0], s[1], s[2], s[3]]) as usize)
+        .ok_or_else(|| Error::file(path, "truncated IDX header"))
+}
+
+/// Read `{split}-images-idx3-ubyte.gz` and `{split}-labels-idx1-ubyte.gz`
+/// (the MNIST IDX format) from `dir`; pixels are divided by `max_pixel`
+/// (16 for the 8x8 digits, 255 for MNIST).
+pub fn load_idx(dir: impl AsRef<Path>, split: &str, max_pixel: f32) -> Result<ImageSet> {
+    let dir = dir.as_ref();
+    let ip = dir.join(format!("{split}-images-idx3-ubyte.gz"));
+    let lp = dir.join(format!("{split}-labels-idx1-ubyte.gz"));
+    let (img, lab) = (read_gz(&ip)?, read_gz(&lp)?);
+    if be_u32(&ip, &img, 0)? != 0x0803 {
+        return Err(Error::file(
+            &ip,
+            "not an IDX image file (magic != 0x00000803)",
+        ));
+    }
+    if be_u32(&lp, &lab, 0)? != 0x0801 {
+        return Err(Error::file(
+            &lp,
+            "not an IDX label file (magic != 0x00000801)",
+        ));
+    }
+    let (n, rows, cols) = (
+        be_u32(&ip, &img, 4)?,
+        be_u32(&ip, &img, 8)?,
+        be_u32(&ip, &img, 12)?,
+    );
+    if be_u32(&lp, &lab, 4)? != n {
+        return Err(Error::file(
+            &lp,
+            format!("{} labels for {n} images", be_u32(&lp, &lab, 4)?),
+        ));
+    }
+    let pixels = img.get(16..16 + n * rows * cols).ok_or_else(|| {
+        Error::file(
+            &ip,
+            format!("truncated: {n} images of {rows}x{cols} need more bytes"),
+        )
+    })?;
+    let labels = lab
+        .get(8..8 + n)
+        .ok_or_else(|| Error::file(&lp, "truncated"))?;
+    let pixels: Vec<f32> = pixels.iter().map(|&p| f32::from(p) / max_pixel).collect();
+    let labels: Vec<i64> = labels.iter().map(|&l| i64::from(l)).collect();
+    Ok(ImageSet {
+        images: tensor_core::tch::Tensor::from_slice(&pixels).f_view([
+            n as i64,
+            1,
+            rows as i64,
+            cols as i64,
+        ])?,
+        labels: tensor_core::tch::Tensor::from_slice(&labels),
+    })
+}
+
+/// The project's 8x8 digits (`data/images/digits`), pixels in 0..1.
+pub fn digits(split: &str) -> Result<ImageSet> {
+    load_idx(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/images/digits"),
+        split,
+        16.0,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn malformed_lines_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.jsonl");
+        let cases = [
+            ("{\"text\": \"ok\", \"label\": 1}\n{broken\n", 2, "JSON"),
+            ("{\"label\": 1}\n", 1, "'text'"),
+            ("{\"text\": \"a\", \"label\": \"pos\"}\n", 1, "'label'"),
+            ("\n{\"text\": 3, \"label\": 1}\n", 2, "'text'"),
+            ("{\"text\": \"a\", \"label\": -1}\n", 1, "negative"),
+        ];
+        for (content, line, what) in cases {
+            std::fs::write(&p, content).unwrap();
+            let e = load_jsonl(&p).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("d.jsonl:{line}:")) && e.contains(what),
+                "{e}"
+            );
+        }
+        std::fs::write(&p, "").unwrap();
+        assert!(
+            load_jsonl(&p)
+                .unwrap_err()
+                .to_string()
+                .contains("no examples")
+        );
+    }
+
+    #[test]
+    fn the_sentiment_data_loads() {
+        let d = TextClassification::sentiment().unwrap();
+        assert_eq!(
+            (d.train.len(), d.validation.len(), d.test.len()),
+            (7770, 800, 1500)
+        );
+        assert_eq!(d.num_labels, 2);
+        let m = majority_rate(&d.test);
+        assert!((m - 762.0 / 1500.0).abs() < 1e-9, "{m}");
+    }
+
+    #[test]
+    fn the_digits_load_and_bad_files_are_named() {
+        let train = digits("train").unwrap();
+        let test = digits("test").unwrap();
+        assert_eq!(train.images.size(), [1438, 1, 8, 8]);
+        assert_eq!(test.labels.size(), [359]);
+        assert!(train.images.max().double_value(&[]) <= 1.0);
+        assert_eq!(train.labels.max().int64_value(&[]), 9);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("x-images-idx3-ubyte.gz"), b"not gzip").unwrap();
+        std::fs::write(dir.path().join("x-labels-idx1-ubyte.gz"), b"not gzip").unwrap();
+        let e = load_idx(dir.path(), "x", 1.0).unwrap_err().to_string();
+        assert!(
+            e.contains("x-images-idx3-ubyte.gz") && e.contains("gzip"),
+            "{e}"
+        );
+    }
+}

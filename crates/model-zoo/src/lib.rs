@@ -1,0 +1,32 @@
+//! # model-zoo
+//!
+//! Real transformers built from `tensor-core` layers, with Hugging Face
+//! parameter names, loaded from Hugging Face model folders:
+//! - [`bert`]: BERT-family encoders (all-MiniLM-L6-v2 is the default model),
+//!   sentence embeddings (mean pooling, optional L2 normalisation) and a
+//!   sequence-classification head;
+//! - [`gpt`]: a GPT-2 style causal decoder (GPT-2 keys and config);
+//! - [`vit`]: a small Vision Transformer;
+//! - [`source`]: where a model folder comes from (explicit folder, environment,
+//!   the packaged default); [`config`]: Hugging Face `config.json`;
+//!   [`tokenizer`]: `tokenizer.json` through the `tokenizers` crate;
+//! - [`data`]: the project's real datasets (JSONL);
+//! - [`train`]: AdamW, schedules, clipping, batching, loops, metrics, checkpoints.
+//!
+//! Every sub-module is reachable by its Hugging Face path through
+//! `tensor_core::ModuleExt` (`encoder.layer.3.attention.self.query`,
+//! `encoder.layer.3.(ffn)`), which is how the method crates reach in.
+
+pub mod bert;
+pub mod config;
+pub mod data;
+pub mod error;
+pub mod finetune;
+pub mod gpt;
+pub mod loading;
+pub mod source;
+pub mod tokenizer;
+pub mod train;
+pub mod vit;
+
+pub use error::{Error, Result};
