@@ -4,7 +4,8 @@
 //! Convention: a criterion benchmark with full id `TOPIC/CASE/rust` is paired
 //! with the line `TOPIC/CASE/pytorch SECONDS` printed by
 //! `benches/reference/TOPIC.py` (run with the cache venv's python, same
-//! machine, same run). The ratio is `pytorch / rust` (above 1 = we are faster).
+//! machine, same run, once before and once after our criterion run, averaged).
+//! The ratio is `pytorch / rust` (above 1 = we are faster).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -32,54 +33,33 @@ pub fn bench(a: &Args) -> Result<(), Fail> {
     } else {
         a.packages.iter().map(|p| p.replace('-', "_")).collect()
     };
-    let mut c = cargo();
-    c.args(["bench", "-p", "modular-benches"]);
-    for t in &topics {
-        c.args(["--bench", t]);
-    }
-    c.arg("--");
-    if a.flags.iter().any(|f| f == "--quick") {
-        c.arg("--quick");
-    }
-    c.args(&a.rest);
-    run("criterion", c)?;
-
-    let mut reference = BTreeMap::new();
+    // Per topic: the PyTorch reference, our criterion run, the reference
+    // again; the reference time is the mean of its two runs. Bracketing
+    // cancels the drift of a shared machine's speed over minutes.
+    let mut reference: BTreeMap<String, f64> = BTreeMap::new();
     for t in &topics {
         let script = root
             .join("benches")
             .join("reference")
             .join(format!("{t}.py"));
-        if !script.exists() {
-            continue;
+        let has_ref = script.exists();
+        let before = if has_ref {
+            run_reference(&torch.python, &script, &root)?
+        } else {
+            BTreeMap::new()
+        };
+        let mut c = cargo();
+        c.args(["bench", "-p", "modular-benches", "--bench", t, "--"]);
+        if a.flags.iter().any(|f| f == "--quick") {
+            c.arg("--quick");
         }
-        println!("xtask: reference: {}", script.display());
-        let out = Command::new(&torch.python)
-            .arg(&script)
-            .current_dir(&root)
-            .env(
-                "OMP_NUM_THREADS",
-                std::env::var("OMP_NUM_THREADS").unwrap_or_default(),
-            )
-            .output()
-            .map_err(|e| Fail::new("bench: reference", e.to_string(), "check the venv"))?;
-        if !out.status.success() {
-            return Err(Fail::new(
-                "bench: reference",
-                format!(
-                    "{} failed: {}",
-                    script.display(),
-                    String::from_utf8_lossy(&out.stderr)
-                ),
-                "fix the reference script",
-            ));
-        }
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            let mut it = line.split_whitespace();
-            if let (Some(id), Some(s)) = (it.next(), it.next())
-                && let (Some(case), Ok(secs)) = (id.strip_suffix("/pytorch"), s.parse::<f64>())
-            {
-                reference.insert(case.to_owned(), secs);
+        c.args(&a.rest);
+        run("criterion", c)?;
+        if has_ref {
+            let after = run_reference(&torch.python, &script, &root)?;
+            for (case, secs) in before {
+                let mean = after.get(&case).map_or(secs, |s2| 0.5 * (secs + s2));
+                reference.insert(case, mean);
             }
         }
     }
@@ -107,6 +87,37 @@ pub fn bench(a: &Args) -> Result<(), Fail> {
         }
     }
     Ok(())
+}
+
+/// Run a reference script; `TOPIC/CASE -> seconds` from its `TOPIC/CASE/pytorch SECONDS` lines.
+fn run_reference(python: &Path, script: &Path, root: &Path) -> Result<BTreeMap<String, f64>, Fail> {
+    println!("xtask: reference: {}", script.display());
+    let out = Command::new(python)
+        .arg(script)
+        .current_dir(root)
+        .output()
+        .map_err(|e| Fail::new("bench: reference", e.to_string(), "check the venv"))?;
+    if !out.status.success() {
+        return Err(Fail::new(
+            "bench: reference",
+            format!(
+                "{} failed: {}",
+                script.display(),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+            "fix the reference script",
+        ));
+    }
+    let mut found = BTreeMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let mut it = line.split_whitespace();
+        if let (Some(id), Some(s)) = (it.next(), it.next())
+            && let (Some(case), Ok(secs)) = (id.strip_suffix("/pytorch"), s.parse::<f64>())
+        {
+            found.insert(case.to_owned(), secs);
+        }
+    }
+    Ok(found)
 }
 
 fn fmt_s(s: f64) -> String {
