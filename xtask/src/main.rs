@@ -63,10 +63,14 @@ fn parse(argv: Vec<String>) -> Result<Args, Fail> {
         match s.as_str() {
             "--" => {
                 a.rest = it.collect();
+                a.raw.extend(a.rest.iter().cloned());
                 break;
             }
             "-p" | "--package" => match it.next() {
-                Some(p) => a.packages.push(p),
+                Some(p) => {
+                    a.raw.push(p.clone());
+                    a.packages.push(p);
+                }
                 None => {
                     return Err(Fail::new(
                         "arguments",
@@ -190,8 +194,7 @@ fn finetune(a: &Args) -> Result<(), Fail> {
     setup::ensure(false)?;
     let mut c = cargo();
     c.args(["run", "--quiet", "-p", "modular-cli", "--", "finetune"])
-        .args(&a.raw)
-        .args(&a.rest);
+        .args(&a.raw);
     run("finetune", c)
 }
 
@@ -333,6 +336,23 @@ mod tests {
         assert_eq!(a.packages, ["tensor-core", "model-zoo"]);
         assert_eq!(a.flags, ["--release"]);
         assert_eq!(a.rest, ["grouped"]);
+        assert_eq!(
+            a.raw,
+            [
+                "-p",
+                "tensor-core",
+                "--package=model-zoo",
+                "--release",
+                "grouped"
+            ]
+        );
+        let f = parse(
+            ["finetune", "--epochs", "2", "--quiet"]
+                .map(String::from)
+                .to_vec(),
+        )
+        .unwrap();
+        assert_eq!(f.raw, ["--epochs", "2", "--quiet"]);
         assert_eq!(
             package_args(&a.packages),
             ["-p", "tensor-core", "-p", "model-zoo"]
