@@ -198,6 +198,15 @@ fn finetune(a: &Args) -> Result<(), Fail> {
     run("finetune", c)
 }
 
+/// A real-task experiment (not part of CI): `cargo xtask experiment emoe [...]`.
+fn experiment(a: &Args) -> Result<(), Fail> {
+    setup::ensure(false)?;
+    let mut c = cargo();
+    c.args(["run", "--quiet", "-p", "modular-cli", "--", "experiment"])
+        .args(&a.raw);
+    run("experiment", c)
+}
+
 fn doctor(a: &Args) -> Result<(), Fail> {
     let t = setup::ensure(true)?;
     println!("torch       {}", t.version);
@@ -272,8 +281,7 @@ fn env_cmd() -> Result<(), Fail> {
     Ok(())
 }
 
-const USAGE: &str =
-    "usage: cargo xtask <setup|test|bench|demo|finetune|doctor|env> [-p CRATE]... [-- ARGS]";
+const USAGE: &str = "usage: cargo xtask <setup|test|bench|demo|finetune|experiment|doctor|env> [-p CRATE]... [-- ARGS]";
 
 fn main() -> ExitCode {
     let args = match parse(std::env::args().skip(1).collect()) {
@@ -286,6 +294,7 @@ fn main() -> ExitCode {
         "bench" => bench::bench(&args),
         "demo" => demo(&args),
         "finetune" => finetune(&args),
+        "experiment" => experiment(&args),
         "doctor" => doctor(&args),
         "env" => env_cmd(),
         "" | "help" => {

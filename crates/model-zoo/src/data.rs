@@ -66,16 +66,24 @@ pub struct TextClassification {
     pub validation: Vec<TextExample>,
     /// In-domain test set.
     pub test: Vec<TextExample>,
+    /// Out-of-domain test set (`test_ood.jsonl`), when present.
+    pub test_ood: Option<Vec<TextExample>>,
     pub num_labels: i64,
 }
 
 impl TextClassification {
-    /// `train.jsonl`, `validation.jsonl` and `test_id.jsonl` from `dir`.
+    /// `train.jsonl`, `validation.jsonl`, `test_id.jsonl` and, when present, `test_ood.jsonl` from `dir`.
     pub fn load(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref().to_owned();
         let train = load_jsonl(dir.join("train.jsonl"))?;
         let validation = load_jsonl(dir.join("validation.jsonl"))?;
         let test = load_jsonl(dir.join("test_id.jsonl"))?;
+        let ood = dir.join("test_ood.jsonl");
+        let test_ood = if ood.is_file() {
+            Some(load_jsonl(ood)?)
+        } else {
+            None
+        };
         let num_labels = train
             .iter()
             .chain(&validation)
@@ -92,6 +100,7 @@ impl TextClassification {
             train,
             validation,
             test,
+            test_ood,
             num_labels,
         })
     }

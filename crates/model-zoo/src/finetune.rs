@@ -53,6 +53,30 @@ impl Default for FinetuneOptions {
     }
 }
 
+/// Ways for a method crate to take part in the recipe without model-zoo
+/// knowing it: change the classifier before training (convert FFNs into
+/// experts, wrap projections with adapters, freeze parameters), act after
+/// every optimiser step (refresh a gate), and change it before evaluation
+/// (fold back, merge). Each returns a short description for the report.
+pub trait FinetuneHooks {
+    fn prepare(&mut self, _model: &mut SequenceClassifier) -> Result<String> {
+        Ok(String::new())
+    }
+    /// Called after each optimiser step; `None` means the recipe need not call it.
+    fn after_step(&mut self, _model: &mut SequenceClassifier) -> Option<Result<()>> {
+        None
+    }
+    fn before_eval(&mut self, _model: &mut SequenceClassifier) -> Result<String> {
+        Ok(String::new())
+    }
+}
+
+/// The plain recipe: no hooks.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoHooks;
+
+impl FinetuneHooks for NoHooks {}
+
 /// What a run measured.
 #[derive(Debug, Clone)]
 pub struct FinetuneReport {
@@ -62,6 +86,10 @@ pub struct FinetuneReport {
     pub final_train_loss: f64,
     pub validation: ClassificationMetrics,
     pub test: ClassificationMetrics,
+    /// The out-of-domain test set, when the data has one.
+    pub test_ood: Option<ClassificationMetrics>,
+    /// What the hooks did.
+    pub notes: Vec<String>,
     /// Share of the majority class in the test set: the accuracy to beat.
     pub test_majority: f64,
     pub trainable_params: i64,
@@ -78,6 +106,17 @@ pub fn finetune(
     opts: &FinetuneOptions,
     device: Device,
 ) -> Result<FinetuneReport> {
+    finetune_with(source, data, opts, device, &mut NoHooks)
+}
+
+/// [`finetune`] with [`FinetuneHooks`].
+pub fn finetune_with(
+    source: &ModelSource,
+    data: &TextClassification,
+    opts: &FinetuneOptions,
+    device: Device,
+    hooks: &mut dyn FinetuneHooks,
+) -> Result<FinetuneReport> {
     if opts.epochs == 0 || opts.batch_size == 0 {
         return Err(Error::invalid(
             "finetune: epochs and batch_size must be positive",
@@ -90,9 +129,10 @@ pub fn finetune(
         bert.config.vocab_size,
     )?;
     let pad = tok.pad_id as i64;
-    let model = with_seed(opts.seed, || {
+    let mut model = with_seed(opts.seed, || {
         SequenceClassifier::new(bert, data.num_labels, Pooling::Mean)
     })?;
+    let mut notes = vec![hooks.prepare(&mut model)?];
 
     let mut train: Vec<TextExample> = data.train.clone();
     let mut rng = crate::train::SplitMix64::new(opts.seed);
@@ -121,28 +161,53 @@ pub fn finetune(
 
     let start = Instant::now();
     let mut last = 0.0;
+    let batch_of = |idx: &[usize]| -> Result<crate::train::Batch> {
+        let seqs: Vec<&[i64]> = idx.iter().map(|&i| train_ids[i].as_slice()).collect();
+        let labels: Vec<i64> = idx.iter().map(|&i| train_labels[i]).collect();
+        pad_batch_with_labels(&seqs, &labels, pad, None, device)
+    };
+    let loss_of = |model: &SequenceClassifier, b: &crate::train::Batch| -> Result<Tensor> {
+        let logits = model.logits(&b.input_ids, &b.attention_mask, true)?;
+        let y = b.labels.as_ref().expect("labels set");
+        Ok(logits.f_cross_entropy_loss::<Tensor>(
+            y,
+            None,
+            tensor_core::tch::Reduction::Mean,
+            -100,
+            0.0,
+        )?)
+    };
     for epoch in 0..opts.epochs {
         // Dropout masks are drawn from libtorch's global generator: seed it per epoch.
         tensor_core::testing::manual_seed(opts.seed.wrapping_add(epoch));
-        let stats = train_epoch(
-            plan.epoch(epoch),
-            &mut opt,
-            &options.clone().with_label(format!("epoch {}", epoch + 1)),
-            |idx| {
-                let seqs: Vec<&[i64]> = idx.iter().map(|&i| train_ids[i].as_slice()).collect();
-                let labels: Vec<i64> = idx.iter().map(|&i| train_labels[i]).collect();
-                let b = pad_batch_with_labels(&seqs, &labels, pad, None, device)?;
-                let logits = model.logits(&b.input_ids, &b.attention_mask, true)?;
-                let y = b.labels.as_ref().expect("labels set");
-                Ok(logits.f_cross_entropy_loss::<Tensor>(
-                    y,
-                    None,
-                    tensor_core::tch::Reduction::Mean,
-                    -100,
-                    0.0,
-                )?)
-            },
-        )?;
+        let label = format!("epoch {}", epoch + 1);
+        let stats = if hooks.after_step(&mut model).is_none() {
+            train_epoch(
+                plan.epoch(epoch),
+                &mut opt,
+                &options.clone().with_label(label),
+                |idx| loss_of(&model, &batch_of(idx)?),
+            )?
+        } else {
+            // One step at a time, so the hook can act on the model in between.
+            let quiet = options.clone().quiet();
+            let (mut sum, mut steps, mut stats) = (0.0, 0usize, None);
+            for idx in plan.epoch(epoch) {
+                let s = train_epoch(std::iter::once(idx), &mut opt, &quiet, |idx| {
+                    loss_of(&model, &batch_of(idx)?)
+                })?;
+                if let Some(r) = hooks.after_step(&mut model) {
+                    r?;
+                }
+                sum += s.mean_loss;
+                steps += 1;
+                stats = Some(s);
+            }
+            let mut s = stats.ok_or_else(|| Error::invalid("finetune: no training batches"))?;
+            s.mean_loss = sum / steps as f64;
+            s.steps = steps;
+            s
+        };
         last = stats.mean_loss;
         if opts.progress {
             eprintln!("epoch {}: {stats}", epoch + 1);
@@ -150,6 +215,8 @@ pub fn finetune(
     }
     let train_seconds = start.elapsed().as_secs_f64();
 
+    notes.push(hooks.before_eval(&mut model)?);
+    notes.retain(|n| !n.is_empty());
     let eval = |examples: &[TextExample]| -> Result<ClassificationMetrics> {
         let ids = encode(&tok, examples)?;
         let labels: Vec<i64> = examples.iter().map(|e| e.label).collect();
@@ -163,6 +230,7 @@ pub fn finetune(
     };
     let validation = eval(&data.validation)?;
     let test = eval(&data.test)?;
+    let test_ood = data.test_ood.as_deref().map(eval).transpose()?;
     Ok(FinetuneReport {
         train_examples: train.len(),
         epochs: opts.epochs,
@@ -170,6 +238,8 @@ pub fn finetune(
         final_train_loss: last,
         validation,
         test,
+        test_ood,
+        notes,
         test_majority: majority_rate(&data.test),
         trainable_params: model.param_count().trainable,
     })

@@ -7,6 +7,10 @@
 //!   first FFN cut into 8 experts.
 //! - `modular finetune [options]`: fine-tune the encoder on the project's
 //!   sentiment data (see `modular finetune --help`).
+//! - `modular experiment emoe [options]`: the EMoE results table
+//!   (`docs/results/emoe.md`).
+
+mod experiments;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -213,6 +217,14 @@ fn main() -> ExitCode {
             demo(model)
         }
         Some("finetune") => finetune_cmd(&args[1..]),
+        Some("experiment") => match args.get(1).map(String::as_str) {
+            Some("emoe") => experiments::emoe(&args[2..]),
+            _ => Err(format!(
+                "usage: modular experiment emoe [options]\n{}",
+                experiments::EMOE_HELP
+            )
+            .into()),
+        },
         Some(other) => {
             eprintln!(
                 "unknown command '{other}'\nusage: modular demo [--model DIR] | modular finetune [options]"

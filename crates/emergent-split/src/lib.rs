@@ -1,0 +1,54 @@
+//! # emergent-split
+//!
+//! Split a pretrained dense feed-forward network into experts with no new
+//! parameters, route tokens to a few of them, and fold the model back to
+//! dense after tuning:
+//! - **EMoE**: Qiu, Huang, Fu (2023), "Emergent Modularity in Pre-trained
+//!   Transformers" / "Unlocking Emergent Modularity in Large Language
+//!   Models" (arXiv 2310.10908), `qiuzh20/EMoE`;
+//! - **MoEfication**: Zhang et al. (2022), "MoEfication: Transformer
+//!   Feed-forward Layers are Mixtures of Experts" (arXiv 2110.01786),
+//!   `thunlp/MoEfication`.
+//!
+//! Specification: `shared/docs/METHODS.md` §3. Files in the order of the
+//! algorithm:
+//! 1. [`error`]: what can be wrong with a request (`N ∤ d_ff`, `k ∉ 1..=N`,
+//!    NaN weights, unknown layers), as errors, never panics;
+//! 2. [`kmeans`]: balanced k-means of the L2-normalised key vectors (EMoE
+//!    step 1), k-means++ seeding with [`kmeans::SplitMix64`], an exact
+//!    min-cost-flow assignment step, objective per iteration;
+//! 3. [`split`]: the labelling (k-means, MoEfication co-activation, random,
+//!    contiguous) and the permutation into contiguous expert blocks (step 2);
+//! 4. [`gate`]: the avg-key gate `s_e(x) = x · mean_{i∈e} W1_i`, top-k hard
+//!    or softmax-weighted, training noise, refresh after each step (steps 3, 4, 6);
+//! 5. [`moe_ffn`]: [`moe_ffn::EmoeFfn`], the split FFN as a `tensor-core`
+//!    `Module` with the dense FFN's parameter names: a masked path for
+//!    training and a sparse path (grouped computation of the selected
+//!    experts only) for inference (step 5);
+//! 6. [`convert`]: replace chosen layers' `FeedForward`s in any model by
+//!    path, refresh every gate, and fold back to dense (step 8).
+//!
+//! ```no_run
+//! use emergent_split::convert::{EmoeConfig, convert, every_other_in_last_half, fold_back, refresh_gates};
+//! # fn demo(model: &mut dyn tensor_core::Module) -> emergent_split::error::Result<()> {
+//! let report = convert(model, &every_other_in_last_half(12), &EmoeConfig::new(64, 16))?;
+//! // ... training loop: after each optimiser step
+//! refresh_gates(model)?;
+//! // ... after tuning
+//! fold_back(model)?;
+//! # let _ = report; Ok(()) }
+//! ```
+
+pub mod convert;
+pub mod error;
+pub mod gate;
+pub mod kmeans;
+pub mod moe_ffn;
+pub mod split;
+
+pub use convert::{EmoeConfig, SplitStrategy, convert, fold_back, refresh_gates};
+pub use error::{Error, Result};
+pub use gate::{AvgKeyGate, GateConfig, WeightMode};
+pub use kmeans::{KMeansConfig, KMeansResult, SplitMix64, balanced_kmeans};
+pub use moe_ffn::{ComputePath, EmoeFfn};
+pub use split::ExpertSplit;

@@ -1,0 +1,293 @@
+//! Converting a small model built from tensor-core layers (BERT-like paths
+//! `encoder.layer.N.(ffn)`), tuning it, and folding it back.
+
+use emergent_split::convert::{
+    EmoeConfig, SplitStrategy, convert, convert_paths_with, convert_where, emoe_paths,
+    every_other_in_last_half, ffn_paths, fold_back, layer_index, refresh_gates,
+};
+use emergent_split::error::Error;
+use emergent_split::moe_ffn::{ComputePath, EmoeFfn};
+use emergent_split::split::{SplitMethod, coactivation_split};
+use tensor_core::layers::{Activation, FeedForward, FfnNames, LayerNorm, Linear};
+use tensor_core::module::Sequential;
+use tensor_core::tch::{Device, Kind, Tensor};
+use tensor_core::testing::{closeness, randn_seeded, with_seed};
+use tensor_core::{Context, Module, ModuleExt};
+
+const D: i64 = 16;
+const DFF: i64 = 64;
+
+/// `encoder.layer.i` = [attention.output.dense (Linear), (ffn), output.LayerNorm].
+fn model(layers: usize, gated: bool, seed: u64) -> Sequential {
+    with_seed(seed, || {
+        let mut enc = Sequential::new();
+        for i in 0..layers {
+            let ffn = if gated {
+                FeedForward::gated(D, DFF, Activation::Silu, FfnNames::llama(), Device::Cpu)
+            } else {
+                FeedForward::new(D, DFF, Activation::Gelu, FfnNames::bert(), Device::Cpu)
+            }
+            .unwrap();
+            let layer = Sequential::new()
+                .push_named(
+                    "attention.output.dense",
+                    Box::new(Linear::new(D, D, true, Device::Cpu).unwrap()),
+                )
+                .push_named("(ffn)", Box::new(ffn))
+                .push_named(
+                    "output.LayerNorm",
+                    Box::new(LayerNorm::new(D, 1e-12, true, Device::Cpu).unwrap()),
+                );
+            enc = enc.push_named(&i.to_string(), Box::new(layer));
+        }
+        Sequential::new().push_named("encoder.layer", Box::new(enc))
+    })
+}
+
+fn names(m: &dyn Module) -> Vec<String> {
+    m.named_parameters().into_iter().map(|(n, _)| n).collect()
+}
+
+fn run(m: &dyn Module, x: &Tensor) -> Tensor {
+    m.forward(x, &mut Context::eval()).unwrap()
+}
+
+fn max_err(a: &Tensor, b: &Tensor) -> f64 {
+    closeness(a, b, 0.0, 0.0).unwrap().max_abs
+}
+
+fn set_top_k_all(m: &mut dyn Module, k: Option<usize>) {
+    for p in emoe_paths(m) {
+        let e = m.get_as_mut::<EmoeFfn>(&p).unwrap();
+        let k = k.unwrap_or(e.num_experts());
+        e.set_top_k(k).unwrap();
+    }
+}
+
+#[test]
+fn layer_selection_helpers() {
+    assert_eq!(layer_index("encoder.layer.7.(ffn)"), Some(7));
+    assert_eq!(layer_index("h.11.(ffn)"), Some(11));
+    assert_eq!(layer_index("(ffn)"), None);
+    assert_eq!(every_other_in_last_half(12), vec![7, 9, 11]);
+    assert_eq!(every_other_in_last_half(6), vec![3, 5]);
+    assert_eq!(every_other_in_last_half(1), vec![0]);
+    let m = model(4, false, 0);
+    assert_eq!(
+        ffn_paths(&m),
+        (0..4)
+            .map(|i| format!("encoder.layer.{i}.(ffn)"))
+            .collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn convert_chosen_layers_keeps_names_and_all_experts_keep_outputs() {
+    for gated in [false, true] {
+        let mut m = model(6, gated, 1);
+        let before_names = names(&m);
+        let x = randn_seeded(&[2, 5, D], 2, Device::Cpu).unwrap();
+        let dense = run(&m, &x);
+        let layers = every_other_in_last_half(6);
+        let r = convert(&mut m, &layers, &EmoeConfig::new(8, 2)).unwrap();
+        assert_eq!(r.layers.len(), 2);
+        assert_eq!(r.layers[0].path, "encoder.layer.3.(ffn)");
+        for l in &r.layers {
+            assert_eq!(l.method, SplitMethod::KMeans);
+            assert!(l.objective < l.random_objective, "{l:?}");
+            assert!(l.kmeans_iterations >= 1);
+        }
+        assert_eq!(
+            emoe_paths(&m),
+            vec!["encoder.layer.3.(ffn)", "encoder.layer.5.(ffn)"]
+        );
+        assert_eq!(ffn_paths(&m).len(), 4);
+        assert_eq!(names(&m), before_names);
+        // k < N changes the output; k = N restores it, on the sparse path (eval).
+        assert!(max_err(&run(&m, &x), &dense) > 1e-4);
+        set_top_k_all(&mut m, None);
+        assert!(max_err(&run(&m, &x), &dense) <= 1e-5);
+    }
+}
+
+#[test]
+fn checkpoints_load_into_the_converted_model() {
+    let dense = model(4, false, 3);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("model.safetensors");
+    let params = dense.named_parameters();
+    let refs: Vec<(&str, &Tensor)> = params.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    tensor_core::io::save(&file, &refs, None).unwrap();
+
+    let mut m = model(4, false, 99); // different weights
+    convert(
+        &mut m,
+        &[1, 3],
+        &EmoeConfig {
+            split: SplitStrategy::Contiguous,
+            ..EmoeConfig::new(4, 4)
+        },
+    )
+    .unwrap();
+    let missing = m
+        .load_named(&tensor_core::io::load(&file, Device::Cpu).unwrap(), true)
+        .unwrap();
+    assert!(missing.is_empty());
+    refresh_gates(&mut m).unwrap();
+    let x = randn_seeded(&[7, D], 4, Device::Cpu).unwrap();
+    // Contiguous split = identity permutation, so the dense checkpoint is the split model's checkpoint.
+    assert!(max_err(&run(&m, &x), &run(&dense, &x)) <= 1e-5);
+}
+
+#[test]
+fn fold_back_after_tuning_reproduces_the_tuned_model() {
+    let mut m = model(4, false, 5);
+    let original: Vec<(String, Tensor)> = m
+        .named_parameters()
+        .into_iter()
+        .map(|(n, t)| (n, t.copy()))
+        .collect();
+    let cfg = EmoeConfig {
+        compute: ComputePath::Auto,
+        ..EmoeConfig::new(8, 2)
+    };
+    convert(&mut m, &[2, 3], &cfg).unwrap();
+
+    // Folding an untuned split returns the original weights exactly.
+    {
+        let mut copy = model(4, false, 5);
+        convert(&mut copy, &[2, 3], &cfg).unwrap();
+        assert_eq!(fold_back(&mut copy).unwrap().len(), 2);
+        for ((n1, a), (n2, b)) in original.iter().zip(copy.named_parameters()) {
+            assert_eq!(n1, &n2);
+            assert!(a.equal(&b), "{n1} changed");
+        }
+    }
+
+    // A few SGD steps through the masked (training) path, refreshing gates after each.
+    let x = randn_seeded(&[4, 6, D], 6, Device::Cpu).unwrap();
+    let target = randn_seeded(&[4, 6, D], 7, Device::Cpu).unwrap();
+    for step in 0..3 {
+        let mut ctx = Context::train();
+        let y = with_seed(step, || m.forward(&x, &mut ctx).unwrap());
+        let loss = y.f_sub(&target).unwrap().square().mean(Kind::Float);
+        loss.backward();
+        tensor_core::tch::no_grad(|| {
+            for (_, mut p) in m.trainable_parameters() {
+                let g = p.grad();
+                if g.defined() {
+                    let _ = p.f_sub_(&g.f_mul_scalar(0.1).unwrap()).unwrap();
+                    p.zero_grad();
+                }
+            }
+        });
+        assert_eq!(refresh_gates(&mut m).unwrap(), 2);
+    }
+    let w_now = m.get("encoder.layer.2.(ffn)").unwrap().named_parameters()[0]
+        .1
+        .copy();
+    let w_orig = original
+        .iter()
+        .find(|(n, _)| n == "encoder.layer.2.intermediate.dense.weight")
+        .unwrap()
+        .1
+        .copy();
+    assert!(!w_now.equal(&w_orig), "tuning changed nothing");
+
+    set_top_k_all(&mut m, None);
+    let tuned = run(&m, &x);
+    let folded = fold_back(&mut m).unwrap();
+    assert_eq!(
+        folded,
+        vec!["encoder.layer.2.(ffn)", "encoder.layer.3.(ffn)"]
+    );
+    assert!(emoe_paths(&m).is_empty());
+    assert_eq!(ffn_paths(&m).len(), 4);
+    assert_eq!(
+        names(&m),
+        original.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>()
+    );
+    assert!(m.named_parameters().iter().all(|(_, t)| t.requires_grad()));
+    let dense = run(&m, &x);
+    assert!(
+        max_err(&dense, &tuned) <= 1e-5,
+        "{}",
+        max_err(&dense, &tuned)
+    );
+}
+
+#[test]
+fn bad_requests_are_errors_and_leave_the_model_unchanged() {
+    let mut m = model(4, false, 8);
+    let x = randn_seeded(&[3, D], 9, Device::Cpu).unwrap();
+    let before = run(&m, &x);
+    assert!(matches!(
+        convert(&mut m, &[7], &EmoeConfig::new(4, 1)),
+        Err(Error::UnknownLayer { layer: 7, .. })
+    ));
+    // N = 5 does not divide 64: nothing is converted.
+    assert!(matches!(
+        convert(&mut m, &[0, 1], &EmoeConfig::new(5, 1)),
+        Err(Error::Config(_))
+    ));
+    assert!(matches!(
+        convert(&mut m, &[0], &EmoeConfig::new(4, 0)),
+        Err(Error::Config(_))
+    ));
+    assert!(matches!(
+        convert(&mut m, &[0], &EmoeConfig::new(4, 5)),
+        Err(Error::Config(_))
+    ));
+    let r = convert_paths_with(
+        &mut m,
+        &["encoder.layer.0.attention.output.dense".to_owned()],
+        &EmoeConfig::new(4, 1),
+        &mut |_, _| unreachable!(),
+    );
+    assert!(matches!(r, Err(Error::WrongModule { .. })));
+    let r = convert_paths_with(
+        &mut m,
+        &["encoder.layer.9.(ffn)".to_owned()],
+        &EmoeConfig::new(4, 1),
+        &mut |_, _| unreachable!(),
+    );
+    assert!(matches!(r, Err(Error::Tensor(_))), "{r:?}");
+    assert!(emoe_paths(&m).is_empty());
+    assert!(max_err(&run(&m, &x), &before) == 0.0);
+    // No EmoeFfn: folding is a no-op.
+    assert!(fold_back(&mut m).unwrap().is_empty());
+}
+
+#[test]
+fn moefication_coactivation_split_through_convert() {
+    // Profile layer 1's hidden activations, split by co-activation, convert.
+    let mut m = model(2, false, 10);
+    let x = randn_seeded(&[64, D], 11, Device::Cpu).unwrap();
+    let path = "encoder.layer.1.(ffn)".to_owned();
+    let acts = {
+        let ffn = m.get_as::<FeedForward>(&path).unwrap();
+        ffn.hidden(&x, &mut Context::eval()).unwrap()
+    };
+    let r = convert_paths_with(
+        &mut m,
+        std::slice::from_ref(&path),
+        &EmoeConfig::new(4, 4),
+        &mut |_, _| coactivation_split(&acts, 4, 0),
+    )
+    .unwrap();
+    assert_eq!(r.layers[0].method, SplitMethod::CoActivation);
+    let e = m.get_as::<EmoeFfn>(&path).unwrap();
+    assert_eq!(e.split().method, SplitMethod::CoActivation);
+    // Predicate selection.
+    let r = convert_where(
+        &mut m,
+        &mut |p| p.contains(".0."),
+        &EmoeConfig {
+            split: SplitStrategy::Random { seed: 3 },
+            ..EmoeConfig::new(2, 1)
+        },
+    )
+    .unwrap();
+    assert_eq!(r.layers.len(), 1);
+    assert_eq!(r.layers[0].method, SplitMethod::Random);
+}
