@@ -35,51 +35,7 @@ use tensor_core::tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result, check_finite, check_split};
 
-/// SplitMix64 (Steele, Lea, Flood 2014): a small seeded generator, enough for
-/// seeding and shuffles; no `rand` dependency.
-#[derive(Debug, Clone)]
-pub struct SplitMix64 {
-    state: u64,
-}
-
-impl SplitMix64 {
-    pub fn new(seed: u64) -> Self {
-        Self { state: seed }
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `[0, 1)` with 53 random bits.
-    pub fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
-    }
-
-    /// Uniform in `0..n` (`n > 0`), by rejection so there is no modulo bias.
-    pub fn below(&mut self, n: usize) -> usize {
-        let n = n.max(1) as u64;
-        let zone = u64::MAX - u64::MAX % n;
-        loop {
-            let v = self.next_u64();
-            if v < zone {
-                return (v % n) as usize;
-            }
-        }
-    }
-
-    /// Fisher–Yates shuffle.
-    pub fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            let j = self.below(i + 1);
-            v.swap(i, j);
-        }
-    }
-}
+pub use tensor_core::rng::SplitMix64;
 
 /// Heap entry: `(key, point)`, ordered so that `BinaryHeap` pops the smallest
 /// key first (ties: the smallest point index, for determinism).
@@ -349,7 +305,7 @@ pub fn objective(points: &Tensor, labels: &[usize], num_clusters: usize) -> Resu
 /// probability proportional to the squared distance to the nearest centre.
 fn seed_plus_plus(x: &Tensor, k: usize, rng: &mut SplitMix64) -> Result<Tensor> {
     let n = x.size()[0] as usize;
-    let mut chosen = vec![rng.below(n) as i64];
+    let mut chosen = vec![rng.below(n as u64) as i64];
     let dist_to = |idx: i64| -> Result<Vec<f64>> {
         let c = x.f_select(0, idx)?;
         let d =
@@ -374,7 +330,7 @@ fn seed_plus_plus(x: &Tensor, k: usize, rng: &mut SplitMix64) -> Result<Tensor> 
             }
             pick
         } else {
-            rng.below(n)
+            rng.below(n as u64) as usize
         };
         chosen.push(next as i64);
         let nd = dist_to(next as i64)?;
@@ -595,7 +551,7 @@ mod tests {
         let mut r = SplitMix64::new(1);
         let mut hist = [0usize; 4];
         for _ in 0..4000 {
-            hist[r.below(4)] += 1;
+            hist[r.below(4) as usize] += 1;
         }
         assert!(hist.iter().all(|&h| (900..1100).contains(&h)), "{hist:?}");
     }

@@ -175,7 +175,7 @@ impl EmoeFfn {
         let d = plain(&self.up, &self.names.up)
             .map(|l| l.in_features())
             .unwrap_or(*s.last().unwrap_or(&0));
-        if s.is_empty() || *s.last().unwrap() != d {
+        if s.last() != Some(&d) {
             return Err(tensor_core::Error::shape("EmoeFfn", format!("[*, {d}]"), s).into());
         }
         Ok((xs.f_reshape([-1, d])?, s))

@@ -14,7 +14,8 @@
 //! 5. [`grouped`]: grouped expert computation (permute, per-expert matmul,
 //!    unpermute), shared by the mixture-of-experts crates.
 //! 6. [`io`]: safetensors, memory-mapped reads and atomic writes.
-//! 7. [`testing`]: the closeness check, seeding, seeded random tensors.
+//! 7. [`testing`]: the closeness check, seeding, seeded random tensors;
+//!    [`rng`]: the seeded host-side generator.
 
 pub mod device;
 pub mod error;
@@ -22,6 +23,7 @@ pub mod grouped;
 pub mod io;
 pub mod layers;
 pub mod module;
+pub mod rng;
 pub mod testing;
 
 pub use device::{DType, best};

@@ -121,47 +121,7 @@ pub fn pad_batch_with_labels<S: AsRef<[i64]>>(
     pad_batch(seqs, pad_id, max_len, device)?.with_labels(labels)
 }
 
-/// The SplitMix64 generator: tiny, fast, and the same sequence everywhere.
-#[derive(Debug, Clone)]
-pub struct SplitMix64 {
-    state: u64,
-}
-
-impl SplitMix64 {
-    pub fn new(seed: u64) -> Self {
-        Self { state: seed }
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` without modulo bias (Lemire 2019); `n = 0` is
-    /// treated as 1 (the result is 0).
-    pub fn below(&mut self, n: u64) -> u64 {
-        let n = n.max(1);
-        let mut m = self.next_u64() as u128 * n as u128;
-        if (m as u64) < n {
-            let threshold = n.wrapping_neg() % n;
-            while (m as u64) < threshold {
-                m = self.next_u64() as u128 * n as u128;
-            }
-        }
-        (m >> 64) as u64
-    }
-
-    /// Fisher–Yates shuffle in place.
-    pub fn shuffle<T>(&mut self, xs: &mut [T]) {
-        for i in (1..xs.len()).rev() {
-            let j = self.below(i as u64 + 1) as usize;
-            xs.swap(i, j);
-        }
-    }
-}
+pub use tensor_core::rng::SplitMix64;
 
 /// How the examples `0..n` are grouped into batches, epoch after epoch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
