@@ -168,7 +168,10 @@ pub fn finetune_with(
     };
     let loss_of = |model: &SequenceClassifier, b: &crate::train::Batch| -> Result<Tensor> {
         let logits = model.logits(&b.input_ids, &b.attention_mask, true)?;
-        let y = b.labels.as_ref().expect("labels set");
+        let y = b
+            .labels
+            .as_ref()
+            .ok_or_else(|| Error::invalid("finetune: a training batch without labels"))?;
         Ok(logits.f_cross_entropy_loss::<Tensor>(
             y,
             None,

@@ -804,6 +804,11 @@ impl Context {
 
     /// Offer an activation to the sink (a no-op without one).
     pub fn record(&mut self, what: &str, value: &Tensor) -> Result<()> {
+        // Every FFN offers its activation on every forward: without a sink,
+        // do not even build the key.
+        if self.sink.is_none() {
+            return Ok(());
+        }
         let key = format!("{}:{what}", self.path());
         match self.sink.as_mut() {
             Some(s) if s.wants(&key) => s.record(&key, value),

@@ -93,13 +93,7 @@ mod tests {
 
     const FIXTURE: &str = include_str!("../../tests/fixtures/train/clip.json");
 
-    fn floats(v: &Value) -> Vec<f32> {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_f64().unwrap() as f32)
-            .collect()
-    }
+    use crate::train::test_fixtures::floats;
 
     /// Params whose gradients are exactly `grads` (loss = Σ p·g).
     fn with_grads(fx: &Value, device: Device) -> Vec<Tensor> {

@@ -55,6 +55,21 @@ pub fn freeze_all_but<M: ModuleExt + ?Sized>(module: &mut M, patterns: &[&str]) 
     module.trainable_parameters().len()
 }
 
+/// Reading the reference values of `tests/fixtures/train/*.json`.
+#[cfg(test)]
+pub(crate) mod test_fixtures {
+    use serde_json::Value;
+
+    /// A JSON array of numbers as f32.
+    pub(crate) fn floats(v: &Value) -> Vec<f32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -406,13 +406,7 @@ mod tests {
 
     const FIXTURE: &str = include_str!("../../tests/fixtures/train/adamw.json");
 
-    fn floats(v: &Value) -> Vec<f32> {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_f64().unwrap() as f32)
-            .collect()
-    }
+    use crate::train::test_fixtures::floats;
 
     fn tensor(v: &Value, shape: &[i64], device: Device) -> Tensor {
         Tensor::from_slice(&floats(v))
