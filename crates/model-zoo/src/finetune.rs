@@ -33,6 +33,9 @@ pub struct FinetuneOptions {
     pub warmup_ratio: f64,
     /// Use only the first N training examples (after a seeded shuffle).
     pub train_limit: Option<usize>,
+    /// Evaluate on at most N examples of each evaluation set (the same
+    /// seeded subset in every run), to fit experiments into a time budget.
+    pub eval_limit: Option<usize>,
     pub seed: u64,
     pub progress: bool,
 }
@@ -47,6 +50,7 @@ impl Default for FinetuneOptions {
             weight_decay: 0.01,
             warmup_ratio: 0.1,
             train_limit: None,
+            eval_limit: None,
             seed: 0,
             progress: true,
         }
@@ -221,6 +225,17 @@ pub fn finetune_with(
     notes.push(hooks.before_eval(&mut model)?);
     notes.retain(|n| !n.is_empty());
     let eval = |examples: &[TextExample]| -> Result<ClassificationMetrics> {
+        let subset: Vec<TextExample>;
+        let examples = match opts.eval_limit {
+            Some(n) if n < examples.len() => {
+                // One fixed subset per set, independent of the run's seed.
+                let mut idx: Vec<usize> = (0..examples.len()).collect();
+                crate::train::SplitMix64::new(0x5eed_e7a1).shuffle(&mut idx);
+                subset = idx[..n].iter().map(|&i| examples[i].clone()).collect();
+                &subset[..]
+            }
+            _ => examples,
+        };
         let ids = encode(&tok, examples)?;
         let labels: Vec<i64> = examples.iter().map(|e| e.label).collect();
         let plan = BatchPlan::new(examples.len(), 64)?;
@@ -244,6 +259,7 @@ pub fn finetune_with(
         test_ood,
         notes,
         test_majority: majority_rate(&data.test),
+        // (over the full test set, also when evaluation is subsampled)
         trainable_params: model.param_count().trainable,
     })
 }

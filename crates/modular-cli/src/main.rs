@@ -8,9 +8,14 @@
 //! - `modular finetune [options]`: fine-tune the encoder on the project's
 //!   sentiment data (see `modular finetune --help`).
 //! - `modular experiment emoe [options]`: the EMoE results table
+//! - `modular experiment pet [options]`: the parameter-efficient tuning results table
 //!   (`docs/results/emoe.md`).
+//! - `modular experiment moe [options]`: the moe-router real task, a small
+//!   ModuleFormer-style decoder with and without the MI loss, and pruning
+//!   (`docs/results/moe.md`).
 
 mod experiments;
+mod moe_experiment;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -219,9 +224,13 @@ fn main() -> ExitCode {
         Some("finetune") => finetune_cmd(&args[1..]),
         Some("experiment") => match args.get(1).map(String::as_str) {
             Some("emoe") => experiments::emoe(&args[2..]),
+            Some("pet") => experiments::pet(&args[2..]),
+            Some("moe") => moe_experiment::run(&args[2..]),
             _ => Err(format!(
-                "usage: modular experiment emoe [options]\n{}",
-                experiments::EMOE_HELP
+                "usage: modular experiment emoe|pet|moe [options]\n{}\n{}\n{}",
+                experiments::EMOE_HELP,
+                experiments::PET_HELP,
+                moe_experiment::MOE_HELP
             )
             .into()),
         },

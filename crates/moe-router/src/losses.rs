@@ -1,0 +1,341 @@
+//! Auxiliary routing losses, step 9 of METHODS.md §2.1: Switch load balancing
+//! (arXiv 2101.03961 eq. 4), DeepSpeed/MegaBlocks top-k variants, the router
+//! z-loss (ST-MoE, arXiv 2202.08906 eq. 5), importance/load CV² (Shazeer et
+//! al., arXiv 1701.06538 eqs. 6–10), ModuleFormer's mutual-information loss
+//! (arXiv 2306.04640 eq. 8) and load concentration.
+//!
+//! Notation: `T` tokens, `E` experts, top-`k`; `p_te` the routing
+//! distribution (rows sum to 1), `P_e = mean_t p_te`, `n_e` assignments to
+//! `e` (counted before capacity drops, as DeepSpeed does), `f_e = n_e / T`.
+//!
+//! | loss | formula | minimum | maximum |
+//! |---|---|---|---|
+//! | [`balance_loss`] `switch_top1` | `E Σ_e f_e P_e` (`f_e` from first choices) | 1 (uniform) | `E` (collapsed) |
+//! | `deepspeed_topk` | `(E²/k) mean_e f_e P_e` (all `k` picks) | 1 (uniform) | `E/k` |
+//! | `megablocks` | `E/(L T k) Σ_e n_e P_e` | `1/L` | |
+//! | [`z_loss`] | `mean_t (logsumexp_e ℓ_te)²` | 0 | |
+//! | [`cv_squared`] | `Var(v) / Mean(v)²` | 0 (balanced) | |
+//! | [`importance_load_cv2`] | `(CV²(Imp) + CV²(Load)) / 2`, `Imp_e = Σ_t p_te` | 0 | |
+//! | [`mutual_information_loss`] | `H(e|x) − H(e)` | `−log E` (one-hot, balanced) | 0 (all rows equal) |
+//! | [`load_concentration`] | `H(e) = −Σ_e P_e log(P_e + 1e-8)` | 0 (one expert) | `log E` |
+//!
+//! `H(e|x) = −mean_t Σ_e p_te log p_te` (from log-softmax), `H(e)` as in the
+//! last row. ModuleFormer's `acc_aux_loss` accumulates `Σ_t p_t`, `Σ_t H(p_t)`
+//! and `T` over calls ([`MiAccumulator`]) and evaluates the MI loss once.
+//!
+//! Each layer adds its weighted losses with `ctx.add_aux_loss` in training
+//! ([`add_aux_losses`]); `ctx.aux_loss_total` sums them over layers.
+
+use std::collections::HashMap;
+
+use tensor_core::tch::{Kind, Tensor};
+use tensor_core::{Context, TchResultExt};
+
+use crate::config::{
+    BalanceVariant, CvVariance, GateType, LoadEstimator, RouterConfig, RoutingMode,
+};
+use crate::error::{Error, Result};
+use crate::router::Routing;
+
+fn check_probs(op: &str, probs: &Tensor) -> Result<(i64, i64)> {
+    let s = probs.size();
+    if s.len() != 2 || s[1] == 0 {
+        return Err(Error::shape(op, "probs [tokens, experts]", s));
+    }
+    Ok((s[0], s[1]))
+}
+
+/// `[E]` assignment counts of `experts: [T, k]` (f32/f64 like `kind`, no gradient).
+fn counts(experts: &Tensor, num_experts: i64, kind: Kind) -> Result<Tensor> {
+    let c = experts
+        .f_reshape([-1])?
+        .f_bincount::<Tensor>(None, num_experts)
+        .op("balance_loss counts")?;
+    if c.size() != [num_experts] {
+        return Err(Error::config(format!(
+            "an expert id is >= the number of experts ({num_experts})"
+        )));
+    }
+    Ok(c.f_to_kind(kind)?)
+}
+
+/// The balance loss of `probs: [T, E]` and the chosen `experts: [T, k]`
+/// (see the table in the module docs). Uniform routing gives 1 in every
+/// variant (`1/L` for `megablocks`); `p = [[.8,.2],[.6,.4]]`, top-1, gives 1.4.
+pub fn balance_loss(
+    probs: &Tensor,
+    experts: &Tensor,
+    variant: BalanceVariant,
+    num_layers: usize,
+) -> Result<Tensor> {
+    const OP: &str = "balance_loss";
+    let (t, e) = check_probs(OP, probs)?;
+    let es = experts.size();
+    if es.len() != 2 || es[0] != t || es[1] == 0 {
+        return Err(Error::shape(OP, format!("experts [{t}, k]"), es));
+    }
+    let k = es[1];
+    let p_mean = probs.f_mean_dim(0, false, probs.kind())?;
+    let chosen = match variant {
+        BalanceVariant::SwitchTop1 => experts.f_narrow(1, 0, 1)?,
+        _ => experts.shallow_clone(),
+    };
+    let f = counts(&chosen, e, probs.kind())?.f_div_scalar(t.max(1) as f64)?;
+    let dot = f.f_mul(&p_mean)?.f_sum(probs.kind())?;
+    let scale = match variant {
+        BalanceVariant::SwitchTop1 => e as f64,
+        BalanceVariant::DeepspeedTopk => e as f64 / k as f64,
+        BalanceVariant::Megablocks => e as f64 / (k as f64 * num_layers.max(1) as f64),
+    };
+    Ok(dot.f_mul_scalar(scale)?)
+}
+
+/// Router z-loss `mean_t (logsumexp_e ℓ_te)²` of `logits: [T, E]`; `[0, 0]` gives `(ln 2)²`.
+pub fn z_loss(logits: &Tensor) -> Result<Tensor> {
+    check_probs("z_loss", logits)?;
+    Ok(logits
+        .f_logsumexp([-1i64].as_slice(), false)?
+        .f_square()?
+        .f_mean(logits.kind())?)
+}
+
+/// `CV²(v) = Var(v) / (Mean(v)² + 1e-10)` of `v: [E]`; 0 for `E = 1`.
+pub fn cv_squared(v: &Tensor, variance: CvVariance) -> Result<Tensor> {
+    let s = v.size();
+    if s.len() != 1 {
+        return Err(Error::shape("cv_squared", "[experts]", s));
+    }
+    if s[0] <= 1 {
+        return Ok(v.f_sum(v.kind())?.f_mul_scalar(0.0)?);
+    }
+    let var = v.f_var(variance == CvVariance::Unbiased)?;
+    let mean = v.f_mean(v.kind())?;
+    Ok(var.f_div(&mean.f_square()?.f_add_scalar(1e-10)?)?)
+}
+
+/// `(CV²(Imp) + CV²(Load)) / 2` with `Imp_e = Σ_t p_te` and `load: [E]`
+/// (counts, or [`smooth_load`]).
+pub fn importance_load_cv2(probs: &Tensor, load: &Tensor, variance: CvVariance) -> Result<Tensor> {
+    check_probs("importance_load_cv2", probs)?;
+    let imp = probs.f_sum_dim_intlist(0, false, probs.kind())?;
+    let a = cv_squared(&imp, variance)?;
+    let b = cv_squared(&load.f_to_kind(probs.kind())?, variance)?;
+    Ok(a.f_add(&b)?.f_mul_scalar(0.5)?)
+}
+
+/// Shazeer et al.'s differentiable load: `Load_e = Σ_t Φ((ℓ_te − θ_te) / σ)`
+/// where `θ_te` is the `k`-th largest noisy logit of token `t` excluding `e`:
+/// the `(k+1)`-th if `e` is in the noisy top-k, else the `k`-th.
+pub fn smooth_load(clean: &Tensor, noisy: &Tensor, noise_std: f64, k: i64) -> Result<Tensor> {
+    const OP: &str = "smooth_load";
+    let (_, e) = check_probs(OP, clean)?;
+    if noisy.size() != clean.size() || k < 1 || k >= e || noise_std <= 0.0 {
+        return Err(Error::config(format!(
+            "{OP}: needs noisy logits like the clean ones, 1 <= k < E and noise std > 0"
+        )));
+    }
+    let (top, _) = noisy.f_topk(k + 1, -1, true, true)?;
+    let thr_in = top.f_narrow(1, k, 1)?;
+    let thr_out = top.f_narrow(1, k - 1, 1)?;
+    let is_in = noisy.f_gt_tensor(&thr_in)?;
+    let phi = |thr: &Tensor| -> Result<Tensor> {
+        let z = clean
+            .f_sub(thr)?
+            .f_div_scalar(noise_std * std::f64::consts::SQRT_2)?;
+        Ok(z.f_erf()?.f_add_scalar(1.0)?.f_mul_scalar(0.5)?)
+    };
+    let p = phi(&thr_in)?.f_where_self(&is_in, &phi(&thr_out)?)?;
+    Ok(p.f_sum_dim_intlist(0, false, clean.kind())?)
+}
+
+/// `H(p̄) = −Σ_e p̄_e log(p̄_e + 1e-8)` of a mean distribution `p̄: [E]`.
+fn marginal_entropy(p_mean: &Tensor) -> Result<Tensor> {
+    Ok(p_mean
+        .f_mul(&p_mean.f_add_scalar(1e-8)?.f_log()?)?
+        .f_sum(p_mean.kind())?
+        .f_neg()?)
+}
+
+/// `Σ_t H(p_t) = −Σ_t Σ_e p_te log p_te`.
+fn summed_conditional_entropy(probs: &Tensor, log_probs: &Tensor) -> Result<Tensor> {
+    // p log p = 0 where p = 0 (log p may be −∞ there).
+    let plogp = probs.f_mul(&log_probs.f_clamp_min(-1e4)?)?;
+    Ok(plogp.f_sum(probs.kind())?.f_neg()?)
+}
+
+/// ModuleFormer's MI loss `H(e|x) − H(e)` of `probs: [T, E]` with their
+/// `log_probs` (log-softmax); `None` takes `log p`. In `[−log E, 0]`.
+pub fn mutual_information_loss(probs: &Tensor, log_probs: Option<&Tensor>) -> Result<Tensor> {
+    let mut acc = MiAccumulator::default();
+    acc.add(probs, log_probs)?;
+    acc.loss()
+}
+
+/// Load concentration `L_conc = H(e)` (minimised on task data before pruning).
+pub fn load_concentration(probs: &Tensor) -> Result<Tensor> {
+    check_probs("load_concentration", probs)?;
+    marginal_entropy(&probs.f_mean_dim(0, false, probs.kind())?)
+}
+
+/// ModuleFormer's `acc_aux_loss`: `Σ_t p_t`, `Σ_t H(p_t)` and `T` summed
+/// over calls (with their autograd graphs), the MI loss evaluated once.
+#[derive(Debug, Default)]
+pub struct MiAccumulator {
+    sum_probs: Option<Tensor>,
+    sum_entropy: Option<Tensor>,
+    count: i64,
+    /// Weight the accumulated loss is added with by [`flush_mi_losses`].
+    pub weight: f64,
+}
+
+impl MiAccumulator {
+    pub fn add(&mut self, probs: &Tensor, log_probs: Option<&Tensor>) -> Result<()> {
+        let (t, e) = check_probs("MiAccumulator::add", probs)?;
+        if let Some(s) = &self.sum_probs
+            && s.size() != [e]
+        {
+            return Err(Error::shape(
+                "MiAccumulator::add",
+                format!("[tokens, {}]", s.size()[0]),
+                probs.size(),
+            ));
+        }
+        let owned;
+        let lp = match log_probs {
+            Some(l) => l,
+            None => {
+                owned = probs.f_clamp_min(1e-30)?.f_log()?;
+                &owned
+            }
+        };
+        let sp = probs.f_sum_dim_intlist(0, false, probs.kind())?;
+        let sh = summed_conditional_entropy(probs, lp)?;
+        self.sum_probs = Some(match self.sum_probs.take() {
+            Some(s) => s.f_add(&sp)?,
+            None => sp,
+        });
+        self.sum_entropy = Some(match self.sum_entropy.take() {
+            Some(s) => s.f_add(&sh)?,
+            None => sh,
+        });
+        self.count += t;
+        Ok(())
+    }
+
+    pub fn count(&self) -> i64 {
+        self.count
+    }
+
+    /// `H(e|x) − H(e)` over everything added so far.
+    pub fn loss(&self) -> Result<Tensor> {
+        let (Some(sp), Some(sh)) = (&self.sum_probs, &self.sum_entropy) else {
+            return Err(Error::missing(
+                "MiAccumulator::loss",
+                "no routing statistics were added",
+            ));
+        };
+        let n = self.count.max(1) as f64;
+        let h_cond = sh.f_div_scalar(n)?;
+        let h_marg = marginal_entropy(&sp.f_div_scalar(n)?)?;
+        Ok(h_cond.f_sub(&h_marg)?)
+    }
+
+    pub fn clear(&mut self) {
+        self.sum_probs = None;
+        self.sum_entropy = None;
+        self.count = 0;
+    }
+}
+
+/// The accumulators of every layer with `mi_accumulate`, by module path,
+/// kept in the forward [`Context`] (`ctx.get::<MiAccumulators>()`).
+#[derive(Debug, Default)]
+pub struct MiAccumulators(pub HashMap<String, MiAccumulator>);
+
+/// Add every accumulated MI loss (weighted) to `ctx`'s auxiliary losses as
+/// `PATH.mi_loss`, and clear the accumulators. Returns how many were added.
+pub fn flush_mi_losses(ctx: &mut Context) -> Result<usize> {
+    let Some(mut accs) = ctx.remove::<MiAccumulators>() else {
+        return Ok(0);
+    };
+    let mut n = 0;
+    let mut paths: Vec<String> = accs.0.keys().cloned().collect();
+    paths.sort();
+    for path in paths {
+        let acc = accs.0.get_mut(&path).expect("listed key");
+        if acc.count() == 0 {
+            continue;
+        }
+        let l = acc.loss()?.f_mul_scalar(acc.weight)?;
+        let name = if path.is_empty() {
+            "mi_loss".to_owned()
+        } else {
+            format!("{path}.mi_loss")
+        };
+        // At the top level the context path is empty, so `name` is the full key.
+        ctx.add_aux_loss(&name, l);
+        acc.clear();
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// Step 9 for one layer, in training only: add each loss whose weight is
+/// non-zero to `ctx` (`balance_loss`, `z_loss`, `cv_loss`, `mi_loss`,
+/// `concentration_loss`), weighted. Expert choice needs no balance or CV²
+/// loss (skipped); `hash` / `fixed` gates have nothing to train (all skipped).
+pub fn add_aux_losses(config: &RouterConfig, routing: &Routing, ctx: &mut Context) -> Result<()> {
+    if !ctx.train || matches!(config.gate, GateType::Hash | GateType::Fixed) {
+        return Ok(());
+    }
+    let ec = config.routing == RoutingMode::ExpertChoice;
+    let log_probs = routing.log_probs.as_ref();
+    if config.balance_weight > 0.0 && !ec {
+        let l = balance_loss(
+            &routing.probs,
+            &routing.experts,
+            config.balance_variant,
+            config.num_layers,
+        )?;
+        ctx.add_aux_loss("balance_loss", l.f_mul_scalar(config.balance_weight)?);
+    }
+    if config.z_loss_weight > 0.0 {
+        ctx.add_aux_loss(
+            "z_loss",
+            z_loss(&routing.logits)?.f_mul_scalar(config.z_loss_weight)?,
+        );
+    }
+    if config.cv_weight > 0.0 && !ec {
+        let load = match (config.load_estimator, &routing.noisy_logits) {
+            (LoadEstimator::Smooth, Some(noisy)) if routing.noise_std > 0.0 => {
+                smooth_load(&routing.logits, noisy, routing.noise_std, routing.top_k)?
+            }
+            _ => counts(&routing.experts, routing.num_experts, routing.probs.kind())?,
+        };
+        let l = importance_load_cv2(&routing.probs, &load, config.cv_var)?;
+        ctx.add_aux_loss("cv_loss", l.f_mul_scalar(config.cv_weight)?);
+    }
+    if config.mi_weight > 0.0 {
+        if config.mi_accumulate {
+            let path = ctx.path();
+            if ctx.get::<MiAccumulators>().is_none() {
+                ctx.insert(MiAccumulators::default());
+            }
+            let accs = ctx.get_mut::<MiAccumulators>().expect("inserted above");
+            let acc = accs.0.entry(path).or_default();
+            acc.weight = config.mi_weight;
+            acc.add(&routing.probs, log_probs)?;
+        } else {
+            let l = mutual_information_loss(&routing.probs, log_probs)?;
+            ctx.add_aux_loss("mi_loss", l.f_mul_scalar(config.mi_weight)?);
+        }
+    }
+    if config.concentration_weight > 0.0 {
+        let l = load_concentration(&routing.probs)?;
+        ctx.add_aux_loss(
+            "concentration_loss",
+            l.f_mul_scalar(config.concentration_weight)?,
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,87 @@
+//! Errors of parameter-efficient tuning (LoRA, DoRA, IA3, bottleneck
+//! adapters, VL-PET; `shared/docs/METHODS.md` §1).
+//!
+//! No equation here: this file names what can go wrong before the modules'
+//! equations run: a rank of 0, a pattern that targets nothing, an adapter
+//! name that does not exist or exists twice, a merge that would write NaN/Inf
+//! into the base, a lifecycle step in the wrong state (mixed batch while
+//! merged), and files that do not hold what they claim. Each is an
+//! [`Error`] naming the culprit, never a panic; libtorch and module-tree
+//! failures arrive wrapped as [`Error::Tensor`].
+
+use std::path::PathBuf;
+
+use tensor_core::tch::TchError;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A tensor or module-tree operation failed (shapes, dtypes, unknown paths).
+    #[error(transparent)]
+    Tensor(#[from] tensor_core::Error),
+    /// An invalid configuration (rank 0, negative dropout, unknown option).
+    #[error("invalid adapter config: {0}")]
+    Config(String),
+    /// Target patterns that match no module of the right type.
+    #[error("target modules {patterns:?} match no {kind} in the model (some {kind} paths: {})", examples.join(", "))]
+    NoTarget {
+        patterns: Vec<String>,
+        kind: &'static str,
+        examples: Vec<String>,
+    },
+    /// An adapter name that the model does not hold.
+    #[error("adapter '{name}' not found (adapters: {})", if available.is_empty() { "none".to_owned() } else { available.join(", ") })]
+    UnknownAdapter {
+        name: String,
+        available: Vec<String>,
+    },
+    /// Adding an adapter under a name already in use.
+    #[error("adapter '{0}' already exists; delete it first or choose another name")]
+    DuplicateAdapter(String),
+    /// A lifecycle step that the current state does not allow.
+    #[error("{0}")]
+    State(String),
+    /// A merge that would put NaN or Inf into the base weights (safe merge).
+    #[error(
+        "safe merge of adapter '{adapter}' into {path}: the merged weight contains NaN or Inf; the base is left unchanged"
+    )]
+    NonFiniteMerge { adapter: String, path: String },
+    /// A PEFT file that is malformed or does not fit the model.
+    #[error("{path}: {reason}")]
+    File { path: PathBuf, reason: String },
+}
+
+impl Error {
+    pub fn config(msg: impl Into<String>) -> Self {
+        Error::Config(msg.into())
+    }
+
+    pub fn state(msg: impl Into<String>) -> Self {
+        Error::State(msg.into())
+    }
+
+    pub fn file(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
+        Error::File {
+            path: path.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl From<TchError> for Error {
+    fn from(e: TchError) -> Self {
+        Error::Tensor(tensor_core::Error::from(e))
+    }
+}
+
+/// Inside a module's `forward` (which returns `tensor_core::Result`), our
+/// errors travel as `tensor_core` errors with their message kept.
+impl From<Error> for tensor_core::Error {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Tensor(t) => t,
+            other => tensor_core::Error::config(other.to_string()),
+        }
+    }
+}

@@ -1,0 +1,223 @@
+//! Interoperability with Python PEFT 0.21.2: adapters it wrote load here and
+//! give its outputs; adapters written here round-trip bitwise and (when the
+//! cache venv has PEFT) load in PEFT with the same outputs.
+
+mod common;
+
+use common::{Inputs, base_model, fixture_dir, max_abs, run, run_mixed};
+use pet_core::{
+    Error, LoraConfig, LoraInit, add_ia3, add_lora, load_adapter, merge_adapter, save_adapter,
+    set_adapter,
+};
+use tensor_core::ModuleExt;
+use tensor_core::tch::Tensor;
+
+const TOL: f64 = 1e-5;
+
+#[test]
+fn peft_lora_ia3_and_rslora_files_give_peft_outputs() {
+    let inp = Inputs::load();
+    let mut m = base_model();
+    let base = run(&m, &inp.ids, &inp.mask);
+    assert!(max_abs(&base, &inp.expected("base")) < TOL);
+    for name in ["lora", "lora_rs", "ia3"] {
+        let r = load_adapter(&mut m, fixture_dir().join(name), name).unwrap();
+        assert!(!r.paths.is_empty());
+        set_adapter(&mut m, &[name]).unwrap();
+        let err = max_abs(&run(&m, &inp.ids, &inp.mask), &inp.expected(name));
+        assert!(err < TOL, "{name}: max |err| vs PEFT = {err:e}");
+    }
+    // rank_pattern / alpha_pattern: layer 1 value has rank 2 and s = 3/sqrt(2).
+    let h = m
+        .get_as::<pet_core::AdaptedLinear>("encoder.layer.1.attention.self.value")
+        .unwrap();
+    match &h.adapter("lora_rs").unwrap().delta {
+        pet_core::linear::LinearDelta::Lora(l) => {
+            assert_eq!(l.rank(), 2);
+            assert!((l.scale - 3.0 / 2f64.sqrt()).abs() < 1e-12);
+        }
+        other => panic!("expected LoRA, got {other:?}"),
+    }
+    // Merged LoRA equals PEFT's merge_and_unload output.
+    set_adapter(&mut m, &["lora"]).unwrap();
+    merge_adapter(&mut m, &["lora"], true).unwrap();
+    let err = max_abs(&run(&m, &inp.ids, &inp.mask), &inp.expected("lora_merged"));
+    assert!(err < TOL, "merged: {err:e}");
+}
+
+#[test]
+fn peft_mixed_batch_rows_match() {
+    let inp = Inputs::load();
+    let mut m = base_model();
+    load_adapter(&mut m, fixture_dir().join("lora"), "lora").unwrap();
+    load_adapter(&mut m, fixture_dir().join("lora_rs"), "lora_rs").unwrap();
+    let out = run_mixed(&m, &inp.ids, &inp.mask, &["lora", "__base__"]);
+    let err = max_abs(&out, &inp.expected("lora_mixed"));
+    assert!(err < TOL, "mixed: {err:e}");
+}
+
+fn tensors_of(m: &dyn tensor_core::Module, adapter: &str) -> Vec<(String, Tensor)> {
+    let mut v: Vec<(String, Tensor)> = m
+        .named_parameters()
+        .into_iter()
+        .filter(|(n, _)| n.contains(&format!(".{adapter}.")) || n.ends_with(&format!(".{adapter}")))
+        .map(|(n, t)| (n.replace(&format!(".{adapter}"), ".X"), t))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+#[test]
+fn save_then_load_round_trips_bitwise() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = base_model();
+    let mut cfg = LoraConfig::new(4, 8.0, &["query", "value", "intermediate.dense"]);
+    cfg.init = LoraInit::Random;
+    cfg.rank_pattern
+        .insert("layer.1.attention.self.value".into(), 2);
+    cfg.alpha_pattern
+        .insert("layer.0.attention.self.query".into(), 5.0);
+    cfg.scaling = pet_core::LoraScaling::Rslora;
+    add_lora(&mut m, "mine", &cfg).unwrap();
+    add_ia3(
+        &mut m,
+        "scales",
+        &pet_core::Ia3Config {
+            target_modules: vec!["key".into(), "layer.0.output.dense".into()],
+            feedforward_modules: vec!["layer.0.output.dense".into()],
+        },
+    )
+    .unwrap();
+    // Non-trivial IA3 values.
+    m.for_each_param_mut(&mut |n, t| {
+        if n.contains("ia3_l") {
+            tensor_core::tch::no_grad(|| t.copy_(&(t.rand_like() + 0.5)));
+        }
+        Ok(())
+    })
+    .unwrap();
+    for name in ["mine", "scales"] {
+        let out = dir.path().join(name);
+        save_adapter(&m, name, &out).unwrap();
+        let mut fresh = base_model();
+        load_adapter(&mut fresh, &out, name).unwrap();
+        let (a, b) = (tensors_of(&m, name), tensors_of(&fresh, name));
+        assert_eq!(a.len(), b.len(), "{name}");
+        for ((na, ta), (nb, tb)) in a.iter().zip(&b) {
+            assert_eq!(na, nb);
+            assert!(ta.equal(tb), "{name}: {na} differs after the round trip");
+        }
+        let inp = Inputs::load();
+        set_adapter(&mut m, &[name]).unwrap();
+        let (x, y) = (
+            run(&m, &inp.ids, &inp.mask),
+            run(&fresh, &inp.ids, &inp.mask),
+        );
+        assert!(x.equal(&y), "{name}: outputs differ after the round trip");
+        peft_check(&out, &inp, &x);
+    }
+}
+
+/// When the cache venv's Python has PEFT, load the folder in PEFT and compare.
+fn peft_check(dir: &std::path::Path, inp: &Inputs, expected: &Tensor) {
+    let Ok(venv) = std::env::var("MODULAR_VENV") else {
+        eprintln!("PEFT check skipped: MODULAR_VENV not set");
+        return;
+    };
+    let py = std::path::Path::new(&venv).join("bin/python");
+    let has_peft = std::process::Command::new(&py)
+        .args(["-c", "import peft"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_peft {
+        eprintln!("PEFT check skipped: PEFT is not installed in {venv}");
+        return;
+    }
+    tensor_core::io::save(
+        dir.join("expected.safetensors"),
+        &[
+            ("input_ids", &inp.ids),
+            ("attention_mask", &inp.mask),
+            ("last_hidden_state", expected),
+        ],
+        None,
+    )
+    .unwrap();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/peft_fixture.py");
+    let out = std::process::Command::new(&py)
+        .arg(&script)
+        .arg("--check")
+        .arg(dir)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "PEFT rejected {}: {text}",
+        dir.display()
+    );
+    eprintln!("PEFT check {}: {}", dir.display(), text.trim());
+}
+
+fn copy_fixture(name: &str) -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(fixture_dir().join(name).join(f), d.path().join(f)).unwrap();
+    }
+    d
+}
+
+#[test]
+fn malformed_files_are_clear_errors_and_leave_the_model_alone() {
+    let mut m = base_model();
+    let before = m.named_parameters().len();
+    // Corrupt JSON.
+    let d = copy_fixture("lora");
+    std::fs::write(d.path().join("adapter_config.json"), "{ not json").unwrap();
+    let e = load_adapter(&mut m, d.path(), "x").unwrap_err();
+    assert!(e.to_string().contains("not valid JSON"), "{e}");
+    // Rank in the config disagrees with the tensors.
+    let d = copy_fixture("lora");
+    let p = d.path().join("adapter_config.json");
+    let text = std::fs::read_to_string(&p)
+        .unwrap()
+        .replace("\"r\": 4", "\"r\": 3");
+    std::fs::write(&p, text).unwrap();
+    let e = load_adapter(&mut m, d.path(), "x").unwrap_err();
+    assert!(e.to_string().contains("rank 3"), "{e}");
+    // Truncated safetensors.
+    let d = copy_fixture("lora");
+    let w = d.path().join("adapter_model.safetensors");
+    let bytes = std::fs::read(&w).unwrap();
+    std::fs::write(&w, &bytes[..bytes.len() / 2]).unwrap();
+    assert!(load_adapter(&mut m, d.path(), "x").is_err());
+    // Unsupported options.
+    let d = copy_fixture("lora");
+    let p = d.path().join("adapter_config.json");
+    let text = std::fs::read_to_string(&p).unwrap().replace(
+        "\"modules_to_save\": null",
+        "\"modules_to_save\": [\"classifier\"]",
+    );
+    std::fs::write(&p, text).unwrap();
+    let e = load_adapter(&mut m, d.path(), "x").unwrap_err();
+    assert!(e.to_string().contains("modules_to_save"), "{e}");
+    // A model without the named modules.
+    let mut other = tensor_core::module::Sequential::new().push_named(
+        "proj",
+        Box::new(
+            tensor_core::layers::Linear::new(32, 32, true, tensor_core::tch::Device::Cpu).unwrap(),
+        ),
+    );
+    let e = load_adapter(&mut other, fixture_dir().join("lora"), "x").unwrap_err();
+    assert!(
+        e.to_string().contains("encoder.layer.0.attention.self"),
+        "{e}"
+    );
+    // Nothing was added by any failed load.
+    assert_eq!(m.named_parameters().len(), before);
+    assert!(pet_core::adapter_names(&m).is_empty());
+    // Saving an unknown adapter names what exists.
+    let e = save_adapter(&m, "nope", d.path()).unwrap_err();
+    assert!(matches!(e, Error::UnknownAdapter { .. }), "{e}");
+}
