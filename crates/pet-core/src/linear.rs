@@ -242,8 +242,9 @@ impl AdaptedLinear {
         let y = x2.f_linear(&lin.weight, lin.bias.as_ref())?;
         let t = xd.f_mm(&l.a.f_transpose(0, 1)?)?.f_mul_scalar(l.scale)?;
         let y = y.f_addmm(&t, &l.b.f_transpose(0, 1)?)?;
-        let mut out_shape = size;
-        *out_shape.last_mut().unwrap() = lin.out_features();
+        // Same leading dimensions as x, the output width last.
+        let mut out_shape = size[..size.len().saturating_sub(1)].to_vec();
+        out_shape.push(lin.out_features());
         Ok(y.f_reshape(out_shape.as_slice())?)
     }
 
@@ -549,8 +550,10 @@ impl Module for AdaptedLinear {
                 xs.size(),
             ));
         }
-        let r = if self.enabled && !self.adapters.is_empty() && ctx.get::<MixedBatch>().is_some() {
-            let mb = ctx.get::<MixedBatch>().expect("checked");
+        let mixed = ctx
+            .get::<MixedBatch>()
+            .filter(|_| self.enabled && !self.adapters.is_empty());
+        let r = if let Some(mb) = mixed {
             self.forward_mixed(xs, ctx, mb)
         } else {
             let live = self.live();

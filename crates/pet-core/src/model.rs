@@ -132,6 +132,18 @@ fn add_linear_adapters<M: ModuleExt + ?Sized>(
     Ok(report)
 }
 
+/// The `Linear` paths matching `patterns`, or an error naming some that exist.
+fn linear_targets<M: ModuleExt + ?Sized>(model: &M, patterns: &[String]) -> Result<Vec<String>> {
+    let targets: Vec<String> = linear_paths(model)
+        .into_iter()
+        .filter(|p| matches_any(p, patterns))
+        .collect();
+    if targets.is_empty() {
+        return Err(no_target(model, patterns, "Linear"));
+    }
+    Ok(targets)
+}
+
 /// Add a LoRA (or DoRA, or LoRA + G) adapter named `name` to every `Linear` matching `cfg.target_modules`.
 pub fn add_lora<M: ModuleExt + ?Sized>(
     model: &mut M,
@@ -140,13 +152,7 @@ pub fn add_lora<M: ModuleExt + ?Sized>(
 ) -> Result<AddReport> {
     cfg.validate()?;
     check_new_name(model, name)?;
-    let targets: Vec<String> = linear_paths(model)
-        .into_iter()
-        .filter(|p| matches_any(p, &cfg.target_modules))
-        .collect();
-    if targets.is_empty() {
-        return Err(no_target(model, &cfg.target_modules, "Linear"));
-    }
+    let targets = linear_targets(model, &cfg.target_modules)?;
     let mut built = Vec::with_capacity(targets.len());
     for p in targets {
         let lin = base_linear(model, &p)?;
@@ -175,13 +181,7 @@ pub fn add_ia3<M: ModuleExt + ?Sized>(
 ) -> Result<AddReport> {
     cfg.validate()?;
     check_new_name(model, name)?;
-    let targets: Vec<String> = linear_paths(model)
-        .into_iter()
-        .filter(|p| matches_any(p, &cfg.target_modules))
-        .collect();
-    if targets.is_empty() {
-        return Err(no_target(model, &cfg.target_modules, "Linear"));
-    }
+    let targets = linear_targets(model, &cfg.target_modules)?;
     let mut built = Vec::with_capacity(targets.len());
     for p in targets {
         let lin = base_linear(model, &p)?;
@@ -281,13 +281,7 @@ pub fn add_linear_adapter<M: ModuleExt + ?Sized>(
 ) -> Result<AddReport> {
     cfg.validate()?;
     check_new_name(model, name)?;
-    let targets: Vec<String> = linear_paths(model)
-        .into_iter()
-        .filter(|p| matches_any(p, &cfg.target_modules))
-        .collect();
-    if targets.is_empty() {
-        return Err(no_target(model, &cfg.target_modules, "Linear"));
-    }
+    let targets = linear_targets(model, &cfg.target_modules)?;
     let mut built = Vec::new();
     for p in targets {
         let lin = base_linear(model, &p)?;
