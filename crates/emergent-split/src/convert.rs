@@ -4,51 +4,132 @@
 //! through the same entry point with given labels.
 //!
 //! For each chosen `FeedForward` (found by type through `ModuleExt::find`,
-//! e.g. `encoder.layer.7.(ffn)`): split its neurons (`a: [d_ff] → [N]`),
-//! permute them into blocks, and replace the slot with an [`EmoeFfn`]
-//! computing `y = Σ_{e ∈ top-k} g_e act(W1_e x + b1_e) W2_eᵀ + b2`.
+//! e.g. `encoder.layer.7.(ffn)`): split its neurons (`a: [d_ff] → [N]`, by
+//! k-means, a baseline, or cached labels: `labels_from_file`), permute them
+//! into blocks, and replace the slot with an [`EmoeFfn`] computing
+//! `y = Σ_{e ∈ top-k} g_e act(W1_e x + b1_e) W2_eᵀ + b2`.
 //! [`fold_back`] replaces every `EmoeFfn` by the dense `FeedForward`
 //! `W2 act(W1 x + b1) + b2` with `π⁻¹` applied (EMoE step 8: drop the
-//! selection; `b2` is kept as is because it is added once).
+//! selection; `b2` is kept as is when it is added once, or becomes
+//! `k · mean_e b2_e` under the Tutel bookkeeping, `fold_b2 = k_mean`).
+//!
+//! [`EmoeConfig`] holds every open point of METHODS.md §3.1 (the gate's, the
+//! split's and `labels_from_file`) and reads from / writes to JSON.
 //!
 //! Layers are named by index, the last all-digit segment of the FFN's path
 //! (`encoder.layer.7.(ffn)` → 7, `h.3.(ffn)` → 3), or chosen by a predicate on
 //! the path. All splits are computed before any slot is replaced, so a
 //! failure leaves the model unchanged.
 
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
 use tensor_core::layers::FeedForward;
 use tensor_core::module::{downcast_ref, is};
 use tensor_core::{Module, ModuleExt};
 
 use crate::error::{Error, Result};
 use crate::gate::GateConfig;
-use crate::kmeans::{KMeansConfig, objective};
+use crate::kmeans::{KMeansConfig, KMeansSolver, objective};
+use crate::labels::LabelFile;
 use crate::moe_ffn::{ComputePath, EmoeFfn};
 use crate::split::{
     ExpertSplit, SplitMethod, contiguous_split, key_vectors, kmeans_split, random_split,
 };
 
-/// How each layer's neurons are split.
-#[derive(Debug, Clone, PartialEq)]
+/// How each layer's neurons are split. JSON: `{"kmeans": {...}}` (every
+/// field optional), `{"random": {"seed": 0}}` or `"contiguous"`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum SplitStrategy {
-    /// Balanced k-means on the normalised keys (EMoE's default: seed 0, at most 1000 iterations).
+    /// Balanced k-means on the normalised keys (EMoE's default: seed 0, at
+    /// most 1000 iterations), with [`KMeansConfig`]'s restarts, solver and
+    /// polish.
+    #[serde(rename = "kmeans")]
     KMeans {
+        #[serde(default)]
         seed: u64,
+        #[serde(default = "default_max_iters")]
         max_iters: usize,
+        #[serde(default = "default_n_init")]
+        n_init: usize,
+        /// The spec's `kmeans_solver`.
+        #[serde(default)]
+        kmeans_solver: KMeansSolver,
+        #[serde(default = "default_true")]
+        swap_refine: bool,
     },
     Random {
+        #[serde(default)]
         seed: u64,
     },
     Contiguous,
 }
 
-/// What [`convert`] builds.
-#[derive(Debug, Clone, PartialEq)]
+fn default_max_iters() -> usize {
+    KMeansConfig::new(1).max_iters
+}
+
+fn default_n_init() -> usize {
+    KMeansConfig::new(1).n_init
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl Default for SplitStrategy {
+    /// k-means with [`KMeansConfig::new`]'s defaults.
+    fn default() -> Self {
+        let d = KMeansConfig::new(1);
+        SplitStrategy::KMeans {
+            seed: d.seed,
+            max_iters: d.max_iters,
+            n_init: d.n_init,
+            kmeans_solver: d.kmeans_solver,
+            swap_refine: d.swap_refine,
+        }
+    }
+}
+
+impl SplitStrategy {
+    /// The [`KMeansConfig`] of a k-means strategy for `N` experts.
+    pub fn kmeans_config(&self, num_experts: usize) -> Option<KMeansConfig> {
+        match *self {
+            SplitStrategy::KMeans {
+                seed,
+                max_iters,
+                n_init,
+                kmeans_solver,
+                swap_refine,
+            } => Some(KMeansConfig {
+                seed,
+                max_iters,
+                n_init,
+                kmeans_solver,
+                swap_refine,
+                ..KMeansConfig::new(num_experts)
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// What [`convert`] builds; JSON-serialisable (only `gate.num_experts` and
+/// `gate.top_k` are required).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EmoeConfig {
-    /// `N`, `k`, weights, noise, bias term.
+    /// `N`, `k`, weights, noise, bias term, select signal, refresh momentum, `b2`.
     pub gate: GateConfig,
+    #[serde(default)]
     pub split: SplitStrategy,
+    #[serde(default)]
     pub compute: ComputePath,
+    /// The spec's `labels_from_file`: take every converted layer's split
+    /// from this `.json` / `.safetensors` file ([`crate::labels`]) instead of
+    /// `split`; a layer missing from it is an error.
+    #[serde(default)]
+    pub labels_from_file: Option<PathBuf>,
 }
 
 impl EmoeConfig {
@@ -57,12 +138,18 @@ impl EmoeConfig {
     pub fn new(num_experts: usize, top_k: usize) -> Self {
         Self {
             gate: GateConfig::new(num_experts, top_k),
-            split: SplitStrategy::KMeans {
-                seed: 0,
-                max_iters: 1000,
-            },
+            split: SplitStrategy::default(),
             compute: ComputePath::Auto,
+            labels_from_file: None,
         }
+    }
+
+    /// Parse and validate a JSON object.
+    pub fn from_json(s: &str) -> Result<Self> {
+        let c: Self =
+            serde_json::from_str(s).map_err(|e| Error::config(format!("EMoE config JSON: {e}")))?;
+        c.gate.validate()?;
+        Ok(c)
     }
 }
 
@@ -119,13 +206,9 @@ fn split_for(ffn: &FeedForward, cfg: &EmoeConfig) -> Result<ExpertSplit> {
     let n = cfg.gate.num_experts;
     let d_ff = ffn.d_ff()? as usize;
     match cfg.split {
-        SplitStrategy::KMeans { seed, max_iters } => kmeans_split(
+        SplitStrategy::KMeans { .. } => kmeans_split(
             ffn,
-            &KMeansConfig {
-                seed,
-                max_iters,
-                ..KMeansConfig::new(n)
-            },
+            &cfg.split.kmeans_config(n).expect("a k-means strategy"),
         ),
         SplitStrategy::Random { seed } => random_split(d_ff, n, seed),
         SplitStrategy::Contiguous => contiguous_split(d_ff, n),
@@ -162,7 +245,16 @@ pub fn convert_where<M: ModuleExt + ?Sized>(
     cfg: &EmoeConfig,
 ) -> Result<ConvertReport> {
     let paths: Vec<String> = ffn_paths(model).into_iter().filter(|p| pred(p)).collect();
-    convert_paths_with(model, &paths, cfg, &mut |_, ffn| split_for(ffn, cfg))
+    match &cfg.labels_from_file {
+        Some(file) => {
+            let labels = LabelFile::load(file)?;
+            let n = cfg.gate.num_experts;
+            convert_paths_with(model, &paths, cfg, &mut |path, ffn| {
+                labels.split_for(path, ffn.d_ff()? as usize, n)
+            })
+        }
+        None => convert_paths_with(model, &paths, cfg, &mut |_, ffn| split_for(ffn, cfg)),
+    }
 }
 
 /// Convert the FFNs at `paths` with splits from `split` (e.g. MoEfication's

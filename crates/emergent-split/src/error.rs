@@ -30,6 +30,10 @@ pub enum Error {
         found: String,
         expected: &'static str,
     },
+    /// A cached-labels file that cannot be used (format, missing layer,
+    /// wrong length, out-of-range or unbalanced labels).
+    #[error("labels file {file}: {reason}")]
+    Labels { file: String, reason: String },
     /// Layer indices that match no `FeedForward` of the model.
     #[error("no FeedForward for layer {layer} (FFN paths: {})", available.join(", "))]
     UnknownLayer {

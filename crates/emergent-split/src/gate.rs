@@ -6,38 +6,106 @@
 //! - **Centroids (step 3)**: `c_e = (1/m) Σ_{i ∈ e} k_i`, the mean of expert
 //!   `e`'s *raw* (un-normalised) key rows `k_i` (rows of `W1`; rows of `W_G`
 //!   for gated FFNs, where `x · c_e` is the mean of `(x W_Gᵀ)_i` over `e`).
-//! - **Scores**: `s_e(x) = x · c_e`, plus, when [`GateConfig::score_bias`]
-//!   is set, `(1/m) Σ_{i ∈ e} b1_i` (so that `s_e` is the mean
-//!   pre-activation of `e`'s neurons; off by default, as in the spec).
+//! - **Scores** ([`SelectSignal`], the spec's `select_signal`, after
+//!   `EMoE_LLaMA/moe_models.py`): the mean over `e`'s neurons of a per-neuron
+//!   signal, `s_e(x) = (1/m) Σ_{i ∈ e} v_i(x)`:
+//!   - `gate` (default): `v = x W_Gᵀ` (gated FFNs) or `x W1ᵀ` (plain), so
+//!     `s_e = x · c_e`;
+//!   - `up`: `v = x W1ᵀ` (the up projection; the same as `gate` for a plain
+//!     FFN), `s_e = x · c_e^{up}`;
+//!   - `up_abs`: `v = |x W1ᵀ + b1|`;
+//!   - `inter`: `v = h`, the hidden activation (`act(x W_Gᵀ) ⊙ (x W1ᵀ + b1)`,
+//!     or `act(x W1ᵀ + b1)`);
+//!   - `inter_abs`: `v = |h|`.
+//!
+//!   The linear signals (`gate`, `up`) come from the centroids alone, plus,
+//!   when [`GateConfig::score_bias`] is set, `(1/m) Σ_{i ∈ e} b_i` of the
+//!   same projection's bias (off by default, as in the spec). The others need
+//!   the dense per-neuron values ([`AvgKeyGate::scores_from_neurons`]).
 //! - **Selection (step 4)**: the top-k experts by `s` (computed in f32). In
-//!   training, optional noise `σ · N(0, 1)` is added to the logits first
-//!   (the Tutel path uses `σ = 1/N`). Weights ([`WeightMode`]): `Hard` gives
-//!   every selected expert weight 1 (the paper's avg-k, unweighted default);
-//!   `Softmax` gives it `softmax(s)_e` over all `N`; `Renorm` the softmax over
-//!   the selected `k`.
+//!   training, optional noise `σ · N(0, 1)` is added to the scores first
+//!   (the Tutel path uses `σ = 1/N`). Weights ([`WeightMode`], the spec's
+//!   `weight_mode`): `hard` gives every selected expert weight 1 (the paper's
+//!   avg-k, unweighted default); `renorm` the softmax over the selected `k`
+//!   scores (EMoE-learn's renormalised weights); `softmax`, an extra,
+//!   `softmax(s)_e` over all `N`.
 //! - **Refresh (step 6)**: the gate is frozen (no gradient reaches it);
 //!   [`AvgKeyGate::refresh`] recomputes the centroids from the current
-//!   weights, to call after every optimiser step (momentum 0).
+//!   weights, to call after every optimiser step:
+//!   `c_e ← μ c_e + (1 − μ) · mean_{i ∈ e} k_i` with `μ` =
+//!   [`GateConfig::gate_refresh_momentum`] (0 in the spec: plain recompute).
 
+use serde::{Deserialize, Deserializer, Serialize};
 use tensor_core::TchResultExt;
 use tensor_core::tch::{Kind, Tensor};
 
 use crate::error::{Error, Result, check_split, check_top_k};
 
-/// How selected experts are weighted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// How selected experts are weighted (the spec's `weight_mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum WeightMode {
     /// Weight 1 for each selected expert (EMoE's default, "avg-k unweighted").
     #[default]
     Hard,
-    /// `softmax(s)_e` over all experts, for the selected ones.
+    /// `softmax(s)_e` over all experts, for the selected ones (not in the spec).
     Softmax,
     /// Softmax over the selected experts' scores (weights sum to 1).
     Renorm,
 }
 
-/// Configuration of the avg-key gate.
-#[derive(Debug, Clone, PartialEq)]
+/// Which per-neuron signal the expert scores average (the spec's
+/// `select_signal`; see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SelectSignal {
+    /// `x W_Gᵀ` (gated) or `x W1ᵀ` (plain): the avg-key gate `x · c_e`.
+    #[default]
+    Gate,
+    /// `x W1ᵀ`, the up projection: `x · c_e^{up}`.
+    Up,
+    /// `|x W1ᵀ + b1|`.
+    UpAbs,
+    /// The hidden activation `h`.
+    Inter,
+    /// `|h|`.
+    InterAbs,
+}
+
+impl SelectSignal {
+    /// Scores are `x · c_e` (+ bias means): no dense per-neuron values needed.
+    pub fn is_linear(self) -> bool {
+        matches!(self, SelectSignal::Gate | SelectSignal::Up)
+    }
+}
+
+/// How `b2` is kept while split and folded back (the spec's `fold_b2`,
+/// METHODS.md §3.1 steps 5 and 8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FoldB2 {
+    /// One `b2`, added once per token after the expert sum
+    /// (`y = Σ g_e h_e W2_eᵀ + b2`; the same as the Tutel path's `b2/k` per
+    /// expert in `hard` mode). Folding keeps `b2` as it is, so folding an
+    /// all-experts model is exact.
+    #[default]
+    Shared,
+    /// The Tutel path's bookkeeping: each expert owns a bias `b2_e`
+    /// (initialised to `b2/k`, a parameter `expert_bias: [N, d]` of the
+    /// `EmoeFfn` instead of `b2`), added with its gate weight,
+    /// `y = Σ_{e ∈ top-k} g_e (h_e W2_eᵀ + b2_e)`; folding sets
+    /// `b2 = k · mean_e b2_e` (the spec's inferred rule).
+    KMean,
+}
+
+/// Configuration of the avg-key gate and of the split FFN around it: every
+/// open point of METHODS.md §3.1 that concerns routing (`select_signal`,
+/// `gate_refresh_momentum`, `weight_mode`, `fold_b2`), JSON-serialisable.
+/// In JSON only `num_experts` and `top_k` are required; a missing
+/// `noise_std` means the Tutel path's `1/N` (as [`GateConfig::new`]), an
+/// explicit `null` no noise.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(from = "GateConfigJson")]
 pub struct GateConfig {
     pub num_experts: usize,
     pub top_k: usize,
@@ -45,12 +113,60 @@ pub struct GateConfig {
     /// Standard deviation of the Gaussian noise added to the scores in
     /// training (`None` or `0`: no noise). Tutel path: `1/N`.
     pub noise_std: Option<f64>,
-    /// Add the mean of `b1` over the expert's neurons to its score.
+    /// Add the mean bias of the projection the linear signals use (`b1` for
+    /// `up` and for `gate` on a plain FFN) to the scores.
     pub score_bias: bool,
+    pub select_signal: SelectSignal,
+    /// `μ` in `c_e ← μ c_e + (1 − μ) · mean_{i ∈ e} k_i` at each refresh;
+    /// `0` (the spec) recomputes the centroids outright. In `[0, 1]`.
+    pub gate_refresh_momentum: f64,
+    pub fold_b2: FoldB2,
+}
+
+/// [`GateConfig`] as read from JSON: telling an absent `noise_std` (the
+/// Tutel default `1/N`) from an explicit `null` (no noise).
+#[derive(Deserialize)]
+struct GateConfigJson {
+    num_experts: usize,
+    top_k: usize,
+    #[serde(default)]
+    weight_mode: WeightMode,
+    #[serde(default, deserialize_with = "present")]
+    noise_std: Option<Option<f64>>,
+    #[serde(default)]
+    score_bias: bool,
+    #[serde(default)]
+    select_signal: SelectSignal,
+    #[serde(default)]
+    gate_refresh_momentum: f64,
+    #[serde(default)]
+    fold_b2: FoldB2,
+}
+
+/// A field that is present (a value or `null`), as opposed to absent.
+fn present<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<Option<f64>>, D::Error> {
+    Option::<f64>::deserialize(d).map(Some)
+}
+
+impl From<GateConfigJson> for GateConfig {
+    fn from(j: GateConfigJson) -> Self {
+        let tutel = GateConfig::new(j.num_experts, j.top_k).noise_std;
+        Self {
+            num_experts: j.num_experts,
+            top_k: j.top_k,
+            weight_mode: j.weight_mode,
+            noise_std: j.noise_std.unwrap_or(tutel),
+            score_bias: j.score_bias,
+            select_signal: j.select_signal,
+            gate_refresh_momentum: j.gate_refresh_momentum,
+            fold_b2: j.fold_b2,
+        }
+    }
 }
 
 impl GateConfig {
-    /// The Tutel path (BERT, GPT-2, ViT): hard top-k, noise `1/N` in training, no bias term.
+    /// The Tutel path (BERT, GPT-2, ViT): hard top-k, noise `1/N` in
+    /// training, gate signal, no bias term, momentum 0, shared `b2`.
     pub fn new(num_experts: usize, top_k: usize) -> Self {
         Self {
             num_experts,
@@ -58,6 +174,9 @@ impl GateConfig {
             weight_mode: WeightMode::Hard,
             noise_std: Some(1.0 / num_experts.max(1) as f64),
             score_bias: false,
+            select_signal: SelectSignal::Gate,
+            gate_refresh_momentum: 0.0,
+            fold_b2: FoldB2::Shared,
         }
     }
 
@@ -69,6 +188,14 @@ impl GateConfig {
         }
     }
 
+    /// Parse and validate a JSON object (see the type's docs for the defaults).
+    pub fn from_json(s: &str) -> Result<Self> {
+        let c: Self =
+            serde_json::from_str(s).map_err(|e| Error::config(format!("gate config JSON: {e}")))?;
+        c.validate()?;
+        Ok(c)
+    }
+
     pub fn validate(&self) -> Result<()> {
         check_top_k(self.top_k, self.num_experts)?;
         if let Some(s) = self.noise_std
@@ -78,10 +205,15 @@ impl GateConfig {
                 "gate noise_std must be finite and >= 0, got {s}"
             )));
         }
+        let mu = self.gate_refresh_momentum;
+        if !(0.0..=1.0).contains(&mu) {
+            return Err(Error::config(format!(
+                "gate_refresh_momentum must be in [0, 1], got {mu}"
+            )));
+        }
         Ok(())
     }
 }
-
 /// Experts chosen per token.
 #[derive(Debug)]
 pub struct Routing {
@@ -118,32 +250,46 @@ pub struct AvgKeyGate {
     pub config: GateConfig,
     /// `[N, d_model]` f32, no gradient.
     centroids: Tensor,
-    /// `[N]` f32 mean of `b1` per expert, when `score_bias` is set.
+    /// `[N]` f32 mean of the keys' bias per expert, when `score_bias` is set.
     bias: Option<Tensor>,
 }
 
 impl AvgKeyGate {
-    /// `keys: [d_ff, d_model]` raw key rows, already permuted so that expert
-    /// `e` owns rows `e m .. (e+1) m`; `b1: [d_ff]` in the same order.
-    pub fn new(keys: &Tensor, b1: Option<&Tensor>, config: GateConfig) -> Result<Self> {
+    /// `keys: [d_ff, d_model]` raw key rows (of the projection the linear
+    /// signal reads), already permuted so that expert `e` owns rows
+    /// `e m .. (e+1) m`; `bias: [d_ff]` that projection's bias, same order.
+    pub fn new(keys: &Tensor, bias: Option<&Tensor>, config: GateConfig) -> Result<Self> {
         config.validate()?;
         let mut g = Self {
             centroids: Tensor::new(),
             bias: None,
             config,
         };
-        g.refresh(keys, b1)?;
+        g.set(keys, bias, 0.0)?;
         Ok(g)
     }
 
-    /// Recompute the centroids (and bias means) from the current weights.
-    pub fn refresh(&mut self, keys: &Tensor, b1: Option<&Tensor>) -> Result<()> {
+    /// Recompute the centroids (and bias means) from the current weights:
+    /// `c ← μ c + (1 − μ) mean` with `μ = gate_refresh_momentum`.
+    pub fn refresh(&mut self, keys: &Tensor, bias: Option<&Tensor>) -> Result<()> {
+        self.set(keys, bias, self.config.gate_refresh_momentum)
+    }
+
+    fn set(&mut self, keys: &Tensor, bias: Option<&Tensor>, momentum: f64) -> Result<()> {
         let s = keys.size();
         if s.len() != 2 {
             return Err(tensor_core::Error::shape("AvgKeyGate keys", "[d_ff, d_model]", s).into());
         }
         let n = self.config.num_experts as i64;
         let m = check_split(s[0], self.config.num_experts)?;
+        let blend = |old: Option<&Tensor>, new: Tensor| -> Result<Tensor> {
+            match old {
+                Some(o) if momentum > 0.0 && o.defined() && o.size() == new.size() => Ok(o
+                    .f_mul_scalar(momentum)?
+                    .f_add(&new.f_mul_scalar(1.0 - momentum)?)?),
+                _ => Ok(new),
+            }
+        };
         let c = tensor_core::tch::no_grad(|| {
             keys.f_detach()?
                 .f_to_kind(Kind::Float)?
@@ -151,27 +297,28 @@ impl AvgKeyGate {
                 .f_mean_dim([1i64].as_slice(), false, Kind::Float)
         })
         .op("AvgKeyGate centroids")?;
-        let bias = match (self.config.score_bias, b1) {
+        let c = blend(Some(&self.centroids), c)?;
+        let b = match (self.config.score_bias, bias) {
             (true, Some(b)) => {
                 if b.size() != [s[0]] {
                     return Err(tensor_core::Error::shape(
-                        "AvgKeyGate b1",
+                        "AvgKeyGate bias",
                         format!("[{}]", s[0]),
                         b.size(),
                     )
                     .into());
                 }
-                Some(
-                    b.f_detach()?
-                        .f_to_kind(Kind::Float)?
-                        .f_view([n, m])?
-                        .f_mean_dim([1i64].as_slice(), false, Kind::Float)?,
-                )
+                let mean = b
+                    .f_detach()?
+                    .f_to_kind(Kind::Float)?
+                    .f_view([n, m])?
+                    .f_mean_dim([1i64].as_slice(), false, Kind::Float)?;
+                Some(blend(self.bias.as_ref(), mean)?)
             }
             _ => None,
         };
         self.centroids = c;
-        self.bias = bias;
+        self.bias = b;
         Ok(())
     }
 
@@ -180,7 +327,8 @@ impl AvgKeyGate {
         &self.centroids
     }
 
-    /// `s = x cᵀ (+ mean b1)`: `[T, d_model] -> [T, N]`, f32, no gradient to the gate.
+    /// Linear signals: `s = x cᵀ (+ mean bias)`: `[T, d_model] -> [T, N]`,
+    /// f32; differentiable in `x`, no gradient to the gate.
     pub fn scores(&self, x: &Tensor) -> Result<Tensor> {
         let d = self.centroids.size()[1];
         let xs = x.size();
@@ -198,9 +346,34 @@ impl AvgKeyGate {
         Ok(s)
     }
 
-    /// Select the top-k experts of each token; `train` turns the noise on.
+    /// Any signal from its dense per-neuron values `v: [T, N m]` (neurons in
+    /// expert-block order): `s_e = mean_{i ∈ e} v_i`, `[T, N]` f32.
+    pub fn scores_from_neurons(&self, values: &Tensor) -> Result<Tensor> {
+        let n = self.config.num_experts as i64;
+        let vs = values.size();
+        if vs.len() != 2 || vs[1] % n != 0 {
+            return Err(tensor_core::Error::shape(
+                "AvgKeyGate::scores_from_neurons",
+                format!("[tokens, {n} m]"),
+                vs,
+            )
+            .into());
+        }
+        Ok(values
+            .f_to_kind(Kind::Float)?
+            .f_view([vs[0], n, vs[1] / n])?
+            .f_mean_dim([2i64].as_slice(), false, Kind::Float)?)
+    }
+
+    /// Select the top-k experts of each token from the linear signal's
+    /// scores; `train` turns the noise on.
     pub fn route(&self, x: &Tensor, train: bool) -> Result<Routing> {
-        let mut s = self.scores(x)?;
+        self.route_scores(self.scores(x)?, train)
+    }
+
+    /// Select the top-k experts of each token from given scores `[T, N]`.
+    pub fn route_scores(&self, scores: Tensor, train: bool) -> Result<Routing> {
+        let mut s = scores.f_to_kind(Kind::Float)?;
         if train
             && let Some(std) = self.config.noise_std
             && std > 0.0
@@ -364,6 +537,122 @@ mod tests {
         g.scores(&x).unwrap().sum(Kind::Float).backward();
         assert!(x.grad().defined());
         assert!(!k.grad().defined());
+    }
+
+    #[test]
+    fn refresh_momentum_blends_old_and_new_centroids() {
+        let k1 = keys();
+        let b1 = randn_seeded(&[24], 7, Device::Cpu).unwrap();
+        let cfg = GateConfig {
+            gate_refresh_momentum: 0.25,
+            score_bias: true,
+            ..GateConfig::without_noise(4, 2)
+        };
+        let mut g = AvgKeyGate::new(&k1, Some(&b1), cfg).unwrap();
+        // Construction takes the means outright, whatever the momentum.
+        let mean = |k: &Tensor| k.view([4, 6, 8]).mean_dim(1, false, Kind::Float);
+        assert_close(g.centroids(), &mean(&k1), 1e-6, 0.0);
+        let k2 = randn_seeded(&[24, 8], 8, Device::Cpu).unwrap();
+        let b2 = randn_seeded(&[24], 9, Device::Cpu).unwrap();
+        g.refresh(&k2, Some(&b2)).unwrap();
+        let want = mean(&k1) * 0.25 + mean(&k2) * 0.75;
+        assert_close(g.centroids(), &want, 1e-6, 1e-6);
+        // The bias means blend the same way: check through the scores.
+        let x = randn_seeded(&[3, 8], 10, Device::Cpu).unwrap();
+        let bmean = |b: &Tensor| b.view([4, 6]).mean_dim(1, false, Kind::Float);
+        let want_s = x.matmul(&want.tr()) + (bmean(&b1) * 0.25 + bmean(&b2) * 0.75).unsqueeze(0);
+        assert_close(&g.scores(&x).unwrap(), &want_s, 1e-5, 1e-5);
+        // Momentum 0 (the spec) is a plain recompute; 1 freezes the gate.
+        let mut g0 = AvgKeyGate::new(&k1, None, GateConfig::without_noise(4, 2)).unwrap();
+        g0.refresh(&k2, None).unwrap();
+        assert_close(g0.centroids(), &mean(&k2), 1e-6, 0.0);
+        let mut g1 = AvgKeyGate::new(
+            &k1,
+            None,
+            GateConfig {
+                gate_refresh_momentum: 1.0,
+                ..GateConfig::without_noise(4, 2)
+            },
+        )
+        .unwrap();
+        g1.refresh(&k2, None).unwrap();
+        assert_close(g1.centroids(), &mean(&k1), 1e-6, 0.0);
+    }
+
+    #[test]
+    fn scores_from_neurons_average_each_block() {
+        let g = AvgKeyGate::new(&keys(), None, GateConfig::without_noise(4, 1)).unwrap();
+        let v = randn_seeded(&[5, 24], 11, Device::Cpu).unwrap();
+        let s = g.scores_from_neurons(&v).unwrap();
+        assert_close(
+            &s,
+            &v.view([5, 4, 6]).mean_dim(2, false, Kind::Float),
+            1e-6,
+            0.0,
+        );
+        // The linear signal is the same average of x Kᵀ.
+        let x = randn_seeded(&[5, 8], 12, Device::Cpu).unwrap();
+        let lin = g.scores_from_neurons(&x.matmul(&keys().tr())).unwrap();
+        assert_close(&g.scores(&x).unwrap(), &lin, 1e-5, 1e-5);
+        let r = g.route_scores(s.shallow_clone(), false).unwrap();
+        assert!(r.experts.equal(&s.argmax(-1, true)));
+        assert!(
+            g.scores_from_neurons(&Tensor::zeros([5, 23], (Kind::Float, Device::Cpu)))
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn config_json_names_and_defaults() {
+        let c = GateConfig::from_json(r#"{"num_experts": 16, "top_k": 4}"#).unwrap();
+        assert_eq!(c, GateConfig::new(16, 4));
+        assert_eq!(c.noise_std, Some(1.0 / 16.0));
+        assert_eq!(
+            (
+                c.select_signal,
+                c.weight_mode,
+                c.fold_b2,
+                c.gate_refresh_momentum
+            ),
+            (SelectSignal::Gate, WeightMode::Hard, FoldB2::Shared, 0.0)
+        );
+        let j = r#"{"num_experts": 8, "top_k": 2, "noise_std": null, "select_signal": "inter_abs",
+                    "weight_mode": "renorm", "fold_b2": "k_mean", "gate_refresh_momentum": 0.5}"#;
+        let c = GateConfig::from_json(j).unwrap();
+        assert_eq!(c.noise_std, None);
+        assert_eq!(c.select_signal, SelectSignal::InterAbs);
+        assert_eq!(c.weight_mode, WeightMode::Renorm);
+        assert_eq!(c.fold_b2, FoldB2::KMean);
+        let back = GateConfig::from_json(&serde_json::to_string(&c).unwrap()).unwrap();
+        assert_eq!(back, c);
+        for (v, name) in [
+            (SelectSignal::Gate, "gate"),
+            (SelectSignal::Up, "up"),
+            (SelectSignal::UpAbs, "up_abs"),
+            (SelectSignal::Inter, "inter"),
+            (SelectSignal::InterAbs, "inter_abs"),
+        ] {
+            assert_eq!(serde_json::to_string(&v).unwrap(), format!("\"{name}\""));
+        }
+        assert_eq!(
+            serde_json::to_string(&WeightMode::Hard).unwrap(),
+            r#""hard""#
+        );
+        assert_eq!(
+            serde_json::to_string(&FoldB2::Shared).unwrap(),
+            r#""shared""#
+        );
+        assert!(
+            GateConfig::from_json(r#"{"num_experts": 8, "top_k": 2, "select_signal": "down"}"#)
+                .is_err()
+        );
+        assert!(GateConfig::from_json(r#"{"num_experts": 8, "top_k": 9}"#).is_err());
+        assert!(
+            GateConfig::from_json(
+                r#"{"num_experts": 8, "top_k": 2, "gate_refresh_momentum": 1.5}"#
+            )
+            .is_err()
+        );
     }
 
     #[test]

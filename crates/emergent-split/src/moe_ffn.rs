@@ -6,13 +6,22 @@
 //! With neurons permuted so that expert `e` owns rows `e m .. (e+1) m` of
 //! `W1` (blocks `W1_e: [m, d]`, `b1_e`, gated `W_G,e`) and the same columns
 //! of `W2` (`W2_e: [d, m]`), and `g_e(x)` the gate's weight (1 for a selected
-//! expert in `Hard` mode, 0 when not selected):
+//! expert in `hard` mode, 0 when not selected):
 //!
 //! `y = Σ_{e ∈ top-k(x)} g_e(x) · act(W1_e x + b1_e) W2_eᵀ + b2`
 //! (gated: `(act(W_G,e x) ⊙ (W1_e x + b1_e)) W2_eᵀ`).
 //!
-//! `b2` is added once; this equals the Tutel path's `b2/k` per expert in
-//! `Hard` mode and makes folding back exact (`b2` unchanged).
+//! `b2` ([`FoldB2`], the spec's `fold_b2`): by default added once, which
+//! equals the Tutel path's `b2/k` per expert in `hard` mode and makes
+//! folding back exact (`b2` unchanged); with `k_mean`, each expert owns
+//! `b2_e` (the parameter `expert_bias: [N, d]`, initialised to `b2/k`),
+//! `y = Σ_{e ∈ top-k} g_e (h_e W2_eᵀ + b2_e)`, folded back to
+//! `b2 = k · mean_e b2_e`.
+//!
+//! The selection reads the gate's signal ([`SelectSignal`]): the avg-key
+//! scores `x · c_e` (`gate`, `up`), or the mean of dense per-neuron values
+//! (`up_abs`, `inter`, `inter_abs`), which need the full up projection or
+//! hidden activation.
 //!
 //! Two computations of the same `y`:
 //! - **masked** ([`ComputePath::Masked`], training): the dense hidden
@@ -20,28 +29,37 @@
 //!   weight `m` times (the Llama path); differentiable, goes through the
 //!   projection slots, so a LoRA-wrapped projection still works;
 //! - **sparse** ([`ComputePath::Sparse`], inference): only the selected
-//!   blocks are computed, with `tensor_core::grouped` (`Dispatch`, then
-//!   `grouped_linear` over `W1` viewed as `[N, m, d]` and `W2` as `[N, d, m]`).
+//!   blocks are computed. Token-expert pairs are sorted by expert
+//!   (`tensor_core::grouped::Dispatch`, one host read of the `N` counts);
+//!   then, per expert, its tokens are gathered once (`[n_e, d]`), both
+//!   matmuls run on that buffer with the activation in between
+//!   (`W1_e`, and the contiguous row block `W2ᵀ_e` of `W2ᵀ`), the rows are
+//!   scaled by their gate weights and scatter-added into the output. Every
+//!   temporary is per expert (`n_e ≈ T k / N` rows), none of the `[T k, d]`
+//!   buffers of a gather-all/compute/scatter-all pipeline.
 //!
 //! The projections stay in slots under the dense FFN's names
 //! (`intermediate.dense`, `output.dense`), so parameter names, and hence
-//! checkpoints, are unchanged; the gate's centroids are not parameters.
+//! checkpoints, are unchanged (`fold_b2 = k_mean` trades `output.dense.bias`
+//! for `expert_bias`); the gate's centroids are not parameters.
 
-use tensor_core::grouped::{Dispatch, grouped_linear};
+use tensor_core::grouped::Dispatch;
 use tensor_core::layers::{Activation, FeedForward, FfnNames, FfnPart, Linear};
 use tensor_core::module::{downcast_ref, is};
 use tensor_core::tch::Tensor;
 use tensor_core::{Context, Module, Slot, TchResultExt};
 
 use crate::error::{Error, Result, check_split};
-use crate::gate::{AvgKeyGate, GateConfig, Routing, WeightMode};
+use crate::gate::{AvgKeyGate, FoldB2, GateConfig, Routing, SelectSignal, WeightMode};
 use crate::split::{ExpertSplit, FfnWeights, ffn_from, inverse_permutation, trainability};
 
 /// Which computation `forward` uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ComputePath {
-    /// Masked in training; sparse in evaluation when the projections are
-    /// plain `Linear`s, masked otherwise.
+    /// Masked in training; in evaluation sparse when the projections are
+    /// plain `Linear`s and the select signal is linear (`gate`, `up`),
+    /// masked otherwise (the other signals need the dense hidden layer anyway).
     #[default]
     Auto,
     Masked,
@@ -60,6 +78,9 @@ pub struct EmoeFfn {
     pub dropout: f64,
     pub router: AvgKeyGate,
     pub path: ComputePath,
+    /// `[N, d_model]` per-expert output biases `b2_e` (`fold_b2 = k_mean`
+    /// with a biased `W2`), a parameter named `expert_bias`.
+    pub expert_bias: Option<Tensor>,
     /// `π`: position `p` holds original neuron `π[p]`.
     perm: Vec<i64>,
     split: ExpertSplit,
@@ -75,6 +96,21 @@ fn plain<'a>(slot: &'a Slot, what: &str) -> Result<&'a Linear> {
             ),
         ))
     })
+}
+
+/// The key rows (and their bias) that the linear select signals read:
+/// `gate` → `W_G` (gated) or `W1`; `up` → `W1`. Non-linear signals keep the
+/// `gate` keys (their centroids are not used for scoring).
+fn signal_keys<'a>(
+    signal: SelectSignal,
+    w1: &'a Tensor,
+    b1: Option<&'a Tensor>,
+    gate: Option<&'a Tensor>,
+) -> (&'a Tensor, Option<&'a Tensor>) {
+    match (signal, gate) {
+        (SelectSignal::Up, _) | (_, None) => (w1, b1),
+        (_, Some(g)) => (g, None),
+    }
 }
 
 impl EmoeFfn {
@@ -99,9 +135,28 @@ impl EmoeFfn {
         let weights = FfnWeights::of(ffn)?;
         weights.check_finite()?;
         let perm = split.permutation();
-        let p = weights.permuted(&perm)?;
-        let keys = p.gate.as_ref().unwrap_or(&p.w1).shallow_clone();
-        let router = AvgKeyGate::new(&keys, p.b1.as_ref(), gate)?;
+        let mut p = weights.permuted(&perm)?;
+        let (keys, key_bias) =
+            signal_keys(gate.select_signal, &p.w1, p.b1.as_ref(), p.gate.as_ref());
+        let router = AvgKeyGate::new(keys, key_bias, gate)?;
+        let expert_bias = match (router.config.fold_b2, p.b2.take()) {
+            (FoldB2::KMean, Some(b2)) => {
+                let (n, k) = (router.config.num_experts as i64, router.config.top_k as f64);
+                let trainable = ffn.b2()?.is_some_and(|b| b.requires_grad());
+                let eb = tensor_core::tch::no_grad(|| {
+                    b2.f_detach()?
+                        .f_div_scalar(k)?
+                        .f_unsqueeze(0)?
+                        .f_repeat([n, 1])
+                })
+                .op("EmoeFfn expert_bias")?;
+                Some(eb.set_requires_grad(trainable))
+            }
+            (_, b2) => {
+                p.b2 = b2;
+                None
+            }
+        };
         let dense = ffn_from(
             p,
             ffn.activation,
@@ -118,6 +173,7 @@ impl EmoeFfn {
             dropout: dense.dropout,
             router,
             path: ComputePath::Auto,
+            expert_bias,
             perm,
             split: split.clone(),
         })
@@ -152,22 +208,47 @@ impl EmoeFfn {
         Ok(())
     }
 
-    /// Recompute the gate's centroids from the current weights (after each optimiser step).
+    /// Recompute the gate's centroids from the current weights (after each
+    /// optimiser step), with the configured momentum.
     pub fn refresh_gate(&mut self) -> Result<()> {
         let up = plain(&self.up, &self.names.up)?;
-        let keys = match &self.gate {
-            Some(g) => &plain(g, "gate")?.weight,
-            None => &up.weight,
+        let gate = match &self.gate {
+            Some(g) => Some(&plain(g, "gate")?.weight),
+            None => None,
         };
-        self.router.refresh(keys, up.bias.as_ref())
+        let (keys, bias) = signal_keys(
+            self.router.config.select_signal,
+            &up.weight,
+            up.bias.as_ref(),
+            gate,
+        );
+        self.router.refresh(keys, bias)
     }
 
-    fn route(&self, x2: &Tensor, ctx: &mut Context) -> Result<Routing> {
-        let r = self.router.route(x2, ctx.train)?;
+    /// Route `x2: [T, d]`; `neurons: [T, d_ff]` are the dense per-neuron
+    /// values of a non-linear select signal.
+    fn route(&self, x2: &Tensor, neurons: Option<&Tensor>, ctx: &mut Context) -> Result<Routing> {
+        let scores = match neurons {
+            Some(v) => self.router.scores_from_neurons(v)?,
+            None => self.router.scores(x2)?,
+        };
+        let r = self.router.route_scores(scores, ctx.train)?;
         let n = self.num_experts() as i64;
         let load = r.experts.f_reshape([-1])?.f_bincount::<Tensor>(None, n)?;
         ctx.add_stat("expert_load", load);
         Ok(r)
+    }
+
+    /// The select signal's dense per-neuron values from the up
+    /// pre-activation `up: [T, d_ff]` and the hidden activation `h`
+    /// (`None` for the linear signals).
+    fn neuron_values(&self, up: &Tensor, h: &Tensor) -> Result<Option<Tensor>> {
+        Ok(match self.router.config.select_signal {
+            SelectSignal::Gate | SelectSignal::Up => None,
+            SelectSignal::UpAbs => Some(up.f_abs()?),
+            SelectSignal::Inter => Some(h.shallow_clone()),
+            SelectSignal::InterAbs => Some(h.f_abs()?),
+        })
     }
 
     fn flat(&self, xs: &Tensor) -> Result<(Tensor, Vec<i64>)> {
@@ -181,10 +262,22 @@ impl EmoeFfn {
         Ok((xs.f_reshape([-1, d])?, s))
     }
 
+    /// `Σ_e g_e b2_e` for `fold_b2 = k_mean`: `[T, N] @ [N, d]`.
+    fn expert_bias_term(&self, routing: &Routing) -> Result<Option<Tensor>> {
+        match &self.expert_bias {
+            Some(eb) => Ok(Some(
+                routing
+                    .expert_weights(self.num_experts())?
+                    .f_to_kind(eb.kind())?
+                    .f_matmul(eb)?,
+            )),
+            None => Ok(None),
+        }
+    }
+
     /// The dense hidden activation masked to the selected experts' neurons.
     pub fn forward_masked(&self, xs: &Tensor, ctx: &mut Context) -> Result<Tensor> {
         let (x2, _) = self.flat(xs)?;
-        let routing = self.route(&x2, ctx)?;
         let up = ctx.call(&self.names.up, self.up.as_ref(), xs)?;
         let h = match (&self.gate, &self.names.gate) {
             (Some(g), Some(name)) => {
@@ -193,51 +286,102 @@ impl EmoeFfn {
             }
             _ => self.activation.apply(&up)?,
         };
+        let d_ff = *h.size().last().expect("hidden has a last dim");
+        let neurons = self.neuron_values(&up.f_reshape([-1, d_ff])?, &h.f_reshape([-1, d_ff])?)?;
+        let routing = self.route(&x2, neurons.as_ref(), ctx)?;
         let mask = routing
             .neuron_mask(self.num_experts(), self.expert_size())?
             .f_to_kind(h.kind())?
             .f_view(h.size().as_slice())?;
         let h = h.f_mul(&mask)?;
         ctx.record("act", &h)?;
-        let y = ctx.call(&self.names.down, self.down.as_ref(), &h)?;
+        let mut y = ctx.call(&self.names.down, self.down.as_ref(), &h)?;
+        if let Some(b) = self.expert_bias_term(&routing)? {
+            y = y.f_add(&b.f_view(y.size().as_slice())?)?;
+        }
         self.finish(y, ctx)
     }
 
-    /// Only the selected experts, through `tensor_core::grouped`.
+    /// Only the selected experts: per expert, gather its tokens once, run
+    /// both matmuls on that buffer, scatter-add the weighted rows.
     pub fn forward_sparse(&self, xs: &Tensor, ctx: &mut Context) -> Result<Tensor> {
         let (x2, shape) = self.flat(xs)?;
-        let routing = self.route(&x2, ctx)?;
         let up = plain(&self.up, &self.names.up)?;
         let down = plain(&self.down, &self.names.down)?;
+        let gate_w = match &self.gate {
+            Some(g) => Some(&plain(g, "gate")?.weight),
+            None => None,
+        };
         let (n, m) = (self.num_experts() as i64, self.expert_size());
-        let d = up.in_features();
+        let neurons = if self.router.config.select_signal.is_linear() {
+            None
+        } else {
+            // The signal needs every neuron: the dense up projection (and hidden layer).
+            let pre = x2.f_linear(&up.weight, up.bias.as_ref())?;
+            let h = match gate_w {
+                Some(wg) => self
+                    .activation
+                    .apply(&x2.f_linear::<Tensor>(wg, None)?)?
+                    .f_mul(&pre)?,
+                None => self.activation.apply(&pre)?,
+            };
+            self.neuron_values(&pre, &h)?
+        };
+        let routing = self.route(&x2, neurons.as_ref(), ctx)?;
         let dispatch = Dispatch::new(&routing.experts, n)?;
         let counts = dispatch.counts_host()?;
-        let xs_sorted = dispatch.permute(&x2)?;
-        let w1 = up.weight.f_view([n, m, d])?;
-        let b1 = up.bias.as_ref().map(|b| b.f_view([n, m])).transpose()?;
-        let mut h = grouped_linear(&xs_sorted, &counts, &w1, b1.as_ref())?;
-        h = match &self.gate {
-            Some(g) => {
-                let wg = plain(g, "gate")?.weight.f_view([n, m, d])?;
-                let g = grouped_linear(&xs_sorted, &counts, &wg, None)?;
-                self.activation.apply(&g)?.f_mul(&h)?
-            }
-            None => self.activation.apply(&h)?,
-        };
-        // W2 [d, N m] -> [N, d, m] (a strided view, no copy).
-        let w2 = down.weight.f_view([d, n, m])?.f_permute([1, 0, 2])?;
-        let y = grouped_linear(&h, &counts, &w2, None)?;
         let gates = match routing.mode {
             WeightMode::Hard => None,
-            _ => Some(routing.weights.f_to_kind(y.kind())?),
+            _ => Some(
+                routing
+                    .weights
+                    .f_reshape([-1])?
+                    .f_index_select(0, &dispatch.order)?
+                    .f_to_kind(x2.kind())?
+                    .f_unsqueeze(1)?,
+            ),
         };
-        let mut y = dispatch.unpermute(&y, gates.as_ref())?;
+        // W2ᵀ: [N m, d], so expert e's block is the contiguous rows e m .. (e+1) m.
+        let w2t = down.weight.f_transpose(0, 1)?.f_contiguous()?;
+        let d_out = down.out_features();
+        let mut y = Tensor::f_zeros([x2.size()[0], d_out], (x2.kind(), x2.device()))?;
+        let mut start = 0i64;
+        for (e, &c) in counts.iter().enumerate() {
+            if c == 0 {
+                continue;
+            }
+            let e = e as i64;
+            let tokens = dispatch.token.f_narrow(0, start, c)?;
+            let xe = x2.f_index_select(0, &tokens)?;
+            let w1e = up.weight.f_narrow(0, e * m, m)?;
+            let pre = match &up.bias {
+                Some(b) => b
+                    .f_narrow(0, e * m, m)?
+                    .f_addmm(&xe, &w1e.f_transpose(0, 1)?)?,
+                None => xe.f_mm(&w1e.f_transpose(0, 1)?)?,
+            };
+            let he = match gate_w {
+                Some(wg) => self
+                    .activation
+                    .apply(&xe.f_mm(&wg.f_narrow(0, e * m, m)?.f_transpose(0, 1)?)?)?
+                    .f_mul(&pre)?,
+                None => self.activation.apply(&pre)?,
+            };
+            let mut ye = he.f_mm(&w2t.f_narrow(0, e * m, m)?)?;
+            if let Some(eb) = &self.expert_bias {
+                ye = ye.f_add(&eb.f_select(0, e)?.f_to_kind(ye.kind())?)?;
+            }
+            if let Some(g) = &gates {
+                ye = ye.f_mul(&g.f_narrow(0, start, c)?)?;
+            }
+            let _ = y.f_index_add_(0, &tokens, &ye)?;
+            start += c;
+        }
         if let Some(b2) = &down.bias {
-            y = y.f_add(b2)?;
+            let _ = y.f_add_(b2)?;
         }
         let mut out_shape = shape;
-        *out_shape.last_mut().expect("checked non-empty") = down.out_features();
+        *out_shape.last_mut().expect("checked non-empty") = d_out;
         self.finish(y.f_view(out_shape.as_slice())?, ctx)
     }
 
@@ -257,11 +401,28 @@ impl EmoeFfn {
 
     /// Fold back to a dense `FeedForward` (EMoE step 8): the current weights,
     /// with the neuron permutation undone when `unpermute` (so an untuned
-    /// split returns the original weights exactly). Trainability is kept.
+    /// split returns the original weights exactly), and `b2` kept
+    /// (`shared`) or set to `k · mean_e b2_e` (`k_mean`). Trainability is kept.
     pub fn to_dense(&self, unpermute: bool) -> Result<FeedForward> {
         let up = plain(&self.up, &self.names.up)?;
         let down = plain(&self.down, &self.names.down)?;
         let detach = |t: &Tensor| crate::split::deep_copy(&t.f_detach()?);
+        let (b2, b2_trainable) = match &self.expert_bias {
+            Some(eb) => {
+                let k = self.top_k() as f64;
+                let b = tensor_core::tch::no_grad(|| {
+                    eb.f_detach()?
+                        .f_mean_dim([0i64].as_slice(), false, eb.kind())?
+                        .f_mul_scalar(k)
+                })
+                .op("EmoeFfn fold b2")?;
+                (Some(b), eb.requires_grad())
+            }
+            None => (
+                down.bias.as_ref().map(detach).transpose()?,
+                down.bias.as_ref().is_some_and(|b| b.requires_grad()),
+            ),
+        };
         let w = FfnWeights {
             w1: detach(&up.weight)?,
             b1: up.bias.as_ref().map(detach).transpose()?,
@@ -271,7 +432,7 @@ impl EmoeFfn {
                 .map(|g| plain(g, "gate").and_then(|l| detach(&l.weight)))
                 .transpose()?,
             w2: detach(&down.weight)?,
-            b2: down.bias.as_ref().map(detach).transpose()?,
+            b2,
         };
         let w = if unpermute {
             w.permuted(&inverse_permutation(&self.perm))?
@@ -286,7 +447,7 @@ impl EmoeFfn {
         };
         let mut flags = vec![
             (FfnPart::Up, flag(up).0, flag(up).1),
-            (FfnPart::Down, flag(down).0, flag(down).1),
+            (FfnPart::Down, flag(down).0, b2_trainable),
         ];
         if let Some(g) = &self.gate {
             let l = plain(g, "gate")?;
@@ -305,7 +466,11 @@ impl Module for EmoeFfn {
         let r = match self.path {
             ComputePath::Masked => self.forward_masked(xs, ctx),
             ComputePath::Sparse => self.forward_sparse(xs, ctx),
-            ComputePath::Auto if !ctx.train && self.projections_plain() => {
+            ComputePath::Auto
+                if !ctx.train
+                    && self.projections_plain()
+                    && self.router.config.select_signal.is_linear() =>
+            {
                 self.forward_sparse(xs, ctx)
             }
             ComputePath::Auto => self.forward_masked(xs, ctx),
@@ -314,6 +479,20 @@ impl Module for EmoeFfn {
             Error::Tensor(t) => t,
             other => tensor_core::Error::module("EmoeFfn", other.to_string()),
         })
+    }
+
+    fn params(&self) -> Vec<(&str, &Tensor)> {
+        self.expert_bias
+            .iter()
+            .map(|t| ("expert_bias", t))
+            .collect()
+    }
+
+    fn params_mut(&mut self) -> Vec<(&str, &mut Tensor)> {
+        self.expert_bias
+            .iter_mut()
+            .map(|t| ("expert_bias", t))
+            .collect()
     }
 
     fn children(&self) -> Vec<(&str, &dyn Module)> {
@@ -338,6 +517,7 @@ impl Module for EmoeFfn {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gate::{FoldB2, SelectSignal};
     use crate::kmeans::KMeansConfig;
     use crate::split::{kmeans_split, random_split};
     use proptest::prelude::*;
@@ -403,14 +583,22 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
 
-        /// The sparse path computes exactly what the masked path does, for every k and weight mode.
+        /// The sparse path computes exactly what the masked path does, for
+        /// every k, weight mode, select signal and b2 bookkeeping.
         #[test]
-        fn sparse_equals_masked(seed in 0u64..500, n in prop::sample::select(vec![2usize, 4, 8, 12]), kfrac in 0.0f64..1.0, gated in any::<bool>(), mode in 0usize..3) {
+        fn sparse_equals_masked(seed in 0u64..500, n in prop::sample::select(vec![2usize, 4, 8, 12]), kfrac in 0.0f64..1.0, gated in any::<bool>(), mode in 0usize..3, signal in 0usize..5, k_mean in any::<bool>()) {
             let f = ffn(gated, if gated { Activation::Silu } else { Activation::Gelu }, seed);
             let k = 1 + ((n - 1) as f64 * kfrac) as usize;
             let split = random_split(48, n, seed).unwrap();
             let mode = [WeightMode::Hard, WeightMode::Softmax, WeightMode::Renorm][mode];
-            let cfg = GateConfig { weight_mode: mode, score_bias: seed % 2 == 0, ..GateConfig::without_noise(n, k) };
+            let signal = [SelectSignal::Gate, SelectSignal::Up, SelectSignal::UpAbs, SelectSignal::Inter, SelectSignal::InterAbs][signal];
+            let cfg = GateConfig {
+                weight_mode: mode,
+                score_bias: seed % 2 == 0,
+                select_signal: signal,
+                fold_b2: if k_mean { FoldB2::KMean } else { FoldB2::Shared },
+                ..GateConfig::without_noise(n, k)
+            };
             let mut e = EmoeFfn::from_ffn(&f, &split, cfg).unwrap();
             let x = randn_seeded(&[3, 7, 16], seed + 7, Device::Cpu).unwrap();
             e.path = ComputePath::Masked;
@@ -418,11 +606,133 @@ mod tests {
             e.path = ComputePath::Sparse;
             let sparse = run(&e, &x, false);
             prop_assert!(err(&sparse, &masked) <= 1e-5, "k {} of {}: {}", k, n, err(&sparse, &masked));
-            if k < n {
+            e.path = ComputePath::Auto;
+            prop_assert!(err(&run(&e, &x, false), &masked) <= 1e-5);
+            if k < n && !k_mean {
                 // Fewer experts really changes the output.
                 prop_assert!(err(&masked, &run(&f, &x, false)) > 1e-6);
             }
         }
+    }
+
+    /// What each select signal averages, computed by hand from the
+    /// (permuted) dense weights: `gate` and `up` the pre-activations of
+    /// their projection, `up_abs` `|x W1ᵀ + b1|`, `inter` / `inter_abs` the
+    /// hidden activation.
+    #[test]
+    fn select_signals_route_by_their_neuron_values() {
+        for gated in [false, true] {
+            let f = ffn(
+                gated,
+                if gated {
+                    Activation::Silu
+                } else {
+                    Activation::Gelu
+                },
+                11,
+            );
+            let split = random_split(48, 4, 3).unwrap();
+            let x = randn_seeded(&[40, 16], 12, Device::Cpu).unwrap();
+            for signal in [
+                SelectSignal::Gate,
+                SelectSignal::Up,
+                SelectSignal::UpAbs,
+                SelectSignal::Inter,
+                SelectSignal::InterAbs,
+            ] {
+                let cfg = GateConfig {
+                    select_signal: signal,
+                    ..GateConfig::without_noise(4, 1)
+                };
+                let mut e = EmoeFfn::from_ffn(&f, &split, cfg).unwrap();
+                let p = e.to_dense(false).unwrap(); // expert-block order
+                let up = x.linear(p.w1().unwrap(), p.b1().unwrap());
+                let up_nobias = x.matmul(&p.w1().unwrap().tr());
+                let h = if gated {
+                    let g = x.matmul(&p.gate_weight().unwrap().tr());
+                    Activation::Silu.apply(&g).unwrap() * &up
+                } else {
+                    Activation::Gelu.apply(&up).unwrap()
+                };
+                let values = match signal {
+                    SelectSignal::Gate if gated => x.matmul(&p.gate_weight().unwrap().tr()),
+                    SelectSignal::Gate | SelectSignal::Up => up_nobias,
+                    SelectSignal::UpAbs => up.abs(),
+                    SelectSignal::Inter => h.shallow_clone(),
+                    SelectSignal::InterAbs => h.abs(),
+                };
+                let best = values
+                    .view([40, 4, 12])
+                    .mean_dim(2, false, Kind::Float)
+                    .argmax(-1, true);
+                let mask = Tensor::zeros([40, 4], (Kind::Float, Device::Cpu))
+                    .scatter_value(1, &best, 1.0)
+                    .repeat_interleave_self_int(12, Some(1), None);
+                let want = (h * mask).linear(p.w2().unwrap(), p.b2().unwrap());
+                for path in [ComputePath::Masked, ComputePath::Sparse] {
+                    e.path = path;
+                    let got = run(&e, &x, false);
+                    assert!(
+                        err(&got, &want) <= 1e-5,
+                        "gated {gated} {signal:?} {path:?}: {}",
+                        err(&got, &want)
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fold_b2_k_mean_keeps_per_expert_biases_and_folds_to_k_times_their_mean() {
+        let f = ffn(false, Activation::Gelu, 13);
+        let split = random_split(48, 4, 5).unwrap();
+        let x = randn_seeded(&[2, 9, 16], 14, Device::Cpu).unwrap();
+        let cfg = |k| GateConfig {
+            fold_b2: FoldB2::KMean,
+            ..GateConfig::without_noise(4, k)
+        };
+        let mut e = EmoeFfn::from_ffn(&f, &split, cfg(2)).unwrap();
+        let names: Vec<String> = e.named_parameters().into_iter().map(|(n, _)| n).collect();
+        assert!(names.contains(&"expert_bias".to_owned()), "{names:?}");
+        assert!(
+            !names.contains(&"output.dense.bias".to_owned()),
+            "{names:?}"
+        );
+        let eb = e.expert_bias.as_ref().unwrap();
+        assert_eq!(eb.size(), [4, 16]);
+        // Each expert starts with b2 / k.
+        let b2 = f.b2().unwrap().unwrap();
+        assert!(err(&eb.get(3), &(b2 / 2.0)) <= 1e-7);
+        // Untuned: folding returns the original weights (b2 = k * mean(b2 / k)).
+        let back = e.to_dense(true).unwrap();
+        for ((n1, a), (n2, b)) in f
+            .named_parameters()
+            .into_iter()
+            .zip(back.named_parameters())
+        {
+            assert_eq!(n1, n2);
+            assert!(err(&a, &b) <= 1e-6, "{n1}");
+        }
+        // Selecting all experts reproduces the dense FFN (Σ_e b2 / N = b2).
+        let all = EmoeFfn::from_ffn(&f, &split, cfg(4)).unwrap();
+        assert!(err(&run(&all, &x, false), &run(&f, &x, false)) <= 1e-5);
+        // Tuned biases fold to k * mean_e b2_e.
+        let tuned = randn_seeded(&[4, 16], 15, Device::Cpu).unwrap();
+        tensor_core::tch::no_grad(|| e.expert_bias.as_mut().unwrap().copy_(&tuned));
+        let folded = e.to_dense(true).unwrap();
+        let want = tuned.mean_dim(0, false, Kind::Float) * 2.0;
+        assert!(err(folded.b2().unwrap().unwrap(), &want) <= 1e-6);
+        // The per-expert biases enter with the selection: masked = sparse.
+        e.path = ComputePath::Masked;
+        let masked = run(&e, &x, false);
+        e.path = ComputePath::Sparse;
+        assert!(err(&run(&e, &x, false), &masked) <= 1e-5);
+        // They are trained (gradients arrive on the masked path).
+        let mut t = EmoeFfn::from_ffn(&f, &split, cfg(2)).unwrap();
+        t.path = ComputePath::Masked;
+        run(&t, &x, true).sum(Kind::Float).backward();
+        let g = t.expert_bias.as_ref().unwrap().grad();
+        assert!(g.defined() && g.abs().sum(Kind::Float).double_value(&[]) > 0.0);
     }
 
     #[test]

@@ -35,8 +35,10 @@ pub enum SplitMethod {
     CoActivation,
     Random,
     Contiguous,
-    /// Labels supplied by the caller (e.g. a published split read from a file).
+    /// Labels supplied by the caller.
     Given,
+    /// Labels read from a file (`labels_from_file`, [`crate::labels`]).
+    FromFile,
 }
 
 /// A balanced assignment of `d_ff` neurons to `N` experts.

@@ -6,8 +6,10 @@ use emergent_split::convert::{
     every_other_in_last_half, ffn_paths, fold_back, layer_index, refresh_gates,
 };
 use emergent_split::error::Error;
+use emergent_split::labels::save_labels;
 use emergent_split::moe_ffn::{ComputePath, EmoeFfn};
-use emergent_split::split::{SplitMethod, coactivation_split};
+use emergent_split::split::{ExpertSplit, SplitMethod, coactivation_split};
+use emergent_split::{FoldB2, GateConfig, KMeansSolver, SelectSignal};
 use tensor_core::layers::{Activation, FeedForward, FfnNames, LayerNorm, Linear};
 use tensor_core::module::Sequential;
 use tensor_core::tch::{Device, Kind, Tensor};
@@ -19,13 +21,22 @@ const DFF: i64 = 64;
 
 /// `encoder.layer.i` = [attention.output.dense (Linear), (ffn), output.LayerNorm].
 fn model(layers: usize, gated: bool, seed: u64) -> Sequential {
+    build(layers, gated, seed, DFF)
+}
+
+/// A plain model whose FFNs have `d_ff` neurons.
+fn model_dff(layers: usize, seed: u64, d_ff: i64) -> Sequential {
+    build(layers, false, seed, d_ff)
+}
+
+fn build(layers: usize, gated: bool, seed: u64, dff: i64) -> Sequential {
     with_seed(seed, || {
         let mut enc = Sequential::new();
         for i in 0..layers {
             let ffn = if gated {
-                FeedForward::gated(D, DFF, Activation::Silu, FfnNames::llama(), Device::Cpu)
+                FeedForward::gated(D, dff, Activation::Silu, FfnNames::llama(), Device::Cpu)
             } else {
-                FeedForward::new(D, DFF, Activation::Gelu, FfnNames::bert(), Device::Cpu)
+                FeedForward::new(D, dff, Activation::Gelu, FfnNames::bert(), Device::Cpu)
             }
             .unwrap();
             let layer = Sequential::new()
@@ -141,26 +152,39 @@ fn checkpoints_load_into_the_converted_model() {
 
 #[test]
 fn fold_back_after_tuning_reproduces_the_tuned_model() {
+    for fold_b2 in [FoldB2::Shared, FoldB2::KMean] {
+        fold_back_case(fold_b2);
+    }
+}
+
+/// Tune through the masked path, then fold: with every expert selected the
+/// dense model computes what the tuned one did, for either `b2` bookkeeping.
+fn fold_back_case(fold_b2: FoldB2) {
     let mut m = model(4, false, 5);
     let original: Vec<(String, Tensor)> = m
         .named_parameters()
         .into_iter()
         .map(|(n, t)| (n, t.copy()))
         .collect();
-    let cfg = EmoeConfig {
+    let mut cfg = EmoeConfig {
         compute: ComputePath::Auto,
         ..EmoeConfig::new(8, 2)
     };
+    cfg.gate.fold_b2 = fold_b2;
     convert(&mut m, &[2, 3], &cfg).unwrap();
 
-    // Folding an untuned split returns the original weights exactly.
+    // Folding an untuned split returns the original weights (exactly when
+    // b2 is shared; up to the rounding of k * (b2 / k) otherwise).
     {
         let mut copy = model(4, false, 5);
         convert(&mut copy, &[2, 3], &cfg).unwrap();
         assert_eq!(fold_back(&mut copy).unwrap().len(), 2);
         for ((n1, a), (n2, b)) in original.iter().zip(copy.named_parameters()) {
             assert_eq!(n1, &n2);
-            assert!(a.equal(&b), "{n1} changed");
+            match fold_b2 {
+                FoldB2::Shared => assert!(a.equal(&b), "{n1} changed"),
+                FoldB2::KMean => assert!(max_err(a, &b) <= 1e-6, "{n1} changed"),
+            }
         }
     }
 
@@ -290,4 +314,117 @@ fn moefication_coactivation_split_through_convert() {
     .unwrap();
     assert_eq!(r.layers.len(), 1);
     assert_eq!(r.layers[0].method, SplitMethod::Random);
+}
+
+#[test]
+fn labels_from_file_reproduce_a_cached_split() {
+    // Split with k-means, cache the labels, convert a fresh copy from the file.
+    let mut a = model(4, false, 12);
+    let cfg = EmoeConfig::new(8, 2);
+    convert(&mut a, &[1, 3], &cfg).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["labels.json", "labels.safetensors"] {
+        let file = dir.path().join(name);
+        let splits: Vec<(String, ExpertSplit)> = emoe_paths(&a)
+            .into_iter()
+            .map(|p| {
+                let s = a.get_as::<EmoeFfn>(&p).unwrap().split().clone();
+                (layer_index(&p).unwrap().to_string(), s)
+            })
+            .collect();
+        let refs: Vec<(String, &ExpertSplit)> =
+            splits.iter().map(|(k, s)| (k.clone(), s)).collect();
+        save_labels(&file, &refs).unwrap();
+
+        // Through the JSON config, as a run would read it.
+        let json = format!(
+            r#"{{"gate": {{"num_experts": 8, "top_k": 2}}, "split": "contiguous", "labels_from_file": {}}}"#,
+            serde_json::to_string(&file).unwrap()
+        );
+        let from_file = EmoeConfig::from_json(&json).unwrap();
+        assert_eq!(from_file.labels_from_file.as_deref(), Some(file.as_path()));
+        let mut b = model(4, false, 12);
+        let r = convert(&mut b, &[1, 3], &from_file).unwrap();
+        assert!(r.layers.iter().all(|l| l.method == SplitMethod::FromFile));
+        for p in emoe_paths(&a) {
+            let (ea, eb) = (
+                a.get_as::<EmoeFfn>(&p).unwrap(),
+                b.get_as::<EmoeFfn>(&p).unwrap(),
+            );
+            assert_eq!(ea.split().labels, eb.split().labels);
+            assert_eq!(ea.permutation(), eb.permutation());
+        }
+        let x = randn_seeded(&[5, D], 13, Device::Cpu).unwrap();
+        assert_eq!(max_err(&run(&a, &x), &run(&b, &x)), 0.0);
+
+        // A layer the file does not hold: an error naming it, the model untouched.
+        let mut c = model(4, false, 12);
+        let before = run(&c, &x);
+        let e = convert(&mut c, &[0, 1], &from_file).unwrap_err();
+        assert!(matches!(e, Error::Labels { .. }), "{e}");
+        assert!(e.to_string().contains("layer 0"), "{e}");
+        assert!(emoe_paths(&c).is_empty());
+        assert_eq!(max_err(&run(&c, &x), &before), 0.0);
+
+        // The wrong N or d_ff.
+        let mut wrong_n = from_file.clone();
+        wrong_n.gate = GateConfig::new(4, 2);
+        assert!(matches!(
+            convert(&mut c, &[1], &wrong_n),
+            Err(Error::Labels { .. })
+        ));
+        let mut wide = model_dff(4, 12, 2 * DFF);
+        assert!(matches!(
+            convert(&mut wide, &[1], &from_file),
+            Err(Error::Labels { .. })
+        ));
+    }
+}
+
+#[test]
+fn emoe_config_json_round_trip_and_defaults() {
+    let c = EmoeConfig::from_json(r#"{"gate": {"num_experts": 16, "top_k": 4}}"#).unwrap();
+    assert_eq!(c, EmoeConfig::new(16, 4));
+    assert_eq!(c.split, SplitStrategy::default());
+    assert_eq!(
+        c.split.kmeans_config(16).unwrap(),
+        emergent_split::KMeansConfig::new(16)
+    );
+    let json = r#"{
+        "gate": {"num_experts": 8, "top_k": 2, "select_signal": "up", "weight_mode": "renorm",
+                 "fold_b2": "k_mean", "gate_refresh_momentum": 0.1},
+        "split": {"kmeans": {"seed": 3, "n_init": 2, "kmeans_solver": "greedy_balanced", "swap_refine": false}},
+        "compute": "masked"
+    }"#;
+    let c = EmoeConfig::from_json(json).unwrap();
+    assert_eq!(c.gate.select_signal, SelectSignal::Up);
+    assert_eq!(c.gate.fold_b2, FoldB2::KMean);
+    assert_eq!(c.compute, ComputePath::Masked);
+    let k = c.split.kmeans_config(8).unwrap();
+    assert_eq!(
+        (k.seed, k.n_init, k.kmeans_solver, k.swap_refine),
+        (3, 2, KMeansSolver::GreedyBalanced, false)
+    );
+    assert_eq!(k.max_iters, 1000);
+    let back = EmoeConfig::from_json(&serde_json::to_string(&c).unwrap()).unwrap();
+    assert_eq!(back, c);
+    for s in [r#""contiguous""#, r#"{"random": {"seed": 4}}"#] {
+        let c = EmoeConfig::from_json(&format!(
+            r#"{{"gate": {{"num_experts": 4, "top_k": 1}}, "split": {s}}}"#
+        ))
+        .unwrap();
+        assert!(c.split.kmeans_config(4).is_none());
+    }
+    // Every open point takes effect through convert.
+    let mut m = model(2, false, 14);
+    let r = convert(&mut m, &[1], &c).unwrap();
+    assert_eq!(r.layers[0].method, SplitMethod::KMeans);
+    let e = m.get_as::<EmoeFfn>("encoder.layer.1.(ffn)").unwrap();
+    assert_eq!(e.router.config, c.gate);
+    assert!(e.expert_bias.is_some());
+    assert!(EmoeConfig::from_json(r#"{"gate": {"num_experts": 4, "top_k": 5}}"#).is_err());
+    assert!(
+        EmoeConfig::from_json(r#"{"gate": {"num_experts": 4, "top_k": 1}, "split": "metis"}"#)
+            .is_err()
+    );
 }

@@ -1,6 +1,9 @@
 //! Issue 6, item 5: on all-MiniLM-L6-v2's real key vectors, our balanced
-//! k-means objective is within 1% of (or better than) PyPI's
-//! `k-means-constrained` with the same balance constraint.
+//! k-means objective with the default configuration (10 restarts, greedy
+//! k-means++, exact assignment, swap polish of the kept start) is equal to or
+//! better than PyPI's `k-means-constrained` (10 restarts) with the same
+//! balance constraint: at most 0.1% above it for every layer and `N`
+//! (measured: 0.2-0.6% below it for N = 16 and 1.8-2.6% below for N = 64).
 //!
 //! The reference numbers are committed in
 //! `tests/fixtures/kmeans_constrained_minilm.json`, produced by
@@ -13,8 +16,8 @@
 //! (`$MODULAR_VENV`, set by the cargo config that `cargo xtask setup` writes);
 //! `cargo xtask test` installs it.
 //!
-//! All twelve (layer, N) pairs take ~3 s in the dev profile on an idle
-//! 2-core machine (~0.1 s per layer for N = 16, ~0.3-0.5 s for N = 64).
+//! All twelve (layer, N) pairs take ~5-8 s in the dev profile on a loaded
+//! 2-core machine.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -26,8 +29,8 @@ use tensor_core::tch::Device;
 const FIXTURE: &str = include_str!("fixtures/kmeans_constrained_minilm.json");
 const LAYERS: usize = 6;
 const CLUSTERS: [usize; 2] = [16, 64];
-/// Our objective may exceed the reference by at most 1%.
-const TOLERANCE: f64 = 1.01;
+/// Our objective may exceed the reference by at most 0.1%.
+const TOLERANCE: f64 = 1.001;
 
 /// `(layer, N, objective, seconds)` rows of the fixture. The file is the
 /// script's `json.dumps(indent=2)`; each result object carries the keys
