@@ -153,6 +153,10 @@ fn benches() {
     g.bench_function("sparse_ffn_n16_k4_1thread/rust", |b| {
         b.iter(|| emoe.forward(&x, &mut Context::eval()).unwrap())
     });
+    // The device grouped GEMM path (libtorch's CPU fallback here), for comparison.
+    g.bench_function("grouped_ffn_n16_k4_1thread/rust", |b| {
+        b.iter(|| emoe.forward_grouped(&x, &mut Context::eval()).unwrap())
+    });
     tch::set_num_threads(threads);
     g.finish();
     c.final_summary();

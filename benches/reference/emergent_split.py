@@ -78,6 +78,7 @@ def main():
     print(f"emergent_split/sparse_ffn_n16_k4/pytorch {dense:.6e}", flush=True)
     print(f"emergent_split/dense_ffn_8192_1thread/pytorch {dense1:.6e}", flush=True)
     print(f"emergent_split/sparse_ffn_n16_k4_1thread/pytorch {dense1:.6e}", flush=True)
+    print(f"emergent_split/grouped_ffn_n16_k4_1thread/pytorch {dense1:.6e}", flush=True)
 
     kmc = kmeans_constrained()
     keys = minilm_w1()

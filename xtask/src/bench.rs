@@ -14,6 +14,8 @@ use std::process::Command;
 
 use crate::{Args, Fail, cargo, repo_root, run, setup};
 
+mod report;
+
 pub fn bench(a: &Args) -> Result<(), Fail> {
     let torch = setup::ensure(false)?;
     let root = repo_root();
@@ -64,10 +66,7 @@ pub fn bench(a: &Args) -> Result<(), Fail> {
         }
     }
     let ours = criterion_medians(&root.join("target").join("criterion"));
-    println!(
-        "\n{:<48} {:>12} {:>12} {:>8}",
-        "benchmark", "rust", "pytorch", "ratio"
-    );
+    let mut figures = Vec::new();
     for (id, ns) in &ours {
         let Some(case) = id.strip_suffix("/rust") else {
             continue;
@@ -75,18 +74,68 @@ pub fn bench(a: &Args) -> Result<(), Fail> {
         if !topics.iter().any(|t| case.starts_with(&format!("{t}/"))) {
             continue;
         }
-        let secs = ns * 1e-9;
-        match reference.get(case) {
+        figures.push(Figure {
+            case: case.to_owned(),
+            rust_s: ns * 1e-9,
+            reference_s: reference.get(case).copied(),
+        });
+    }
+    println!(
+        "\n{:<48} {:>12} {:>12} {:>8}",
+        "benchmark", "rust", "pytorch", "ratio"
+    );
+    for f in &figures {
+        match f.reference_s {
             Some(r) => println!(
-                "{case:<48} {:>12} {:>12} {:>7.2}x",
-                fmt_s(secs),
-                fmt_s(*r),
-                r / secs
+                "{:<48} {:>12} {:>12} {:>7.2}x",
+                f.case,
+                fmt_s(f.rust_s),
+                fmt_s(r),
+                r / f.rust_s
             ),
-            None => println!("{case:<48} {:>12} {:>12} {:>8}", fmt_s(secs), "-", "-"),
+            None => println!(
+                "{:<48} {:>12} {:>12} {:>8}",
+                f.case,
+                fmt_s(f.rust_s),
+                "-",
+                "-"
+            ),
         }
     }
+    let quick = a.flags.iter().any(|f| f == "--quick");
+    let out = root.join("target").join("bench");
+    report::write(
+        &out,
+        &report::Meta::collect(&root, quick, &topics),
+        &figures,
+    )
+    .map_err(|e| {
+        Fail::new(
+            "bench: report",
+            e.to_string(),
+            "check target/bench is writable",
+        )
+    })?;
+    println!(
+        "\nxtask: wrote {0}/report.md, {0}/report.json and {0}/ratios.svg",
+        out.display()
+    );
     Ok(())
+}
+
+/// One benchmark: our median time and, when the reference printed the same case, its time.
+#[derive(Debug, Clone)]
+pub struct Figure {
+    pub case: String,
+    pub rust_s: f64,
+    pub reference_s: Option<f64>,
+}
+
+impl Figure {
+    /// `reference / ours`: above 1 means we are faster.
+    pub fn ratio(&self) -> Option<f64> {
+        self.reference_s.map(|r| r / self.rust_s)
+    }
 }
 
 /// Run a reference script; `TOPIC/CASE -> seconds` from its `TOPIC/CASE/pytorch SECONDS` lines.
@@ -120,7 +169,7 @@ fn run_reference(python: &Path, script: &Path, root: &Path) -> Result<BTreeMap<S
     Ok(found)
 }
 
-fn fmt_s(s: f64) -> String {
+pub fn fmt_s(s: f64) -> String {
     if s < 1e-3 {
         format!("{:.1} us", s * 1e6)
     } else if s < 1.0 {

@@ -11,6 +11,7 @@
 //! Every command takes `-p CRATE` (repeatable) to narrow it to crates.
 
 mod bench;
+mod gpu;
 mod setup;
 
 use std::path::{Path, PathBuf};
@@ -281,7 +282,7 @@ fn env_cmd() -> Result<(), Fail> {
     Ok(())
 }
 
-const USAGE: &str = "usage: cargo xtask <setup|test|bench|demo|finetune|experiment|doctor|env> [-p CRATE]... [-- ARGS]";
+const USAGE: &str = "usage: cargo xtask <setup|test|bench|demo|finetune|experiment|doctor|env|gpu-check> [-p CRATE]... [-- ARGS]";
 
 fn main() -> ExitCode {
     let args = match parse(std::env::args().skip(1).collect()) {
@@ -296,6 +297,7 @@ fn main() -> ExitCode {
         "finetune" => finetune(&args),
         "experiment" => experiment(&args),
         "doctor" => doctor(&args),
+        "gpu-check" => gpu::gpu_check(),
         "env" => env_cmd(),
         "" | "help" => {
             println!("{USAGE}");

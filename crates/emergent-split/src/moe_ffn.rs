@@ -43,7 +43,7 @@
 //! checkpoints, are unchanged (`fold_b2 = k_mean` trades `output.dense.bias`
 //! for `expert_bias`); the gate's centroids are not parameters.
 
-use tensor_core::grouped::Dispatch;
+use tensor_core::grouped::{Dispatch, grouped_linear_device};
 use tensor_core::layers::{Activation, FeedForward, FfnNames, FfnPart, Linear};
 use tensor_core::module::{downcast_ref, is};
 use tensor_core::tch::Tensor;
@@ -60,10 +60,17 @@ pub enum ComputePath {
     /// Masked in training; in evaluation sparse when the projections are
     /// plain `Linear`s and the select signal is linear (`gate`, `up`),
     /// masked otherwise (the other signals need the dense hidden layer anyway).
+    /// On CUDA the sparse path uses the device grouped GEMM (below) when
+    /// the widths allow it.
     #[default]
     Auto,
     Masked,
     Sparse,
+    /// Sparse through `tensor_core::grouped::grouped_linear_device`: every
+    /// expert's rows in one grouped GEMM per projection, group offsets kept
+    /// on the device (no host synchronisation on CUDA bf16, sm90+). Needs
+    /// `d_model` and the expert size to be multiples of 8 (16-bit) or 4 (f32).
+    Grouped,
 }
 
 /// A `FeedForward` whose neurons are grouped into `N` experts, `k` of which
@@ -305,6 +312,30 @@ impl EmoeFfn {
     /// Only the selected experts: per expert, gather its tokens once, run
     /// both matmuls on that buffer, scatter-add the weighted rows.
     pub fn forward_sparse(&self, xs: &Tensor, ctx: &mut Context) -> Result<Tensor> {
+        let grouped = xs.device().is_cuda() && self.grouped_widths_fit(xs.kind());
+        self.forward_sparse_with(xs, ctx, grouped)
+    }
+
+    /// The sparse path with one gather, two matmuls and one scatter-add per
+    /// selected expert (needs the group sizes on the host: one sync).
+    pub fn forward_per_expert(&self, xs: &Tensor, ctx: &mut Context) -> Result<Tensor> {
+        self.forward_sparse_with(xs, ctx, false)
+    }
+
+    /// The sparse path through the device grouped GEMM ([`ComputePath::Grouped`]).
+    pub fn forward_grouped(&self, xs: &Tensor, ctx: &mut Context) -> Result<Tensor> {
+        self.forward_sparse_with(xs, ctx, true)
+    }
+
+    /// Whether `d_model` and the expert size give the 16-byte rows the grouped GEMM needs.
+    fn grouped_widths_fit(&self, kind: tensor_core::tch::Kind) -> bool {
+        let align = 16 / kind.elt_size_in_bytes().max(1) as i64;
+        let d = plain(&self.up, &self.names.up).map_or(0, |l| l.in_features());
+        let d_out = plain(&self.down, &self.names.down).map_or(0, |l| l.out_features());
+        d > 0 && d % align == 0 && d_out % align == 0 && self.expert_size() % align == 0
+    }
+
+    fn forward_sparse_with(&self, xs: &Tensor, ctx: &mut Context, grouped: bool) -> Result<Tensor> {
         let (x2, shape) = self.flat(xs)?;
         let up = plain(&self.up, &self.names.up)?;
         let down = plain(&self.down, &self.names.down)?;
@@ -329,6 +360,12 @@ impl EmoeFfn {
         };
         let routing = self.route(&x2, neurons.as_ref(), ctx)?;
         let dispatch = Dispatch::new(&routing.experts, n)?;
+        if grouped {
+            let y = self.grouped_experts(&x2, &routing, &dispatch)?;
+            let mut out_shape = shape;
+            *out_shape.last_mut().expect("checked non-empty") = y.size()[1];
+            return self.finish(y.f_view(out_shape.as_slice())?, ctx);
+        }
         let counts = dispatch.counts_host()?;
         let gates = match routing.mode {
             WeightMode::Hard => None,
@@ -383,6 +420,59 @@ impl EmoeFfn {
         let mut out_shape = shape;
         *out_shape.last_mut().expect("checked non-empty") = d_out;
         self.finish(y.f_view(out_shape.as_slice())?, ctx)
+    }
+
+    /// `Σ_j g_j FFN_{e_j}(x)` for every token through two (three when
+    /// gated) grouped GEMMs over the dispatch order, with no host sync:
+    /// `W1` is viewed as `[N, m, d]` (expert blocks are contiguous rows) and
+    /// `W2` as `[N, d, m]`.
+    fn grouped_experts(
+        &self,
+        x2: &Tensor,
+        routing: &Routing,
+        dispatch: &Dispatch,
+    ) -> Result<Tensor> {
+        let up = plain(&self.up, &self.names.up)?;
+        let down = plain(&self.down, &self.names.down)?;
+        if !self.grouped_widths_fit(x2.kind()) {
+            return Err(Error::Tensor(tensor_core::Error::module(
+                "EmoeFfn",
+                format!(
+                    "the grouped GEMM needs d_model, d_out and the expert size ({}) in multiples of 16 bytes",
+                    self.expert_size()
+                ),
+            )));
+        }
+        let (n, m) = (self.num_experts() as i64, self.expert_size());
+        let d = up.in_features();
+        let d_out = down.out_features();
+        let xs = dispatch.permute(x2)?;
+        let w1 = up.weight.f_view([n, m, d])?;
+        let b1 = up.bias.as_ref().map(|b| b.f_view([n, m])).transpose()?;
+        let pre = grouped_linear_device(&xs, dispatch, &w1, b1.as_ref())?;
+        let h = match &self.gate {
+            Some(g) => {
+                let wg = plain(g, "gate")?.weight.f_view([n, m, d])?;
+                let g = grouped_linear_device(&xs, dispatch, &wg, None)?;
+                self.activation.apply(&g)?.f_mul(&pre)?
+            }
+            None => self.activation.apply(&pre)?,
+        };
+        let w2 = down
+            .weight
+            .f_view([d_out, n, m])?
+            .f_permute([1, 0, 2])?
+            .f_contiguous()?;
+        let ye = grouped_linear_device(&h, dispatch, &w2, self.expert_bias.as_ref())?;
+        let gates = match routing.mode {
+            WeightMode::Hard => None,
+            _ => Some(&routing.weights),
+        };
+        let mut y = dispatch.unpermute(&ye, gates)?;
+        if let Some(b2) = &down.bias {
+            y = y.f_add(b2)?;
+        }
+        Ok(y)
     }
 
     fn finish(&self, y: Tensor, ctx: &Context) -> Result<Tensor> {
@@ -466,6 +556,7 @@ impl Module for EmoeFfn {
         let r = match self.path {
             ComputePath::Masked => self.forward_masked(xs, ctx),
             ComputePath::Sparse => self.forward_sparse(xs, ctx),
+            ComputePath::Grouped => self.forward_grouped(xs, ctx),
             ComputePath::Auto
                 if !ctx.train
                     && self.projections_plain()
@@ -608,6 +699,12 @@ mod tests {
             prop_assert!(err(&sparse, &masked) <= 1e-5, "k {} of {}: {}", k, n, err(&sparse, &masked));
             e.path = ComputePath::Auto;
             prop_assert!(err(&run(&e, &x, false), &masked) <= 1e-5);
+            if signal.is_linear() && (48 / n) % 4 == 0 {
+                // The device grouped GEMM (libtorch's CPU fallback here) computes the same.
+                e.path = ComputePath::Grouped;
+                let grouped = run(&e, &x, false);
+                prop_assert!(err(&grouped, &masked) <= 1e-5, "grouped, k {} of {}: {}", k, n, err(&grouped, &masked));
+            }
             if k < n && !k_mean {
                 // Fewer experts really changes the output.
                 prop_assert!(err(&masked, &run(&f, &x, false)) > 1e-6);
@@ -821,6 +918,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(msg.contains("16"), "{msg}");
+        // 8 experts of 6 neurons: f32 rows of 24 bytes, not what the grouped GEMM takes.
+        let mut unaligned =
+            EmoeFfn::from_ffn(&f, &random_split(48, 8, 0).unwrap(), GateConfig::new(8, 2)).unwrap();
+        unaligned.path = ComputePath::Grouped;
+        let x = Tensor::zeros([2, 16], (Kind::Float, Device::Cpu));
+        let msg = unaligned
+            .forward(&x, &mut Context::eval())
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("16 bytes"), "{msg}");
         let nan = FeedForward::from_weights(
             f.w1().unwrap().f_mul_scalar(f64::NAN).unwrap(),
             None,

@@ -28,7 +28,7 @@ fn zoo(e: impl std::fmt::Display) -> model_zoo::Error {
 
 /// One way of tuning the classifier.
 #[derive(Debug, Clone, Copy, PartialEq)]
-enum Kind {
+pub(crate) enum Kind {
     Full,
     Emoe,
     Lora,
@@ -39,7 +39,7 @@ enum Kind {
 }
 
 impl Kind {
-    fn name(self) -> String {
+    pub(crate) fn name(self) -> String {
         match self {
             Kind::Full => "full fine-tuning".into(),
             Kind::Emoe => "EMoE (full)".into(),
@@ -341,16 +341,43 @@ fn seeds_arg(seeds: &[u64]) -> String {
         .join(",")
 }
 
-fn write(out: &std::path::Path, md: &str) -> AnyResult<()> {
+/// Write `md` to `out` atomically.
+pub(crate) fn write_quiet(out: &std::path::Path, md: &str) -> AnyResult<()> {
     tensor_core::io::write_atomic(out, |tmp| {
         std::fs::write(tmp, md).map_err(|source| tensor_core::Error::Io {
             path: tmp.to_owned(),
             source,
         })
     })?;
+    Ok(())
+}
+
+/// Write `md` to `out` atomically and print it.
+pub(crate) fn write(out: &std::path::Path, md: &str) -> AnyResult<()> {
+    write_quiet(out, md)?;
     println!("{md}");
     println!("written to {}", out.display());
     Ok(())
+}
+
+/// One tuning run set up as in the experiments (LoRA r = 8, α = 16 on
+/// query/value; adapters and VL-PET r = 48, 4 heads; parameter-efficient
+/// methods at `opts.lr`): the report and the trainable share in %.
+pub(crate) fn tune_once(
+    kind: Kind,
+    source: &ModelSource,
+    data: &TextClassification,
+    opts: &FinetuneOptions,
+    device: tensor_core::tch::Device,
+) -> AnyResult<(FinetuneReport, f64)> {
+    let mut hooks = Hooks {
+        kind,
+        setup: default_plan("unused.md", 0, None).setup,
+        seed: opts.seed,
+        trainable_percent: 100.0,
+    };
+    let report = finetune_with(source, data, opts, device, &mut hooks)?;
+    Ok((report, hooks.trainable_percent))
 }
 
 fn default_plan(file: &str, train_limit: usize, eval_limit: Option<usize>) -> Plan {

@@ -13,133 +13,29 @@
 //! - `modular experiment moe [options]`: the moe-router real task, a small
 //!   ModuleFormer-style decoder with and without the MI loss, and pruning
 //!   (`docs/results/moe.md`).
+//! - `modular split | merge | tune | inspect`: the user subcommands (EMoE
+//!   split of a model folder, PEFT adapter merging, LoRA / VL-PET tuning on a
+//!   JSONL dataset, folder summaries), in `cli/`; see `docs/cli.md`.
+//!
+//! Exit codes: 0 success, 1 the work failed, 2 a malformed command line.
 
+mod bricks_experiment;
+mod cli;
+mod demo;
 mod experiments;
+mod m2mkd_experiment;
+mod merge_experiment;
 mod moe_experiment;
+mod svg;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Instant;
 
-use model_zoo::bert::SentenceEncoder;
 use model_zoo::data::TextClassification;
 use model_zoo::finetune::{FinetuneOptions, finetune};
 use model_zoo::source::ModelSource;
-use tensor_core::grouped::{Dispatch, grouped_linear};
-use tensor_core::layers::{Activation, FeedForward};
-use tensor_core::module::ModuleExt;
-use tensor_core::tch::{self, Device, Kind, Tensor};
-use tensor_core::testing::closeness;
 
 type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
-
-const CORPUS: &[&str] = &[
-    "A man is eating food.",
-    "A man is riding a white horse on an enclosed ground.",
-    "A monkey is playing drums.",
-    "Two men pushed carts through the woods.",
-    "The new movie is awesome and the acting is superb.",
-    "The film was boring and far too long.",
-    "Low-rank adapters fine-tune large models cheaply.",
-    "Mixture-of-experts layers route each token to a few experts.",
-];
-const QUERIES: &[&str] = &[
-    "Someone is having a meal.",
-    "I loved this film!",
-    "parameter-efficient fine-tuning",
-];
-
-fn demo(model: Option<PathBuf>) -> AnyResult<()> {
-    let device = tensor_core::best();
-    let source = ModelSource::resolve(model.as_deref())?;
-    println!("modular demo");
-    println!(
-        "  device   {device:?} (CUDA available: {})",
-        tensor_core::device::cuda_available()
-    );
-    println!("  model    {source}");
-    let t = Instant::now();
-    let enc = SentenceEncoder::from_folder(&source.dir, device)?;
-    let count = enc.model.param_count();
-    println!(
-        "  loaded   {} layers, d_model {}, {:.1}M parameters, max {} tokens, in {:.2}s",
-        enc.model.config.num_hidden_layers,
-        enc.model.config.hidden_size,
-        count.total as f64 / 1e6,
-        enc.tokenizer.max_len,
-        t.elapsed().as_secs_f64()
-    );
-
-    let t = Instant::now();
-    let corpus = enc.embed(CORPUS)?;
-    let queries = enc.embed(QUERIES)?;
-    println!(
-        "  embedded {} sentences in {:.0} ms -> {:?}",
-        CORPUS.len() + QUERIES.len(),
-        t.elapsed().as_secs_f64() * 1e3,
-        corpus.size()
-    );
-    // Normalised embeddings: cosine similarity is a dot product.
-    let scores = queries.matmul(&corpus.tr()).to_device(Device::Cpu);
-    for (qi, q) in QUERIES.iter().enumerate() {
-        let row = scores.get(qi as i64);
-        let (top, idx) = row.topk(2, -1, true, true);
-        println!("  query    \"{q}\"");
-        for k in 0..2 {
-            println!(
-                "             {:.3}  {}",
-                top.double_value(&[k]),
-                CORPUS[idx.int64_value(&[k]) as usize]
-            );
-        }
-    }
-
-    // tensor-core on the real model: cut layer 0's FFN into 8 experts of 192
-    // neurons and send every token to all of them; the grouped computation
-    // must give back the dense FFN.
-    let ffn = enc.model.get_as::<FeedForward>("encoder.layer.0.(ffn)")?;
-    let ids = enc.tokenizer.encode_batch(CORPUS, device)?;
-    let x = tch::no_grad(|| enc.model.hidden_states(&ids.input_ids, &ids.attention_mask))?[0]
-        .reshape([-1, 384]);
-    let (e, f) = (8i64, 1536 / 8);
-    let grouped = tch::no_grad(|| -> AnyResult<Tensor> {
-        let w1 = ffn.w1()?.view([e, f, 384]);
-        let b1 = ffn.b1()?.ok_or("no b1")?.view([e, f]);
-        let w2 = ffn.w2()?.view([384, e, f]).permute([1, 0, 2]);
-        let n = x.size()[0];
-        let d = Dispatch::new(
-            &Tensor::arange(e, (Kind::Int64, device)).expand([n, e], false),
-            e,
-        )?;
-        let counts = d.counts_host()?;
-        let h =
-            Activation::Gelu.apply(&grouped_linear(&d.permute(&x)?, &counts, &w1, Some(&b1))?)?;
-        let y = grouped_linear(&h, &counts, &w2, None)?;
-        Ok(d.unpermute(&y, None)? + ffn.b2()?.ok_or("no b2")?)
-    })?;
-    let dense = tch::no_grad(|| ffn.forward_dense(&x))?;
-    let c = closeness(&grouped, &dense, 1e-4, 1e-4)?;
-    println!(
-        "  experts  encoder.layer.0.(ffn) as 8 x 192-neuron experts, all selected: max |err| vs dense {:.1e} ({})",
-        c.max_abs,
-        if c.ok { "ok" } else { "MISMATCH" }
-    );
-    if !c.ok {
-        return Err("grouped experts disagree with the dense FFN".into());
-    }
-    Ok(())
-}
-
-/// `FeedForward::forward` with a fresh eval context.
-trait DenseForward {
-    fn forward_dense(&self, x: &Tensor) -> tensor_core::Result<Tensor>;
-}
-
-impl DenseForward for FeedForward {
-    fn forward_dense(&self, x: &Tensor) -> tensor_core::Result<Tensor> {
-        tensor_core::Module::forward(self, x, &mut tensor_core::Context::eval())
-    }
-}
 
 const FINETUNE_HELP: &str =
     "usage: modular finetune [--model DIR] [--data DIR] [--epochs N] [--batch N] [--max-len N]
@@ -210,42 +106,51 @@ fn finetune_cmd(args: &[String]) -> AnyResult<()> {
     Ok(())
 }
 
+const USAGE: &str = "usage: modular <command> [options]   (modular <command> --help for each)
+  modular demo [--model DIR]                                      the demo (default command)
+  modular finetune [options]                                      full fine-tuning on the sentiment data
+  modular experiment emoe|pet|moe|merge|m2mkd|bricks [options]    the real-task results tables";
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
-        Some("demo") | None => {
-            let model = args
-                .iter()
-                .position(|a| a == "--model")
-                .and_then(|i| args.get(i + 1))
-                .map(PathBuf::from);
-            demo(model)
-        }
+        Some("demo") => demo::run(&args[1..]),
+        None => demo::run(&[]),
         Some("finetune") => finetune_cmd(&args[1..]),
+        Some(cmd @ ("split" | "merge" | "tune" | "inspect")) => cli::run(cmd, &args[1..]),
+        Some("help" | "--help" | "-h") => {
+            println!("{USAGE}\n{}", cli::SUMMARY);
+            return ExitCode::SUCCESS;
+        }
         Some("experiment") => match args.get(1).map(String::as_str) {
             Some("emoe") => experiments::emoe(&args[2..]),
             Some("pet") => experiments::pet(&args[2..]),
             Some("moe") => moe_experiment::run(&args[2..]),
+            Some("merge") => merge_experiment::run(&args[2..]),
+            Some("m2mkd") => m2mkd_experiment::run(&args[2..]),
+            Some("bricks") => bricks_experiment::run(&args[2..]),
             _ => Err(format!(
-                "usage: modular experiment emoe|pet|moe [options]\n{}\n{}\n{}",
+                "usage: modular experiment emoe|pet|moe|merge|m2mkd|bricks [options]\n{}\n{}\n{}\n{}\n{}\n{}",
                 experiments::EMOE_HELP,
                 experiments::PET_HELP,
-                moe_experiment::MOE_HELP
+                moe_experiment::MOE_HELP,
+                merge_experiment::MERGE_HELP,
+                m2mkd_experiment::M2MKD_HELP,
+                bricks_experiment::BRICKS_HELP
             )
             .into()),
         },
         Some(other) => {
-            eprintln!(
-                "unknown command '{other}'\nusage: modular demo [--model DIR] | modular finetune [options]"
-            );
-            return ExitCode::FAILURE;
+            eprintln!("modular: unknown command '{other}'\n{USAGE}\n{}", cli::SUMMARY);
+            return ExitCode::from(2);
         }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // 2: a malformed command line (cli::UsageError); 1: the work failed.
         Err(e) => {
             eprintln!("modular: {e}");
-            ExitCode::FAILURE
+            ExitCode::from(cli::exit_code(e.as_ref()))
         }
     }
 }

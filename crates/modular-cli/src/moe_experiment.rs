@@ -15,8 +15,10 @@
 //! - pruning: per layer, the FFN experts that the held-out Amazon domain
 //!   uses least (measured on one half of its windows with
 //!   [`moe_router::expert_usage`]) are removed with
-//!   [`moe_router::prune_experts`], and the loss change is measured on the
-//!   other half, on the movie validation set and on tweets.
+//!   [`moe_router::prune_experts`] — and, in a third rule, the attention
+//!   experts too ([`moe_router::attention_expert_usage`],
+//!   [`moe_router::prune_attention_experts`]) — and the loss change is
+//!   measured on the other half, on the movie validation set and on tweets.
 //!
 //! Tokens: the packaged MiniLM WordPiece tokenizer (30,522 ids), remapped to
 //! the `vocab` most frequent ids of the training text plus one `[UNK]` id, to
@@ -36,22 +38,22 @@ use model_zoo::tokenizer::TextTokenizer;
 use model_zoo::train::{AdamW, AdamWConfig, LrSchedule, ScheduleKind, SplitMix64, clip_grad_norm};
 use moe_router::router::GateParams;
 use moe_router::{
-    ExpertWeights, MixtureOfAttention, MoaConfig, MoeConfig, MoeLayer, Router, expert_usage,
-    prune_experts,
+    ExpertWeights, MixtureOfAttention, MoaConfig, MoeConfig, MoeLayer, Router,
+    attention_expert_usage, expert_usage, prune_attention_experts, prune_experts,
 };
 use tensor_core::tch::{self, Device, Kind, Tensor};
 use tensor_core::{Context, Module, ModuleExt, Slot};
 
 type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
 
-pub const MOE_HELP: &str = "usage: modular experiment moe [--seeds 0,1] [--mi-weights 0,0.01,0.1] [--steps N] [--batch N] [--seq N]
+pub const MOE_HELP: &str = "usage: modular experiment moe [--seeds 0,1,2] [--mi-weights 0,0.01,0.1] [--steps N] [--batch N] [--seq N]
                              [--vocab N] [--d-model N] [--layers N] [--experts N] [--top-k K] [--d-ff N]
                              [--lr X] [--eval-chunks N] [--threads N] [--out FILE]
 A small ModuleFormer-style decoder (model-zoo GPT-2 with MoA + MoE FFN from moe-router)
 trained from scratch on the movie reviews of data/sentiment_domains, with and without
 ModuleFormer's MI loss (one variant per --mi-weights value, each for every seed);
 reports validation / out-of-domain loss, expert-usage entropy, and the loss change
-after pruning the FFN experts the Amazon domain uses least.
+after pruning the FFN (and attention) experts the Amazon domain uses least.
 Writes docs/results/moe.md (or --out). A smoke run: --steps 20 --seeds 0 --out /tmp/moe.md";
 
 /// Everything the command can change.
@@ -86,9 +88,9 @@ struct Plan {
 impl Default for Plan {
     fn default() -> Self {
         Self {
-            seeds: vec![0, 1],
+            seeds: vec![0, 1, 2],
             mi_weights: vec![0.0, 0.01, 0.1],
-            steps: 200,
+            steps: 120,
             batch: 32,
             seq: 64,
             vocab: 4096,
@@ -367,8 +369,8 @@ fn build_model(p: &Plan, vocab: i64, mi: f64, device: Device) -> AnyResult<Gpt2M
 
 /// A [`MoeLayer`] sharing `m`'s tensors (pruning builds new tensors, so the
 /// original stays intact and can be put back).
-fn share_moe(m: &MoeLayer) -> MoeLayer {
-    let params = match &m.router.params {
+fn share_router(r: &Router) -> Router {
+    let params = match &r.params {
         GateParams::Linear { weight } => GateParams::Linear {
             weight: weight.shallow_clone(),
         },
@@ -388,6 +390,15 @@ fn share_moe(m: &MoeLayer) -> MoeLayer {
         },
         GateParams::Fixed { a, b } => GateParams::Fixed { a: *a, b: *b },
     };
+    Router {
+        config: r.config.clone(),
+        d_model: r.d_model,
+        params,
+        active: r.active.as_ref().map(Tensor::shallow_clone),
+    }
+}
+
+fn share_moe(m: &MoeLayer) -> MoeLayer {
     let share = |w: &ExpertWeights| ExpertWeights {
         w1: w.w1.shallow_clone(),
         w_gate: w.w_gate.as_ref().map(Tensor::shallow_clone),
@@ -397,14 +408,27 @@ fn share_moe(m: &MoeLayer) -> MoeLayer {
     };
     MoeLayer {
         config: m.config.clone(),
-        router: Router {
-            config: m.router.config.clone(),
-            d_model: m.router.d_model,
-            params,
-            active: m.router.active.as_ref().map(Tensor::shallow_clone),
-        },
+        router: share_router(&m.router),
         experts: share(&m.experts),
         frozen: m.frozen.as_ref().map(share),
+    }
+}
+
+/// A [`MixtureOfAttention`] sharing `m`'s tensors (as [`share_moe`]).
+fn share_moa(m: &MixtureOfAttention) -> MixtureOfAttention {
+    let opt = |t: &Option<Tensor>| t.as_ref().map(Tensor::shallow_clone);
+    MixtureOfAttention {
+        config: m.config.clone(),
+        router: share_router(&m.router),
+        w_k: opt(&m.w_k),
+        w_v: opt(&m.w_v),
+        w_q: m.w_q.shallow_clone(),
+        w_o: m.w_o.shallow_clone(),
+        frozen_q: opt(&m.frozen_q),
+        frozen_o: opt(&m.frozen_o),
+        head_bias: opt(&m.head_bias),
+        gn_weight: opt(&m.gn_weight),
+        gn_bias: opt(&m.gn_bias),
     }
 }
 
@@ -616,13 +640,18 @@ enum Rule {
     /// Keep the `E/2` experts the domain uses most (fewer if fewer are used;
     /// more on ties).
     TopHalf,
+    /// `Unused` on the FFN and on the attention experts.
+    UnusedWithAttention,
 }
+
+const RULES: [Rule; 3] = [Rule::Unused, Rule::TopHalf, Rule::UnusedWithAttention];
 
 impl Rule {
     fn name(self) -> &'static str {
         match self {
             Rule::Unused => "usage < 1/(4E)",
             Rule::TopHalf => "keep top E/2 (used)",
+            Rule::UnusedWithAttention => "usage < 1/(4E), FFN + MoA",
         }
     }
 }
@@ -631,6 +660,8 @@ impl Rule {
 struct Pruned {
     rule: Rule,
     kept: Vec<usize>,
+    /// Attention experts kept per layer (all of them unless the rule prunes MoA).
+    kept_att: Vec<usize>,
     amazon: f64,
     val: f64,
     tweets: f64,
@@ -647,7 +678,7 @@ fn threshold(rule: Rule, usage: &[f64], k: usize) -> f64 {
     let total: f64 = usage.iter().sum();
     let kth = |n: usize| sorted[n.clamp(1, e) - 1];
     match rule {
-        Rule::Unused => (total / (4.0 * e as f64)).min(kth(k)).max(0.5),
+        Rule::Unused | Rule::UnusedWithAttention => (total / (4.0 * e as f64)).min(kth(k)).max(0.5),
         Rule::TopHalf => kth((e / 2).max(k)).max(0.5),
     }
 }
@@ -662,6 +693,12 @@ fn prune_and_eval(
 ) -> AnyResult<Pruned> {
     let mut originals: Vec<(String, Slot)> = Vec::new();
     let mut kept = Vec::new();
+    let mut kept_att = Vec::new();
+    let ffn_rule = if rule == Rule::UnusedWithAttention {
+        Rule::Unused
+    } else {
+        rule
+    };
     let result = (|| -> AnyResult<()> {
         for l in 0..p.layers {
             let path = moe_path(l);
@@ -670,9 +707,27 @@ fn prune_and_eval(
             let usage =
                 Vec::<f64>::try_from(usage_t.f_to_kind(Kind::Double)?.f_to_device(Device::Cpu)?)?;
             let mut copy = copy;
-            let keep = prune_experts(&mut copy, &usage_t, threshold(rule, &usage, p.top_k))?;
+            let keep = prune_experts(&mut copy, &usage_t, threshold(ffn_rule, &usage, p.top_k))?;
             kept.push(keep.len());
             originals.push((path.clone(), model.replace(&path, Box::new(copy))?));
+            if rule == Rule::UnusedWithAttention {
+                let path = moa_path(l);
+                let mut copy = share_moa(model.get_as::<MixtureOfAttention>(&path)?);
+                let inputs = tapped(calib_taps, &format!("h.{l}.ln_1.tap"))?;
+                let usage_t = attention_expert_usage(&copy, inputs, None)?;
+                let usage = Vec::<f64>::try_from(
+                    usage_t.f_to_kind(Kind::Double)?.f_to_device(Device::Cpu)?,
+                )?;
+                let keep = prune_attention_experts(
+                    &mut copy,
+                    &usage_t,
+                    threshold(Rule::Unused, &usage, p.top_k),
+                )?;
+                kept_att.push(keep.len());
+                originals.push((path.clone(), model.replace(&path, Box::new(copy))?));
+            } else {
+                kept_att.push(p.experts);
+            }
         }
         Ok(())
     })();
@@ -690,6 +745,7 @@ fn prune_and_eval(
     Ok(Pruned {
         rule,
         kept,
+        kept_att,
         amazon,
         val,
         tweets,
@@ -734,7 +790,7 @@ fn run_one(
     let (ffn_amazon, _) = all_stats(&model, &calib_taps, p.layers)?;
     drop(movie_taps);
     let mut pruned = Vec::new();
-    for rule in [Rule::Unused, Rule::TopHalf] {
+    for rule in RULES {
         pruned.push(prune_and_eval(
             &mut model,
             p,
@@ -768,9 +824,10 @@ fn run_one(
     );
     for pr in &r.pruned {
         eprintln!(
-            "    prune ({}): kept {:?}  amazon {:+.4}  val {:+.4}  tweets {:+.4}",
+            "    prune ({}): kept {:?} (MoA {:?})  amazon {:+.4}  val {:+.4}  tweets {:+.4}",
             pr.rule.name(),
             pr.kept,
+            pr.kept_att,
             pr.amazon - r.amazon,
             pr.val - r.val,
             pr.tweets - r.tweets
@@ -901,7 +958,7 @@ fn report(
     )?;
     writeln!(
         md,
-        "- **Pruning** (FFN experts only; moe-router's `prune_experts` does not prune MoA experts): per layer, `expert_usage` of the FFN router on the Amazon calibration half, then `prune_experts` with (a) threshold `Σusage/(4E)` (\"experts the domain does not use\"), or (b) the E/2 most used experts kept (a fixed budget that compares the variants at equal size; fewer when fewer are used at all, more on ties). The loss change is measured on the other Amazon half, on movie validation and on tweets; the model is restored between rules. With ModuleFormer's raw gates the surviving experts' probabilities are renormalised over fewer experts, so the outputs change even when the removed experts were never chosen.",
+        "- **Pruning**: per layer, `expert_usage` of the FFN router on the Amazon calibration half, then `prune_experts` with (a) threshold `Σusage/(4E)` (\"experts the domain does not use\"), or (b) the E/2 most used experts kept (a fixed budget that compares the variants at equal size; fewer when fewer are used at all, more on ties), or (c) rule (a) on the FFN experts and on the attention experts (`attention_expert_usage` of the MoA router on the same windows, then `prune_attention_experts`). The loss change is measured on the other Amazon half, on movie validation and on tweets; the model is restored between rules. With ModuleFormer's raw gates the surviving experts' probabilities are renormalised over fewer experts, so the outputs change even when the removed experts were never chosen.",
     )?;
     writeln!(
         md,
@@ -947,7 +1004,7 @@ fn report(
     }
     writeln!(
         md,
-        "\n### Pruning the FFN experts by Amazon usage\n\nExperts kept = per layer, summed over the {} layers (of {} × {} = {}), mean over seeds. Δ = loss after pruning − loss before (nats/token).\n",
+        "\n### Pruning the experts by Amazon usage\n\nExperts kept = per layer, summed over the {} layers (of {} × {} = {}), mean over seeds, FFN and attention (MoA). Δ = loss after pruning − loss before (nats/token).\n",
         p.layers,
         p.layers,
         p.experts,
@@ -955,22 +1012,24 @@ fn report(
     )?;
     writeln!(
         md,
-        "| variant | rule | experts kept | Δ Amazon loss (held-out half) | Δ movie val loss | Δ tweets loss |"
+        "| variant | rule | FFN experts kept | MoA experts kept | Δ Amazon loss (held-out half) | Δ movie val loss | Δ tweets loss |"
     )?;
-    writeln!(md, "|---|---|---|---|---|---|")?;
+    writeln!(md, "|---|---|---|---|---|---|---|")?;
     for &mi in &p.mi_weights {
         let r: Vec<&RunResult> = runs.iter().filter(|r| r.mi == mi).collect();
-        for (i, rule) in [Rule::Unused, Rule::TopHalf].iter().enumerate() {
+        for (i, rule) in RULES.iter().enumerate() {
             let col = |f: &dyn Fn(&RunResult, &Pruned) -> f64| {
                 r.iter().map(|x| f(x, &x.pruned[i])).collect::<Vec<_>>()
             };
             let kept = col(&|_, q| q.kept.iter().sum::<usize>() as f64);
+            let kept_att = col(&|_, q| q.kept_att.iter().sum::<usize>() as f64);
             writeln!(
                 md,
-                "| {} | {} | {:.1} | {} | {} | {} |",
+                "| {} | {} | {:.1} | {:.1} | {} | {} | {} |",
                 variant_name(mi),
                 rule.name(),
                 mean_std(&kept).0,
+                mean_std(&kept_att).0,
                 ms_signed(&col(&|x, q| q.amazon - x.amazon), 4),
                 ms_signed(&col(&|x, q| q.val - x.val), 4),
                 ms_signed(&col(&|x, q| q.tweets - x.tweets), 4),
@@ -981,7 +1040,7 @@ fn report(
     for r in runs {
         writeln!(
             md,
-            "- {} seed {}: val {:.4}, Amazon {:.4}, tweets {:.4}; FFN usage entropy per layer [{}], per-token [{}]; Amazon FFN load per layer {}; pruned (a) kept {:?}: Δ Amazon {:+.4}, Δ val {:+.4}; (b) kept {:?}: Δ Amazon {:+.4}, Δ val {:+.4}; {:.0} s",
+            "- {} seed {}: val {:.4}, Amazon {:.4}, tweets {:.4}; FFN usage entropy per layer [{}], per-token [{}]; Amazon FFN load per layer {}; pruned (a) kept {:?}: Δ Amazon {:+.4}, Δ val {:+.4}; (b) kept {:?}: Δ Amazon {:+.4}, Δ val {:+.4}; (c) kept FFN {:?}, MoA {:?}: Δ Amazon {:+.4}, Δ val {:+.4}; {:.0} s",
             variant_name(r.mi),
             r.seed,
             r.val,
@@ -1015,6 +1074,10 @@ fn report(
             r.pruned[1].kept,
             r.pruned[1].amazon - r.amazon,
             r.pruned[1].val - r.val,
+            r.pruned[2].kept,
+            r.pruned[2].kept_att,
+            r.pruned[2].amazon - r.amazon,
+            r.pruned[2].val - r.val,
             r.seconds
         )?;
     }

@@ -16,7 +16,11 @@
 //! ranks by descending routing probability `p_te` (ties by position). Its slot
 //! is the number of assignments to `e` with a smaller rank; it is kept iff
 //! `slot < C`. Everything is computed on the device (a stable sort of the key
-//! `e · T k + r`), with no host synchronisation.
+//! `e · 2Tk + r`), with no host synchronisation.
+//!
+//! **Padding.** With a token mask ([`assign_slots_masked`]), the assignments of
+//! padding tokens are ranked after every real one (`r + Tk`) and are never
+//! kept: they take no slot from a real token.
 
 use tensor_core::TchResultExt;
 use tensor_core::tch::{Kind, Tensor};
@@ -51,10 +55,29 @@ pub fn assign_slots(
     capacity: i64,
     policy: DropPolicy,
 ) -> Result<(Tensor, Tensor)> {
+    assign_slots_masked(experts, probs, num_experts, capacity, policy, None)
+}
+
+/// [`assign_slots`] where only the assignments with `valid: [T, k]` (bool)
+/// compete for slots: invalid ones (padding tokens) are ranked last and
+/// never kept, so the valid slots of each expert are `0..n_e`.
+pub fn assign_slots_masked(
+    experts: &Tensor,
+    probs: &Tensor,
+    num_experts: i64,
+    capacity: i64,
+    policy: DropPolicy,
+    valid: Option<&Tensor>,
+) -> Result<(Tensor, Tensor)> {
     const OP: &str = "assign_slots";
     let s = experts.size();
     if s.len() != 2 || probs.size() != s {
         return Err(Error::shape(OP, "experts and probs [tokens, k]", s));
+    }
+    if let Some(v) = valid
+        && (v.size() != s || v.kind() != Kind::Bool)
+    {
+        return Err(Error::shape(OP, "valid [tokens, k] (bool)", v.size()));
     }
     if capacity <= 0 {
         return Err(Error::config(format!(
@@ -83,11 +106,18 @@ pub fn assign_slots(
             rank_of_pos.f_view([k, t])?.f_tr()?
         }
     };
+    let mut rank = rank.f_reshape([-1])?;
+    if let Some(v) = valid {
+        // Padding after every real assignment of the same expert.
+        rank = rank.f_add(
+            &v.f_reshape([-1])?
+                .f_logical_not()?
+                .f_to_kind(Kind::Int64)?
+                .f_mul_scalar(n)?,
+        )?;
+    }
     let flat_e = experts.f_reshape([-1])?.f_to_kind(Kind::Int64)?;
-    let key = flat_e
-        .f_mul_scalar(n)?
-        .f_add(&rank.f_reshape([-1])?)
-        .op(OP)?;
+    let key = flat_e.f_mul_scalar(2 * n)?.f_add(&rank).op(OP)?;
     let order = key.f_argsort_stable(true, 0, false).op(OP)?;
     let sorted_e = flat_e.f_index_select(0, &order)?;
     let counts = flat_e.f_bincount::<Tensor>(None, num_experts).op(OP)?;
@@ -101,7 +131,10 @@ pub fn assign_slots(
     let slot = Tensor::f_zeros([n], opts)?
         .f_scatter(0, &order, &slot_sorted)?
         .f_view([t, k])?;
-    let kept = slot.f_lt(capacity)?;
+    let mut kept = slot.f_lt(capacity)?;
+    if let Some(v) = valid {
+        kept = kept.f_logical_and(v)?;
+    }
     Ok((kept, slot))
 }
 

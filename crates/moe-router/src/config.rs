@@ -211,6 +211,9 @@ pub struct RouterConfig {
     pub num_layers: usize,
     /// Seed of the `hash` gate's hash function and of new router rows (0).
     pub seed: u64,
+    /// Take the layers' token mask from `ctx.attention_mask`: padding tokens
+    /// are not dispatched and count in no loss or statistic (true).
+    pub mask_padding: bool,
 }
 
 impl Default for RouterConfig {
@@ -249,6 +252,7 @@ impl Default for RouterConfig {
             concentration_weight: 0.0,
             num_layers: 1,
             seed: 0,
+            mask_padding: true,
         }
     }
 }

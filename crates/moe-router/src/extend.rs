@@ -18,11 +18,24 @@
 //! (`renorm`, `hard`); with `raw` or `pnorm` weights the surviving `p` are
 //! renormalised over fewer experts, so gates change (fine-tune afterwards,
 //! as ModuleFormer does after its load-concentration loss).
+//!
+//! **Attention experts** (ModuleFormer's MoA, [`MixtureOfAttention`]): the
+//! same two operations on the per-expert query/output projections
+//! ([`grow_attention_experts`], [`attention_expert_usage`],
+//! [`prune_attention_experts`]). New experts get fresh `W_q^e`, `W_o^e`
+//! (PyTorch `Linear` initialisation) and router rows; with `mask_new` the
+//! layer's output is unchanged until [`unmask_attention_experts`]. With
+//! `freeze_old`, the old experts' projections move to `frozen_q`/`frozen_o`
+//! **and the shared key/value projections (plus head bias and GroupNorm)
+//! are frozen too**: the old experts read them, so an old expert computes
+//! exactly what it did whatever the new ones learn; the router and the new
+//! experts train. Usage counts can leave out padding (`masks`).
 
 use tensor_core::tch::{Kind, Tensor};
 use tensor_core::{Context, TchResultExt};
 
 use crate::error::{Error, Result};
+use crate::moa::MixtureOfAttention;
 use crate::moe::{ExpertActivation, ExpertWeights, MoeLayer};
 use crate::router::{GateParams, Router};
 
@@ -38,6 +51,14 @@ fn cat_rows(old: &Tensor, new: &Tensor) -> Result<Tensor> {
         &Tensor::f_cat(&[old.f_detach()?, new], 0)?,
         old.requires_grad(),
     )
+}
+
+/// `[n, out, inp]` PyTorch-`Linear`-initialised expert weights like `like`.
+fn new_experts(n: i64, out: i64, inp: i64, like: &Tensor) -> Result<Tensor> {
+    let bound = 1.0 / (inp as f64).sqrt();
+    let mut t = Tensor::f_empty([n, out, inp], (like.kind(), like.device()))?;
+    let _ = t.f_uniform_(-bound, bound)?;
+    Ok(t)
 }
 
 fn new_rows(rows: i64, cols: i64, like: &Tensor) -> Result<Tensor> {
@@ -163,32 +184,53 @@ pub fn unmask_experts(moe: &mut MoeLayer) {
     moe.router.active = None;
 }
 
-/// `[E]` kept assignments per expert of `moe`'s router (evaluation mode,
-/// no noise) over `inputs` (each `[..., d]`), summed; f32 on the device.
-pub fn expert_usage(moe: &MoeLayer, inputs: &[Tensor]) -> Result<Tensor> {
+/// `[E]` kept assignments per expert of `router` (evaluation mode, no
+/// noise) over `inputs` (each `[..., d]`), summed; padding tokens left out
+/// where `masks` (one per input, 1 = token) say so. f32 on the device.
+fn router_usage(router: &Router, inputs: &[Tensor], masks: Option<&[Tensor]>) -> Result<Tensor> {
+    const OP: &str = "expert_usage";
+    if let Some(m) = masks
+        && m.len() != inputs.len()
+    {
+        return Err(Error::config(format!(
+            "{OP}: {} masks for {} inputs",
+            m.len(),
+            inputs.len()
+        )));
+    }
     let _g = tensor_core::tch::no_grad_guard();
     let mut total: Option<Tensor> = None;
-    for x in inputs {
-        let d = moe.config.d_model;
-        let xf = x.f_reshape([-1, d]).op("expert_usage")?;
+    for (i, x) in inputs.iter().enumerate() {
+        let xf = x.f_reshape([-1, router.d_model]).op(OP)?;
         let mut ctx = Context::eval();
-        let r = moe.router.route(&xf, &mut ctx)?;
+        let r = router.route_masked(&xf, masks.map(|m| &m[i]), &mut ctx)?;
         let l = r.load()?;
         total = Some(match total {
             Some(t) => t.f_add(&l)?,
             None => l,
         });
     }
-    total.ok_or_else(|| Error::missing("expert_usage", "no inputs given"))
+    total.ok_or_else(|| Error::missing(OP, "no inputs given"))
 }
 
-/// Remove the experts with `usage[e] < threshold` (`usage: [E]`); returns the
-/// kept map `new index → old index`. At least `top_k` experts must remain.
-pub fn prune_experts(moe: &mut MoeLayer, usage: &Tensor, threshold: f64) -> Result<Vec<i64>> {
-    let e = moe.num_experts();
+/// `[E]` kept assignments per expert of `moe`'s router (evaluation mode,
+/// no noise) over `inputs` (each `[..., d]`), summed; f32 on the device.
+pub fn expert_usage(moe: &MoeLayer, inputs: &[Tensor]) -> Result<Tensor> {
+    router_usage(&moe.router, inputs, None)
+}
+
+/// [`expert_usage`] without the padding tokens of `masks` (one per input,
+/// with its token count; 1 = token, 0 = padding).
+pub fn expert_usage_masked(moe: &MoeLayer, inputs: &[Tensor], masks: &[Tensor]) -> Result<Tensor> {
+    router_usage(&moe.router, inputs, Some(masks))
+}
+
+/// Indices `e` with `usage[e] >= threshold`; at least `top_k` must remain.
+fn kept_experts(op: &str, router: &Router, usage: &Tensor, threshold: f64) -> Result<Vec<i64>> {
+    let e = router.num_experts();
     if usage.size() != [e] {
         return Err(Error::shape(
-            "prune_experts usage",
+            format!("{op} usage"),
             format!("[{e}]"),
             usage.size(),
         ));
@@ -199,14 +241,24 @@ pub fn prune_experts(moe: &mut MoeLayer, usage: &Tensor, threshold: f64) -> Resu
             .f_to_device(tensor_core::tch::Device::Cpu)?,
     )
     .map_err(tensor_core::Error::from)?;
+    if u.iter().any(|x| !x.is_finite()) {
+        return Err(Error::config(format!("{op}: usage holds NaN or Inf")));
+    }
     let keep: Vec<i64> = (0..e).filter(|&i| u[i as usize] >= threshold).collect();
-    let k = moe.router.config.top_k;
+    let k = router.config.top_k;
     if keep.len() < k {
         return Err(Error::config(format!(
-            "prune_experts: only {} experts have usage >= {threshold}, top_k = {k} need to remain",
+            "{op}: only {} experts have usage >= {threshold}, top_k = {k} need to remain",
             keep.len()
         )));
     }
+    Ok(keep)
+}
+
+/// Remove the experts with `usage[e] < threshold` (`usage: [E]`); returns the
+/// kept map `new index → old index`. At least `top_k` experts must remain.
+pub fn prune_experts(moe: &mut MoeLayer, usage: &Tensor, threshold: f64) -> Result<Vec<i64>> {
+    let keep = kept_experts("prune_experts", &moe.router, usage, threshold)?;
     let dev = moe.experts.w1.device();
     let idx = Tensor::from_slice(&keep).f_to_device(dev)?;
     moe.router.select(&idx)?;
@@ -229,5 +281,101 @@ pub fn prune_experts(moe: &mut MoeLayer, usage: &Tensor, threshold: f64) -> Resu
     let trainable_rg = moe.experts.w1.requires_grad();
     moe.experts = all.zip_map(None, &mut |t, _| take(t, nf, nk - nf, trainable_rg))?;
     moe.config.router.num_experts = keep.len();
+    Ok(keep)
+}
+
+/// Add `n_new` attention experts to `moa` (see the module docs): fresh
+/// `W_q^e`, `W_o^e` and router rows; new experts masked when `mask_new`;
+/// old experts (and the shared K/V, head bias, GroupNorm) frozen when `freeze_old`.
+pub fn grow_attention_experts(
+    moa: &mut MixtureOfAttention,
+    n_new: usize,
+    freeze_old: bool,
+    mask_new: bool,
+) -> Result<()> {
+    if n_new == 0 {
+        return Err(Error::config(
+            "grow_attention_experts: n_new must be at least 1",
+        ));
+    }
+    let n = n_new as i64;
+    let (a, d) = (moa.config.att_hidden, moa.config.d_model);
+    moa.router.grow(n, mask_new)?;
+    let q_new = detached(&new_experts(n, a, d, &moa.w_q)?, true)?;
+    let o_new = detached(&new_experts(n, d, a, &moa.w_o)?, true)?;
+    if freeze_old {
+        let (q, o) = moa.expert_projections()?;
+        moa.frozen_q = Some(detached(&q, false)?);
+        moa.frozen_o = Some(detached(&o, false)?);
+        moa.w_q = q_new;
+        moa.w_o = o_new;
+        for t in [
+            &mut moa.w_k,
+            &mut moa.w_v,
+            &mut moa.head_bias,
+            &mut moa.gn_weight,
+            &mut moa.gn_bias,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            *t = detached(t, false)?;
+        }
+    } else {
+        moa.w_q = cat_rows(&moa.w_q, &q_new)?;
+        moa.w_o = cat_rows(&moa.w_o, &o_new)?;
+    }
+    moa.config.router.num_experts = moa.router.config.num_experts;
+    Ok(())
+}
+
+/// Let every attention expert be chosen again (clears `router.active`).
+pub fn unmask_attention_experts(moa: &mut MixtureOfAttention) {
+    moa.router.active = None;
+}
+
+/// `[E]` kept assignments per attention expert of `moa`'s router over
+/// `inputs` (the MoA's inputs, `[B, T, d]` or `[N, d]`), summed; padding
+/// left out where `masks` (one per input, 1 = token) say so.
+pub fn attention_expert_usage(
+    moa: &MixtureOfAttention,
+    inputs: &[Tensor],
+    masks: Option<&[Tensor]>,
+) -> Result<Tensor> {
+    router_usage(&moa.router, inputs, masks)
+}
+
+/// Remove the attention experts with `usage[e] < threshold`; returns the
+/// kept map `new index → old index` (at least `top_k` must remain). Outputs
+/// on the data are unchanged when the removed experts had no assignment
+/// and the gates are `renorm` or `hard` (as for [`prune_experts`]).
+pub fn prune_attention_experts(
+    moa: &mut MixtureOfAttention,
+    usage: &Tensor,
+    threshold: f64,
+) -> Result<Vec<i64>> {
+    let keep = kept_experts("prune_attention_experts", &moa.router, usage, threshold)?;
+    let idx = Tensor::from_slice(&keep).f_to_device(moa.w_q.device())?;
+    moa.router.select(&idx)?;
+    let n_frozen = moa.frozen_q.as_ref().map_or(0, |t| t.size()[0]);
+    let (q, o) = moa.expert_projections()?;
+    let nf = keep.iter().filter(|&&i| i < n_frozen).count() as i64;
+    let nk = keep.len() as i64;
+    let take = |t: &Tensor, start: i64, len: i64, rg: bool| -> Result<Tensor> {
+        detached(&t.f_index_select(0, &idx)?.f_narrow(0, start, len)?, rg)
+    };
+    let trainable_rg = moa.w_q.requires_grad();
+    if moa.frozen_q.is_some() {
+        if nf > 0 {
+            moa.frozen_q = Some(take(&q, 0, nf, false)?);
+            moa.frozen_o = Some(take(&o, 0, nf, false)?);
+        } else {
+            moa.frozen_q = None;
+            moa.frozen_o = None;
+        }
+    }
+    moa.w_q = take(&q, nf, nk - nf, trainable_rg)?;
+    moa.w_o = take(&o, nf, nk - nf, trainable_rg)?;
+    moa.config.router.num_experts = keep.len();
     Ok(keep)
 }

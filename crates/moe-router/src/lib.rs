@@ -21,8 +21,8 @@
 //! 4. [`capacity`]: capacity formulas, slots by position or priority, on the device;
 //! 5. [`losses`]: balance (Switch/DeepSpeed/MegaBlocks), z-loss, CV²,
 //!    ModuleFormer's MI loss (with accumulation), load concentration;
-//! 6. [`moe`]: [`MoeLayer`], stacked experts (GELU or SwiGLU), capacity path
-//!    without host sync, dropless path through `tensor_core::grouped`,
+//! 6. [`moe`]: [`MoeLayer`], stacked experts (GELU or SwiGLU), a chunked
+//!    padded kernel (capacity: no host sync; dropless: one), `tensor_core::grouped`,
 //!    expert choice, and the dense masked reference; a [`tensor_core::Module`]
 //!    that replaces a `FeedForward` slot;
 //! 7. [`stick_breaking`]: stick-breaking attention in log space, `O(T²)`,
@@ -30,8 +30,11 @@
 //! 8. [`moa`]: [`MixtureOfAttention`], per-expert query/output projections
 //!    over shared keys and values;
 //! 9. [`block`]: [`ModuleFormerBlock`] (pre-LN MoA + MoE FFN), slots named as GPT-2's;
-//! 10. [`extend`]: grow a trained MoE with new (masked) experts, freeze the
-//!     old ones, prune the experts a dataset does not use.
+//! 10. [`extend`]: grow a trained MoE FFN or MoA with new (masked) experts,
+//!     freeze the old ones, prune the experts a dataset does not use.
+//!
+//! Padding tokens (`ctx.attention_mask`) are not dispatched and are left out
+//! of every auxiliary loss and statistic ([`router::token_mask`]).
 //!
 //! ```no_run
 //! use moe_router::{MoeConfig, MoeLayer, RouterConfig};
@@ -68,11 +71,14 @@ pub use config::{
     RouterConfig, RoutingMode, ScoreFn, WeightMode,
 };
 pub use error::{Error, Result};
-pub use extend::{expert_usage, grow_experts, prune_experts, unmask_experts};
-pub use losses::{MiAccumulator, add_aux_losses, flush_mi_losses};
+pub use extend::{
+    attention_expert_usage, expert_usage, expert_usage_masked, grow_attention_experts,
+    grow_experts, prune_attention_experts, prune_experts, unmask_attention_experts, unmask_experts,
+};
+pub use losses::{MiAccumulator, add_aux_losses, add_aux_losses_masked, flush_mi_losses};
 pub use moa::{KvCache, MixtureOfAttention, MoaConfig};
 pub use moe::{DroplessKernel, ExpertActivation, ExpertWeights, MoeConfig, MoeLayer, MoePath};
-pub use router::{RouteIds, Router, Routing};
+pub use router::{RouteIds, Router, Routing, token_mask};
 pub use stick_breaking::{
     SbOutput, SbRemainder, SbVariant, stick_breaking_attention, stick_breaking_naive,
     stick_breaking_weights,

@@ -25,6 +25,12 @@
 //!
 //! Each layer adds its weighted losses with `ctx.add_aux_loss` in training
 //! ([`add_aux_losses`]); `ctx.aux_loss_total` sums them over layers.
+//!
+//! **Padding.** Every loss has a `_masked` form taking a token mask `m: [T]`
+//! (1 = real token, 0 = padding): each mean over tokens becomes
+//! `Σ_t m_t (·) / Σ_t m_t`, the counts `n_e` and `Load_e` count real tokens
+//! only, and `T` is the number of real tokens, so padding rows change
+//! nothing (tested). No host synchronisation: `Σ_t m_t` stays on the device.
 
 use std::collections::HashMap;
 
@@ -45,11 +51,26 @@ fn check_probs(op: &str, probs: &Tensor) -> Result<(i64, i64)> {
     Ok((s[0], s[1]))
 }
 
-/// `[E]` assignment counts of `experts: [T, k]` (f32/f64 like `kind`, no gradient).
-fn counts(experts: &Tensor, num_experts: i64, kind: Kind) -> Result<Tensor> {
+/// `[E]` assignment counts of `experts: [T, k]` (f32/f64 like `kind`, no
+/// gradient), only of the real tokens when `mask: [T]` is given.
+fn counts(experts: &Tensor, num_experts: i64, kind: Kind, mask: Option<&Tensor>) -> Result<Tensor> {
+    let w = mask
+        .map(|m| -> Result<Tensor> {
+            let k = experts.size().get(1).copied().unwrap_or(1);
+            let m = if m.kind() == Kind::Bool {
+                m.shallow_clone()
+            } else {
+                m.f_ne(0)?
+            };
+            Ok(m.f_to_kind(Kind::Double)?
+                .f_unsqueeze(1)?
+                .f_expand([-1, k], false)?
+                .f_reshape([-1])?)
+        })
+        .transpose()?;
     let c = experts
         .f_reshape([-1])?
-        .f_bincount::<Tensor>(None, num_experts)
+        .f_bincount(w.as_ref(), num_experts)
         .op("balance_loss counts")?;
     if c.size() != [num_experts] {
         return Err(Error::config(format!(
@@ -57,6 +78,34 @@ fn counts(experts: &Tensor, num_experts: i64, kind: Kind) -> Result<Tensor> {
         )));
     }
     Ok(c.f_to_kind(kind)?)
+}
+
+/// `[T]` weights `m_t` (1 real, 0 padding) of `mask` in `kind`, checked against `T`.
+fn mask_weights(op: &str, mask: &Tensor, t: i64, kind: Kind) -> Result<Tensor> {
+    if mask.numel() as i64 != t {
+        return Err(Error::shape(op, format!("token mask [{t}]"), mask.size()));
+    }
+    let m = mask.f_reshape([-1])?;
+    let m = if m.kind() == Kind::Bool {
+        m
+    } else {
+        m.f_ne(0)?
+    };
+    Ok(m.f_to_kind(kind)?)
+}
+
+/// `Σ_t m_t x_t / max(Σ_t m_t, 1)` over dim 0 of `x: [T, ...]` (`mean_t` without a mask).
+fn token_mean(op: &str, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    let Some(mask) = mask else {
+        return Ok(x.f_mean_dim(0, false, x.kind())?);
+    };
+    let m = mask_weights(op, mask, x.size()[0], x.kind())?;
+    let n = m.f_sum(x.kind())?.f_clamp_min(1.0)?;
+    let mut shape = vec![-1i64];
+    shape.extend(std::iter::repeat_n(1, x.dim().saturating_sub(1)));
+    Ok(x.f_mul(&m.f_view(shape.as_slice())?)?
+        .f_sum_dim_intlist(0, false, x.kind())?
+        .f_div(&n)?)
 }
 
 /// The balance loss of `probs: [T, E]` and the chosen `experts: [T, k]`
@@ -68,6 +117,17 @@ pub fn balance_loss(
     variant: BalanceVariant,
     num_layers: usize,
 ) -> Result<Tensor> {
+    balance_loss_masked(probs, experts, variant, num_layers, None)
+}
+
+/// [`balance_loss`] over the real tokens of `mask: [T]` (`P_e`, `f_e` and `T` from them).
+pub fn balance_loss_masked(
+    probs: &Tensor,
+    experts: &Tensor,
+    variant: BalanceVariant,
+    num_layers: usize,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
     const OP: &str = "balance_loss";
     let (t, e) = check_probs(OP, probs)?;
     let es = experts.size();
@@ -75,12 +135,20 @@ pub fn balance_loss(
         return Err(Error::shape(OP, format!("experts [{t}, k]"), es));
     }
     let k = es[1];
-    let p_mean = probs.f_mean_dim(0, false, probs.kind())?;
+    let p_mean = token_mean(OP, probs, mask)?;
     let chosen = match variant {
         BalanceVariant::SwitchTop1 => experts.f_narrow(1, 0, 1)?,
         _ => experts.shallow_clone(),
     };
-    let f = counts(&chosen, e, probs.kind())?.f_div_scalar(t.max(1) as f64)?;
+    let c = counts(&chosen, e, probs.kind(), mask)?;
+    let f = match mask {
+        None => c.f_div_scalar(t.max(1) as f64)?,
+        Some(m) => c.f_div(
+            &mask_weights(OP, m, t, probs.kind())?
+                .f_sum(probs.kind())?
+                .f_clamp_min(1.0)?,
+        )?,
+    };
     let dot = f.f_mul(&p_mean)?.f_sum(probs.kind())?;
     let scale = match variant {
         BalanceVariant::SwitchTop1 => e as f64,
@@ -92,11 +160,14 @@ pub fn balance_loss(
 
 /// Router z-loss `mean_t (logsumexp_e ℓ_te)²` of `logits: [T, E]`; `[0, 0]` gives `(ln 2)²`.
 pub fn z_loss(logits: &Tensor) -> Result<Tensor> {
+    z_loss_masked(logits, None)
+}
+
+/// [`z_loss`] averaged over the real tokens of `mask: [T]`.
+pub fn z_loss_masked(logits: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
     check_probs("z_loss", logits)?;
-    Ok(logits
-        .f_logsumexp([-1i64].as_slice(), false)?
-        .f_square()?
-        .f_mean(logits.kind())?)
+    let sq = logits.f_logsumexp([-1i64].as_slice(), false)?.f_square()?;
+    token_mean("z_loss", &sq, mask)
 }
 
 /// `CV²(v) = Var(v) / (Mean(v)² + 1e-10)` of `v: [E]`; 0 for `E = 1`.
@@ -116,8 +187,24 @@ pub fn cv_squared(v: &Tensor, variance: CvVariance) -> Result<Tensor> {
 /// `(CV²(Imp) + CV²(Load)) / 2` with `Imp_e = Σ_t p_te` and `load: [E]`
 /// (counts, or [`smooth_load`]).
 pub fn importance_load_cv2(probs: &Tensor, load: &Tensor, variance: CvVariance) -> Result<Tensor> {
-    check_probs("importance_load_cv2", probs)?;
-    let imp = probs.f_sum_dim_intlist(0, false, probs.kind())?;
+    importance_load_cv2_masked(probs, load, variance, None)
+}
+
+/// [`importance_load_cv2`] with `Imp_e = Σ_t m_t p_te` (the `load` should
+/// count real tokens only too: [`smooth_load_masked`] or masked counts).
+pub fn importance_load_cv2_masked(
+    probs: &Tensor,
+    load: &Tensor,
+    variance: CvVariance,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (t, _) = check_probs("importance_load_cv2", probs)?;
+    let imp = match mask {
+        None => probs.f_sum_dim_intlist(0, false, probs.kind())?,
+        Some(m) => probs
+            .f_mul(&mask_weights("importance_load_cv2", m, t, probs.kind())?.f_unsqueeze(1)?)?
+            .f_sum_dim_intlist(0, false, probs.kind())?,
+    };
     let a = cv_squared(&imp, variance)?;
     let b = cv_squared(&load.f_to_kind(probs.kind())?, variance)?;
     Ok(a.f_add(&b)?.f_mul_scalar(0.5)?)
@@ -127,8 +214,19 @@ pub fn importance_load_cv2(probs: &Tensor, load: &Tensor, variance: CvVariance) 
 /// where `θ_te` is the `k`-th largest noisy logit of token `t` excluding `e`:
 /// the `(k+1)`-th if `e` is in the noisy top-k, else the `k`-th.
 pub fn smooth_load(clean: &Tensor, noisy: &Tensor, noise_std: f64, k: i64) -> Result<Tensor> {
+    smooth_load_masked(clean, noisy, noise_std, k, None)
+}
+
+/// [`smooth_load`] summed over the real tokens of `mask: [T]` only.
+pub fn smooth_load_masked(
+    clean: &Tensor,
+    noisy: &Tensor,
+    noise_std: f64,
+    k: i64,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
     const OP: &str = "smooth_load";
-    let (_, e) = check_probs(OP, clean)?;
+    let (t, e) = check_probs(OP, clean)?;
     if noisy.size() != clean.size() || k < 1 || k >= e || noise_std <= 0.0 {
         return Err(Error::config(format!(
             "{OP}: needs noisy logits like the clean ones, 1 <= k < E and noise std > 0"
@@ -144,7 +242,10 @@ pub fn smooth_load(clean: &Tensor, noisy: &Tensor, noise_std: f64, k: i64) -> Re
             .f_div_scalar(noise_std * std::f64::consts::SQRT_2)?;
         Ok(z.f_erf()?.f_add_scalar(1.0)?.f_mul_scalar(0.5)?)
     };
-    let p = phi(&thr_in)?.f_where_self(&is_in, &phi(&thr_out)?)?;
+    let mut p = phi(&thr_in)?.f_where_self(&is_in, &phi(&thr_out)?)?;
+    if let Some(m) = mask {
+        p = p.f_mul(&mask_weights(OP, m, t, clean.kind())?.f_unsqueeze(1)?)?;
+    }
     Ok(p.f_sum_dim_intlist(0, false, clean.kind())?)
 }
 
@@ -156,40 +257,76 @@ fn marginal_entropy(p_mean: &Tensor) -> Result<Tensor> {
         .f_neg()?)
 }
 
-/// `Σ_t H(p_t) = −Σ_t Σ_e p_te log p_te`.
-fn summed_conditional_entropy(probs: &Tensor, log_probs: &Tensor) -> Result<Tensor> {
+/// `Σ_t m_t H(p_t) = −Σ_t m_t Σ_e p_te log p_te` (`m_t = 1` without a mask).
+fn summed_conditional_entropy(
+    probs: &Tensor,
+    log_probs: &Tensor,
+    m: Option<&Tensor>,
+) -> Result<Tensor> {
     // p log p = 0 where p = 0 (log p may be −∞ there).
-    let plogp = probs.f_mul(&log_probs.f_clamp_min(-1e4)?)?;
+    let mut plogp = probs.f_mul(&log_probs.f_clamp_min(-1e4)?)?;
+    if let Some(m) = m {
+        plogp = plogp.f_mul(&m.f_unsqueeze(1)?)?;
+    }
     Ok(plogp.f_sum(probs.kind())?.f_neg()?)
 }
 
 /// ModuleFormer's MI loss `H(e|x) − H(e)` of `probs: [T, E]` with their
 /// `log_probs` (log-softmax); `None` takes `log p`. In `[−log E, 0]`.
 pub fn mutual_information_loss(probs: &Tensor, log_probs: Option<&Tensor>) -> Result<Tensor> {
+    mutual_information_loss_masked(probs, log_probs, None)
+}
+
+/// [`mutual_information_loss`] over the real tokens of `mask: [T]`.
+pub fn mutual_information_loss_masked(
+    probs: &Tensor,
+    log_probs: Option<&Tensor>,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
     let mut acc = MiAccumulator::default();
-    acc.add(probs, log_probs)?;
+    acc.add_masked(probs, log_probs, mask)?;
     acc.loss()
 }
 
 /// Load concentration `L_conc = H(e)` (minimised on task data before pruning).
 pub fn load_concentration(probs: &Tensor) -> Result<Tensor> {
+    load_concentration_masked(probs, None)
+}
+
+/// [`load_concentration`] with `P_e` over the real tokens of `mask: [T]`.
+pub fn load_concentration_masked(probs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
     check_probs("load_concentration", probs)?;
-    marginal_entropy(&probs.f_mean_dim(0, false, probs.kind())?)
+    marginal_entropy(&token_mean("load_concentration", probs, mask)?)
 }
 
 /// ModuleFormer's `acc_aux_loss`: `Σ_t p_t`, `Σ_t H(p_t)` and `T` summed
 /// over calls (with their autograd graphs), the MI loss evaluated once.
+/// With token masks the sums run over real tokens and `T` counts them
+/// (a device scalar: no host sync).
 #[derive(Debug, Default)]
 pub struct MiAccumulator {
     sum_probs: Option<Tensor>,
     sum_entropy: Option<Tensor>,
+    /// Rows added (padding included).
     count: i64,
+    /// Real tokens added, when some call had a mask.
+    real: Option<Tensor>,
     /// Weight the accumulated loss is added with by [`flush_mi_losses`].
     pub weight: f64,
 }
 
 impl MiAccumulator {
     pub fn add(&mut self, probs: &Tensor, log_probs: Option<&Tensor>) -> Result<()> {
+        self.add_masked(probs, log_probs, None)
+    }
+
+    /// [`MiAccumulator::add`] of the real tokens of `mask: [T]` only.
+    pub fn add_masked(
+        &mut self,
+        probs: &Tensor,
+        log_probs: Option<&Tensor>,
+        mask: Option<&Tensor>,
+    ) -> Result<()> {
         let (t, e) = check_probs("MiAccumulator::add", probs)?;
         if let Some(s) = &self.sum_probs
             && s.size() != [e]
@@ -208,8 +345,30 @@ impl MiAccumulator {
                 &owned
             }
         };
-        let sp = probs.f_sum_dim_intlist(0, false, probs.kind())?;
-        let sh = summed_conditional_entropy(probs, lp)?;
+        let m = mask
+            .map(|m| mask_weights("MiAccumulator::add", m, t, probs.kind()))
+            .transpose()?;
+        let sp = match &m {
+            None => probs.f_sum_dim_intlist(0, false, probs.kind())?,
+            Some(m) => {
+                probs
+                    .f_mul(&m.f_unsqueeze(1)?)?
+                    .f_sum_dim_intlist(0, false, probs.kind())?
+            }
+        };
+        let sh = summed_conditional_entropy(probs, lp, m.as_ref())?;
+        // Real-token count on the device once a mask was seen.
+        if m.is_some() || self.real.is_some() {
+            let prev = match self.real.take() {
+                Some(r) => r,
+                None => Tensor::f_full([], self.count as f64, (probs.kind(), probs.device()))?,
+            };
+            let add = match &m {
+                Some(m) => m.f_sum(probs.kind())?,
+                None => Tensor::f_full([], t as f64, (probs.kind(), probs.device()))?,
+            };
+            self.real = Some(prev.f_add(&add)?);
+        }
         self.sum_probs = Some(match self.sum_probs.take() {
             Some(s) => s.f_add(&sp)?,
             None => sp,
@@ -234,9 +393,17 @@ impl MiAccumulator {
                 "no routing statistics were added",
             ));
         };
-        let n = self.count.max(1) as f64;
-        let h_cond = sh.f_div_scalar(n)?;
-        let h_marg = marginal_entropy(&sp.f_div_scalar(n)?)?;
+        let (h_cond, p_mean) = match &self.real {
+            None => {
+                let n = self.count.max(1) as f64;
+                (sh.f_div_scalar(n)?, sp.f_div_scalar(n)?)
+            }
+            Some(r) => {
+                let n = r.f_clamp_min(1.0)?;
+                (sh.f_div(&n)?, sp.f_div(&n)?)
+            }
+        };
+        let h_marg = marginal_entropy(&p_mean)?;
         Ok(h_cond.f_sub(&h_marg)?)
     }
 
@@ -244,6 +411,7 @@ impl MiAccumulator {
         self.sum_probs = None;
         self.sum_entropy = None;
         self.count = 0;
+        self.real = None;
     }
 }
 
@@ -285,34 +453,55 @@ pub fn flush_mi_losses(ctx: &mut Context) -> Result<usize> {
 /// `concentration_loss`), weighted. Expert choice needs no balance or CV²
 /// loss (skipped); `hash` / `fixed` gates have nothing to train (all skipped).
 pub fn add_aux_losses(config: &RouterConfig, routing: &Routing, ctx: &mut Context) -> Result<()> {
+    add_aux_losses_masked(config, routing, None, ctx)
+}
+
+/// [`add_aux_losses`] over the real tokens of `mask: [T]` (padding excluded
+/// from every loss; the layers pass the mask they routed with).
+pub fn add_aux_losses_masked(
+    config: &RouterConfig,
+    routing: &Routing,
+    mask: Option<&Tensor>,
+    ctx: &mut Context,
+) -> Result<()> {
     if !ctx.train || matches!(config.gate, GateType::Hash | GateType::Fixed) {
         return Ok(());
     }
     let ec = config.routing == RoutingMode::ExpertChoice;
     let log_probs = routing.log_probs.as_ref();
     if config.balance_weight > 0.0 && !ec {
-        let l = balance_loss(
+        let l = balance_loss_masked(
             &routing.probs,
             &routing.experts,
             config.balance_variant,
             config.num_layers,
+            mask,
         )?;
         ctx.add_aux_loss("balance_loss", l.f_mul_scalar(config.balance_weight)?);
     }
     if config.z_loss_weight > 0.0 {
         ctx.add_aux_loss(
             "z_loss",
-            z_loss(&routing.logits)?.f_mul_scalar(config.z_loss_weight)?,
+            z_loss_masked(&routing.logits, mask)?.f_mul_scalar(config.z_loss_weight)?,
         );
     }
     if config.cv_weight > 0.0 && !ec {
         let load = match (config.load_estimator, &routing.noisy_logits) {
-            (LoadEstimator::Smooth, Some(noisy)) if routing.noise_std > 0.0 => {
-                smooth_load(&routing.logits, noisy, routing.noise_std, routing.top_k)?
-            }
-            _ => counts(&routing.experts, routing.num_experts, routing.probs.kind())?,
+            (LoadEstimator::Smooth, Some(noisy)) if routing.noise_std > 0.0 => smooth_load_masked(
+                &routing.logits,
+                noisy,
+                routing.noise_std,
+                routing.top_k,
+                mask,
+            )?,
+            _ => counts(
+                &routing.experts,
+                routing.num_experts,
+                routing.probs.kind(),
+                mask,
+            )?,
         };
-        let l = importance_load_cv2(&routing.probs, &load, config.cv_var)?;
+        let l = importance_load_cv2_masked(&routing.probs, &load, config.cv_var, mask)?;
         ctx.add_aux_loss("cv_loss", l.f_mul_scalar(config.cv_weight)?);
     }
     if config.mi_weight > 0.0 {
@@ -324,14 +513,14 @@ pub fn add_aux_losses(config: &RouterConfig, routing: &Routing, ctx: &mut Contex
             let accs = ctx.get_mut::<MiAccumulators>().expect("inserted above");
             let acc = accs.0.entry(path).or_default();
             acc.weight = config.mi_weight;
-            acc.add(&routing.probs, log_probs)?;
+            acc.add_masked(&routing.probs, log_probs, mask)?;
         } else {
-            let l = mutual_information_loss(&routing.probs, log_probs)?;
+            let l = mutual_information_loss_masked(&routing.probs, log_probs, mask)?;
             ctx.add_aux_loss("mi_loss", l.f_mul_scalar(config.mi_weight)?);
         }
     }
     if config.concentration_weight > 0.0 {
-        let l = load_concentration(&routing.probs)?;
+        let l = load_concentration_masked(&routing.probs, mask)?;
         ctx.add_aux_loss(
             "concentration_loss",
             l.f_mul_scalar(config.concentration_weight)?,

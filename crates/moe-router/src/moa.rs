@@ -24,6 +24,16 @@
 //! per-expert output projections are a second grouped matmul before the
 //! gated `unpermute`. [`MoaPath::Dense`](crate::moe::MoePath::Dense) runs every
 //! expert on every token (the test reference).
+//!
+//! **Padding.** The router's token mask is the last `T` columns of
+//! `ctx.attention_mask` ([`crate::router::token_mask`]): padding queries are
+//! not dispatched (output 0) and count in no loss or statistic; padding keys
+//! are hidden by the same mask.
+//!
+//! **Growing and pruning** ([`crate::extend::grow_attention_experts`],
+//! [`crate::extend::prune_attention_experts`]): experts frozen by growing
+//! live in `frozen_q` / `frozen_o` (indices `0..E_frozen`, before the
+//! trainable ones).
 
 use serde::{Deserialize, Serialize};
 use tensor_core::grouped::{Dispatch, grouped_linear};
@@ -32,9 +42,9 @@ use tensor_core::{Context, Module};
 
 use crate::config::{RouterConfig, RoutingMode};
 use crate::error::{Error, Result};
-use crate::losses::add_aux_losses;
+use crate::losses::add_aux_losses_masked;
 use crate::moe::MoePath;
-use crate::router::{Router, Routing};
+use crate::router::{Router, Routing, token_mask};
 use crate::stick_breaking::{SbRemainder, SbVariant, stick_breaking_attention};
 
 /// Configuration of a [`MixtureOfAttention`] (JSON-serialisable).
@@ -161,6 +171,9 @@ pub struct MixtureOfAttention {
     pub w_q: Tensor,
     /// `[E, d, att_hidden]` per-expert output projections.
     pub w_o: Tensor,
+    /// Frozen experts' query / output projections (after growing with `freeze_old`).
+    pub frozen_q: Option<Tensor>,
+    pub frozen_o: Option<Tensor>,
     /// `[att_hidden]` head bias, GroupNorm weight and bias (`add_head_bias` only).
     pub head_bias: Option<Tensor>,
     pub gn_weight: Option<Tensor>,
@@ -196,6 +209,8 @@ impl MixtureOfAttention {
             w_v,
             w_q: uniform(&[e, a, d], d, device)?,
             w_o: uniform(&[e, d, a], a, device)?,
+            frozen_q: None,
+            frozen_o: None,
             head_bias: if bias {
                 Some(Tensor::f_zeros([a], opts)?.set_requires_grad(true))
             } else {
@@ -212,6 +227,21 @@ impl MixtureOfAttention {
                 None
             },
             config,
+        })
+    }
+
+    pub fn num_experts(&self) -> i64 {
+        self.router.num_experts()
+    }
+
+    /// All experts' `(W_q [E, att, d], W_o [E, d, att])`, frozen ones first.
+    pub fn expert_projections(&self) -> Result<(Tensor, Tensor)> {
+        Ok(match (&self.frozen_q, &self.frozen_o) {
+            (Some(fq), Some(fo)) => (
+                Tensor::f_cat(&[fq, &self.w_q], 0)?,
+                Tensor::f_cat(&[fo, &self.w_o], 0)?,
+            ),
+            _ => (self.w_q.shallow_clone(), self.w_o.shallow_clone()),
         })
     }
 
@@ -296,8 +326,9 @@ impl MixtureOfAttention {
         let (b, t) = (s[0], s[1]);
         let n = b * t;
         let xf = x.f_reshape([n, d])?;
-        let routing = self.router.route(&xf, ctx)?;
-        add_aux_losses(&self.router.config, &routing, ctx)?;
+        let mask = token_mask(&self.router.config, ctx, n)?;
+        let routing = self.router.route_masked(&xf, mask.as_ref(), ctx)?;
+        add_aux_losses_masked(&self.router.config, &routing, mask.as_ref(), ctx)?;
         let mut kk = self.shared(
             x,
             self.w_k
@@ -369,7 +400,8 @@ impl MixtureOfAttention {
         let disp = Dispatch::new(&routing.experts, routing.num_experts)?;
         let counts = disp.counts_host()?;
         let xs = disp.permute(xf)?;
-        let q_sorted = grouped_linear(&xs, &counts, &self.w_q.f_to_kind(xf.kind())?, None)?;
+        let (w_q, w_o) = self.expert_projections()?;
+        let q_sorted = grouped_linear(&xs, &counts, &w_q.f_to_kind(xf.kind())?, None)?;
         let q = Tensor::f_zeros([nk, a], (q_sorted.kind(), q_sorted.device()))?
             .f_index_copy(0, &disp.order, &q_sorted)?
             .f_view([b, t, k, h, dh])?
@@ -385,7 +417,7 @@ impl MixtureOfAttention {
         let o = self.head_bias_and_norm(sb.out, &sb.rem)?;
         let o = o.f_permute([0, 3, 1, 2, 4])?.f_reshape([nk, a])?; // flat (b, t, j)
         let o_sorted = o.f_index_select(0, &disp.order)?;
-        let y = grouped_linear(&o_sorted, &counts, &self.w_o.f_to_kind(xf.kind())?, None)?;
+        let y = grouped_linear(&o_sorted, &counts, &w_o.f_to_kind(xf.kind())?, None)?;
         Ok(disp.unpermute(&y, Some(&routing.gates.f_to_kind(xf.kind())?))?)
     }
 
@@ -407,7 +439,8 @@ impl MixtureOfAttention {
         );
         let e = routing.num_experts;
         let n = b * t;
-        let wq = self.w_q.f_to_kind(xf.kind())?;
+        let (w_q, w_o) = self.expert_projections()?;
+        let wq = w_q.f_to_kind(xf.kind())?;
         let q = xf
             .f_matmul(&wq.f_transpose(1, 2)?)? // [E, N, a]
             .f_view([e, b, t, h, dh])?
@@ -422,7 +455,7 @@ impl MixtureOfAttention {
         )?;
         let o = self.head_bias_and_norm(sb.out, &sb.rem)?;
         let o = o.f_permute([1, 0, 3, 2, 4])?.f_reshape([e, n, a])?;
-        let y = o.f_matmul(&self.w_o.f_to_kind(xf.kind())?.f_transpose(1, 2)?)?; // [E, N, d]
+        let y = o.f_matmul(&w_o.f_to_kind(xf.kind())?.f_transpose(1, 2)?)?; // [E, N, d]
         let cw = routing.combine_weights()?.f_to_kind(xf.kind())?;
         Ok(Tensor::f_einsum("ne,end->nd", &[&cw, &y], None::<&[i64]>)?)
     }
@@ -443,6 +476,10 @@ impl Module for MixtureOfAttention {
             v.push(("k_proj.weight", k));
             v.push(("v_proj.weight", vv));
         }
+        if let (Some(fq), Some(fo)) = (&self.frozen_q, &self.frozen_o) {
+            v.push(("frozen_experts.q_proj", fq));
+            v.push(("frozen_experts.o_proj", fo));
+        }
         v.push(("experts.q_proj", &self.w_q));
         v.push(("experts.o_proj", &self.w_o));
         if let (Some(b), Some(w), Some(bb)) = (&self.head_bias, &self.gn_weight, &self.gn_bias) {
@@ -458,6 +495,10 @@ impl Module for MixtureOfAttention {
         if let (Some(k), Some(vv)) = (&mut self.w_k, &mut self.w_v) {
             v.push(("k_proj.weight", k));
             v.push(("v_proj.weight", vv));
+        }
+        if let (Some(fq), Some(fo)) = (&mut self.frozen_q, &mut self.frozen_o) {
+            v.push(("frozen_experts.q_proj", fq));
+            v.push(("frozen_experts.o_proj", fo));
         }
         v.push(("experts.q_proj", &mut self.w_q));
         v.push(("experts.o_proj", &mut self.w_o));

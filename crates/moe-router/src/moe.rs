@@ -14,21 +14,31 @@
 //! `b1: [E, d_ff]`, `b2: [E, d]` (`tensor_core::grouped`'s `[E, out, in]`
 //! layout). Four computations of the same `y` ([`MoePath`], chosen from the routing):
 //! - **capacity** (`cf > 0`): every assignment was given a slot `< C` or
-//!   dropped by the router ([`crate::capacity`]); an `[E, C, d]` buffer is
-//!   gathered from the tokens (empty slots read a zero row), the experts run
-//!   as two batched matmuls with the gates applied to the hidden activation
-//!   (`g (h W2ᵀ + b2) = (g h) W2ᵀ + g b2`), and the rows are `index_add`ed
-//!   back to their tokens. **No host synchronisation.**
+//!   dropped by the router ([`crate::capacity`]). The experts are processed
+//!   in **chunks** of `G` consecutive experts: a `[G, C, d]` buffer is
+//!   gathered from the tokens (row `(e − e₀) C + slot`; empty slots read a
+//!   zero row), the experts run as two batched matmuls with the gates
+//!   applied to the hidden activation (`g (h W2ᵀ + b2) = (g h) W2ᵀ + g b2`),
+//!   and the rows are `index_add`ed (in place) back to their tokens.
+//!   **No host synchronisation.**
 //! - **dropless** (`cf = 0`), **one host sync per call** ([`DroplessKernel`]):
-//!   by default the capacity path with `C = max_e n_e` (the sync reads that
-//!   one integer; nothing is dropped), falling back to `tensor_core::grouped`
+//!   by default the same chunked computation, each chunk padded to its own
+//!   largest group `C_g = max_{e ∈ g} n_e` (the sync reads the `E` group
+//!   sizes; nothing is dropped), falling back to `tensor_core::grouped`
 //!   when padding would more than double the rows; or `tensor_core::grouped`
 //!   itself — [`Dispatch`] (stable sort by expert), [`grouped_linear`] per
 //!   expert segment, `unpermute` with the gates (the sync reads the `E`
-//!   segment sizes, [`Dispatch::counts_host`]). Measured on 2 CPU cores
-//!   (single-threaded, fwd + bwd, 8192 tokens, `benches/moe_router.rs`): padded 483 ms vs grouped
-//!   679 ms at E = 64 / k = 8 (many tiny matmuls), but 175 vs 145 ms at
-//!   E = 16 / k = 2 with an untrained, unbalanced router (padding waste).
+//!   segment sizes, [`Dispatch::counts_host`]).
+//!
+//! **Why chunks** ([`MoeConfig::chunk_bytes`], 8 MiB of gathered rows per
+//! chunk by default). With `k = 8`, `d = 384` and 8192 tokens, one `[E, C,
+//! d]` buffer is ~100 MiB, and so are the second matmul's output and both
+//! their gradients. glibc serves blocks above 32 MiB with a fresh `mmap`
+//! every time, so each such tensor pays a page fault per 4 KiB on first touch
+//! (measured: a 100 MiB `bmm` output costs 80 ms fresh vs 28 ms into reused
+//! memory). Chunks of ≤ 8 MiB come from the reused heap, stay in cache
+//! longer, and pad each chunk only to its own largest group. Measured
+//! figures: `docs/moe-router.md`.
 //! - **expert choice**: the `[E, C]` token lists gather an `[E, C, d]` batch,
 //!   two batched matmuls, `index_add` back with weights `S_te`; no host sync.
 //! - **dense** (reference, tests): every expert on every token, combined with
@@ -43,11 +53,11 @@ use tensor_core::grouped::{Dispatch, grouped_linear};
 use tensor_core::tch::{Device, Kind, Tensor};
 use tensor_core::{Context, Module, TchResultExt};
 
-use crate::capacity::assign_slots;
+use crate::capacity::assign_slots_masked;
 use crate::config::{DropPolicy, RouterConfig};
 use crate::error::{Error, Result, check_rows};
-use crate::losses::add_aux_losses;
-use crate::router::{Router, Routing};
+use crate::losses::add_aux_losses_masked;
+use crate::router::{Router, Routing, token_mask};
 
 /// The experts' non-linearity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -115,7 +125,13 @@ pub struct MoeConfig {
     pub router: RouterConfig,
     pub path: MoePath,
     pub dropless_kernel: DroplessKernel,
+    /// Bytes of gathered token rows per expert chunk of the padded paths
+    /// (8 MiB; `0` = all experts in one chunk). See the module docs.
+    pub chunk_bytes: i64,
 }
+
+/// Default [`MoeConfig::chunk_bytes`]: 8 MiB, a quarter of glibc's largest mmap threshold.
+pub const DEFAULT_CHUNK_BYTES: i64 = 8 << 20;
 
 impl Default for MoeConfig {
     fn default() -> Self {
@@ -127,6 +143,7 @@ impl Default for MoeConfig {
             router: RouterConfig::default(),
             path: MoePath::Sparse,
             dropless_kernel: DroplessKernel::Padded,
+            chunk_bytes: DEFAULT_CHUNK_BYTES,
         }
     }
 }
@@ -256,6 +273,37 @@ impl ExpertWeights {
         v
     }
 
+    /// Consecutive groups of experts of the given sizes (views through
+    /// `split_with_sizes`, whose backward is one concatenation).
+    pub(crate) fn split(&self, sizes: &[i64]) -> Result<Vec<ExpertWeights>> {
+        if sizes.len() == 1 {
+            return Ok(vec![self.zip_map(None, &mut |t, _| Ok(t.shallow_clone()))?]);
+        }
+        let sp = |t: &Tensor| -> Result<Vec<Tensor>> { Ok(t.f_split_with_sizes(sizes, 0)?) };
+        let opt = |t: &Option<Tensor>| -> Result<Vec<Option<Tensor>>> {
+            Ok(match t {
+                Some(t) => sp(t)?.into_iter().map(Some).collect(),
+                None => sizes.iter().map(|_| None).collect(),
+            })
+        };
+        let (w1, w2) = (sp(&self.w1)?, sp(&self.w2)?);
+        let (wg, b1, b2) = (opt(&self.w_gate)?, opt(&self.b1)?, opt(&self.b2)?);
+        Ok(w1
+            .into_iter()
+            .zip(w2)
+            .zip(wg)
+            .zip(b1)
+            .zip(b2)
+            .map(|((((w1, w2), w_gate), b1), b2)| ExpertWeights {
+                w1,
+                w_gate,
+                w2,
+                b1,
+                b2,
+            })
+            .collect())
+    }
+
     /// Apply `f` to every tensor pairwise with `other`'s (same structure).
     pub(crate) fn zip_map(
         &self,
@@ -279,6 +327,14 @@ impl ExpertWeights {
             },
         })
     }
+}
+
+/// Experts `e0..e1` padded to `c` rows each.
+#[derive(Debug, Clone, Copy)]
+struct Chunk {
+    e0: i64,
+    e1: i64,
+    c: i64,
 }
 
 /// A mixture-of-experts FFN, a [`Module`] that can replace a `FeedForward`
@@ -333,14 +389,18 @@ impl MoeLayer {
         }
     }
 
-    /// Route and compute: `(y, routing)` for `x: [T, d]`, adding losses and statistics to `ctx`.
+    /// Route and compute: `(y, routing)` for `x: [..., d]`, adding losses and
+    /// statistics to `ctx`. Padding tokens (`ctx.attention_mask`, see
+    /// [`token_mask`]) are not dispatched (their output is 0; the residual
+    /// carries them) and count in no loss or statistic.
     pub fn forward_with_routing(&self, x: &Tensor, ctx: &mut Context) -> Result<(Tensor, Routing)> {
         let d = self.config.d_model;
         check_rows("MoeLayer", x, d)?;
         let shape = x.size();
         let xf = x.f_reshape([-1, d])?;
-        let routing = self.router.route(&xf, ctx)?;
-        add_aux_losses(&self.router.config, &routing, ctx)?;
+        let mask = token_mask(&self.router.config, ctx, xf.size()[0])?;
+        let routing = self.router.route_masked(&xf, mask.as_ref(), ctx)?;
+        add_aux_losses_masked(&self.router.config, &routing, mask.as_ref(), ctx)?;
         let y = self.compute(&xf, &routing, self.config.path)?;
         Ok((y.f_reshape(shape)?, routing))
     }
@@ -362,9 +422,77 @@ impl MoeLayer {
             return self.expert_choice(x, tokens, gates, &w);
         }
         match (routing.capacity, &routing.slot) {
-            (Some(c), Some(slot)) => self.with_capacity(x, routing, slot, c, &w),
+            (Some(c), Some(slot)) => {
+                let plan = self.uniform_chunks(e, c, x);
+                self.padded(x, routing, slot, &plan, &w)
+            }
             _ => self.dropless(x, routing, &w),
         }
+    }
+
+    /// Bytes of one gathered row.
+    fn row_bytes(&self, x: &Tensor) -> i64 {
+        self.config.d_model * x.kind().elt_size_in_bytes() as i64
+    }
+
+    /// Chunks of equal capacity `c`: as many experts per chunk as fit `chunk_bytes`.
+    fn uniform_chunks(&self, e: i64, c: i64, x: &Tensor) -> Vec<Chunk> {
+        let per_expert = (c * self.row_bytes(x)).max(1);
+        let g = if self.config.chunk_bytes > 0 {
+            (self.config.chunk_bytes / per_expert).clamp(1, e.max(1))
+        } else {
+            e.max(1)
+        };
+        (0..e)
+            .step_by(g as usize)
+            .map(|e0| Chunk {
+                e0,
+                e1: (e0 + g).min(e),
+                c,
+            })
+            .collect()
+    }
+
+    /// Dropless chunks from the host group sizes `n_e`: consecutive experts
+    /// while `(#experts) · max n_e` rows fit `chunk_bytes`, each padded to its
+    /// own largest group; empty chunks are skipped.
+    fn dropless_chunks(&self, n: &[i64], x: &Tensor) -> Vec<Chunk> {
+        let budget = if self.config.chunk_bytes > 0 {
+            self.config.chunk_bytes
+        } else {
+            i64::MAX
+        };
+        let rb = self.row_bytes(x).max(1);
+        let mut out = Vec::new();
+        let (mut e0, mut c) = (0usize, 0i64);
+        for (e, &ne) in n.iter().enumerate() {
+            let c_new = c.max(ne);
+            if e > e0
+                && ((e - e0 + 1) as i64)
+                    .saturating_mul(c_new)
+                    .saturating_mul(rb)
+                    > budget
+            {
+                if c > 0 {
+                    out.push(Chunk {
+                        e0: e0 as i64,
+                        e1: e as i64,
+                        c,
+                    });
+                }
+                (e0, c) = (e, ne);
+            } else {
+                c = c_new;
+            }
+        }
+        if c > 0 {
+            out.push(Chunk {
+                e0: e0 as i64,
+                e1: n.len() as i64,
+                c,
+            });
+        }
+        out
     }
 
     /// `[E, C, d] -> [E, C, d]`: every expert on its own batch. With `gate:
@@ -407,51 +535,80 @@ impl MoeLayer {
         Ok(routing.gates.f_to_kind(x.kind())?)
     }
 
-    /// Capacity path (no host sync): each kept assignment `(t, j)` owns row
-    /// `e_tj C + slot_tj` of an `[E, C, d]` buffer. The buffer is gathered
-    /// from the tokens (empty rows read a zero row), the gated experts run as
-    /// two batched matmuls, and the rows are added back to their tokens.
-    fn with_capacity(
+    /// The padded computation (no host sync by itself): for each chunk of
+    /// experts `e₀..e₁` with capacity `c`, each kept assignment `(t, j)` with
+    /// `e_tj` in the chunk owns row `(e_tj − e₀) c + slot_tj` of a `[G, c, d]`
+    /// buffer. The buffer is gathered from the tokens (empty rows read a zero
+    /// row), the gated experts run as two batched matmuls, and the rows are
+    /// added back to their tokens in place.
+    fn padded(
         &self,
         x: &Tensor,
         routing: &Routing,
         slot: &Tensor,
-        c: i64,
+        plan: &[Chunk],
         w: &ExpertWeights,
     ) -> Result<Tensor> {
-        const OP: &str = "MoeLayer capacity";
+        const OP: &str = "MoeLayer padded experts";
         let (t, d) = (x.size()[0], x.size()[1]);
         let (e, k) = (routing.num_experts, routing.top_k);
-        let rows = e * c;
         let dev = x.device();
-        // Destination row of each assignment (dropped ones to a spare row `rows`).
-        let dest = routing
-            .experts
-            .f_mul_scalar(c)?
-            .f_add(slot)?
-            .f_where_scalarother(&routing.kept, rows)?
-            .f_reshape([-1])?;
         let token = Tensor::f_arange(t, (Kind::Int64, dev))?
             .f_unsqueeze(1)?
             .f_expand([t, k], false)?
             .f_reshape([-1])?;
-        // Token of each buffer row (`t` = the zero row for empty rows) and its gate (0 when empty).
-        let row_token = Tensor::f_full([rows + 1], t, (Kind::Int64, dev))?
-            .f_index_copy(0, &dest, &token)
-            .op(OP)?
-            .f_narrow(0, 0, rows)?;
         let g = self.gates_as(routing, x)?.f_reshape([-1])?;
-        let row_gate = Tensor::f_zeros([rows + 1], (g.kind(), dev))?
-            .f_index_copy(0, &dest, &g)
-            .op(OP)?
-            .f_narrow(0, 0, rows)?
-            .f_view([e, c, 1])?;
         let xpad = Tensor::f_cat(&[x, &Tensor::f_zeros([1, d], (x.kind(), dev))?], 0)?;
-        let buf = xpad.f_index_select(0, &row_token)?.f_view([e, c, d])?;
-        let y = self.experts_batched(&buf, w, Some(&row_gate))?;
-        Ok(Tensor::f_zeros([t + 1, d], (y.kind(), dev))?
-            .f_index_add(0, &row_token, &y.f_reshape([rows, d])?)?
-            .f_narrow(0, 0, t)?)
+        let mut out = Tensor::f_zeros([t + 1, d], (x.kind(), dev))?;
+        // Expert groups: the plan's chunks plus the gaps between them (skipped).
+        let mut sizes = Vec::new();
+        let mut which = Vec::new();
+        let mut at = 0;
+        for ch in plan {
+            if ch.e0 > at {
+                sizes.push(ch.e0 - at);
+                which.push(None);
+            }
+            sizes.push(ch.e1 - ch.e0);
+            which.push(Some(ch));
+            at = ch.e1;
+        }
+        if at < e {
+            sizes.push(e - at);
+            which.push(None);
+        }
+        let parts = w.split(&sizes)?;
+        for (ch, wc) in which.into_iter().zip(&parts) {
+            let Some(ch) = ch else { continue };
+            let (ge, c) = (ch.e1 - ch.e0, ch.c);
+            let rows = ge * c;
+            let inside = routing
+                .kept
+                .f_logical_and(&routing.experts.f_ge(ch.e0)?)?
+                .f_logical_and(&routing.experts.f_lt(ch.e1)?)?;
+            // Destination row of each assignment (others to a spare row `rows`).
+            let dest = routing
+                .experts
+                .f_sub_scalar(ch.e0)?
+                .f_mul_scalar(c)?
+                .f_add(slot)?
+                .f_where_scalarother(&inside, rows)?
+                .f_reshape([-1])?;
+            // Token of each buffer row (`t` = the zero row for empty rows) and its gate.
+            let row_token = Tensor::f_full([rows + 1], t, (Kind::Int64, dev))?
+                .f_index_copy(0, &dest, &token)
+                .op(OP)?
+                .f_narrow(0, 0, rows)?;
+            let row_gate = Tensor::f_zeros([rows + 1], (g.kind(), dev))?
+                .f_index_copy(0, &dest, &g)
+                .op(OP)?
+                .f_narrow(0, 0, rows)?
+                .f_view([ge, c, 1])?;
+            let buf = xpad.f_index_select(0, &row_token)?.f_view([ge, c, d])?;
+            let y = self.experts_batched(&buf, wc, Some(&row_gate))?;
+            let _ = out.f_index_add_(0, &row_token, &y.f_reshape([rows, d])?)?;
+        }
+        Ok(out.f_narrow(0, 0, t)?)
     }
 
     /// Dropless path: padded to the largest group, or `tensor_core::grouped`
@@ -459,12 +616,29 @@ impl MoeLayer {
     fn dropless(&self, x: &Tensor, routing: &Routing, w: &ExpertWeights) -> Result<Tensor> {
         let (t, e, k) = (x.size()[0], routing.num_experts, routing.top_k);
         if self.config.dropless_kernel == DroplessKernel::Padded && t > 0 {
-            // Slots in position order with room for everything: nothing is dropped.
-            let (_, slot) =
-                assign_slots(&routing.experts, &routing.gates, e, t, DropPolicy::Position)?;
-            let c = slot.f_max()?.int64_value(&[]) + 1; // the host sync
-            if e * c <= 2 * t * k {
-                return self.with_capacity(x, routing, &slot, c, w);
+            // Slots in position order with room for everything: nothing is
+            // dropped (padding tokens, not kept, come after the real ones).
+            let (_, slot) = assign_slots_masked(
+                &routing.experts,
+                &routing.gates,
+                e,
+                t,
+                DropPolicy::Position,
+                Some(&routing.kept),
+            )?;
+            let n = routing
+                .experts
+                .f_masked_fill(&routing.kept.f_logical_not()?, e)?
+                .f_reshape([-1])?
+                .f_bincount::<Tensor>(None, e + 1)
+                .op("MoeLayer dropless")?;
+            // The host sync: the E group sizes.
+            let n = Vec::<i64>::try_from(n.f_narrow(0, 0, e)?.f_to_device(Device::Cpu)?)
+                .map_err(tensor_core::Error::from)?;
+            let plan = self.dropless_chunks(&n, x);
+            let rows: i64 = plan.iter().map(|c| (c.e1 - c.e0) * c.c).sum();
+            if rows <= 2 * t * k {
+                return self.padded(x, routing, &slot, &plan, w);
             }
         }
         self.dropless_grouped(x, routing, w)

@@ -22,13 +22,21 @@
 //! Every call records per-expert statistics with `ctx.add_stat`, on the
 //! device (no host synchronisation): `expert_load` (kept assignments per
 //! expert), `expert_importance` (`mean_t p_te`) and `dropped_fraction`.
+//!
+//! **Padding** ([`Router::route_masked`], `m_t = 1` for a real token, 0 for
+//! padding): padding tokens are routed (their logits exist) but never
+//! dispatched — `kept = false`, `g = 0`, no capacity slot, no expert-choice
+//! pick while real tokens remain — and the statistics and the auxiliary
+//! losses ([`crate::losses`]) average over real tokens only:
+//! `mean_t → Σ_t m_t (·) / Σ_t m_t`. The layers take `m` from
+//! `ctx.attention_mask` ([`token_mask`]).
 //! Randomness (noise, jitter, sampling, dropout) draws from libtorch's
 //! generator: seed it with `tensor_core::testing::with_seed`.
 
 use tensor_core::tch::{Device, Kind, Tensor};
 use tensor_core::{Context, TchResultExt};
 
-use crate::capacity::{assign_slots, capacity};
+use crate::capacity::{assign_slots_masked, capacity};
 use crate::config::{GateType, Noise, RouterConfig, RoutingMode, ScoreFn, WeightMode};
 use crate::error::{Error, Result, check_rows};
 
@@ -288,6 +296,18 @@ impl Router {
     /// Route `x: [T, d]` (flattened tokens): steps 1–7, with statistics
     /// recorded in `ctx` (`expert_load`, `expert_importance`, `dropped_fraction`).
     pub fn route(&self, x: &Tensor, ctx: &mut Context) -> Result<Routing> {
+        self.route_masked(x, None, ctx)
+    }
+
+    /// [`Router::route`] with a token mask `mask: [T]` (bool, `true` = real
+    /// token): padding tokens are not dispatched and count in no statistic
+    /// or loss (module docs).
+    pub fn route_masked(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        ctx: &mut Context,
+    ) -> Result<Routing> {
         let s = x.size();
         if s.len() != 2 {
             return Err(Error::shape(
@@ -296,19 +316,33 @@ impl Router {
                 s,
             ));
         }
+        let mask = match mask {
+            Some(m) => Some(check_mask("Router::route", m, s[0], x.device())?),
+            None => None,
+        };
         let r = match self.config.gate {
-            GateType::Hash | GateType::Fixed => self.route_fixed(x, ctx)?,
+            GateType::Hash | GateType::Fixed => self.route_fixed(x, mask.as_ref(), ctx)?,
             _ => {
                 let logits = self.logits(x, ctx.train)?;
-                self.route_logits(logits, ctx.train)?
+                self.route_logits_masked(logits, ctx.train, mask.as_ref())?
             }
         };
-        self.record_stats(&r, ctx)?;
+        self.record_stats(&r, mask.as_ref(), ctx)?;
         Ok(r)
     }
 
     /// Steps 3–7 from given clean logits `ℓ: [T, E]`.
     pub fn route_logits(&self, logits: Tensor, train: bool) -> Result<Routing> {
+        self.route_logits_masked(logits, train, None)
+    }
+
+    /// [`Router::route_logits`] with a token mask `mask: [T]` (bool).
+    pub fn route_logits_masked(
+        &self,
+        logits: Tensor,
+        train: bool,
+        mask: Option<&Tensor>,
+    ) -> Result<Routing> {
         const OP: &str = "Router::route_logits";
         let c = &self.config;
         let e = self.num_experts();
@@ -318,6 +352,11 @@ impl Router {
         }
         let t = ls[0];
         let k = c.top_k as i64;
+        let mask = match mask {
+            Some(m) => Some(check_mask(OP, m, t, logits.device())?),
+            None => None,
+        };
+        let mask = mask.as_ref();
         // Step 3: noise.
         let mut noise_std = 0.0;
         let noisy = match (train, c.noise) {
@@ -354,7 +393,7 @@ impl Router {
             _ => None,
         };
         if c.routing == RoutingMode::ExpertChoice {
-            return self.expert_choice(logits, noisy, noise_std, probs, log_probs);
+            return self.expert_choice(logits, noisy, noise_std, probs, log_probs, mask);
         }
         let (top_p, experts) = if train && c.sample_topk > 0 {
             sample_topk(&scores, k, c.sample_topk as i64)?
@@ -363,11 +402,15 @@ impl Router {
         };
         // Step 5: weights.
         let mut gates = self.weights(&top_p)?;
-        // Step 6: capacity.
+        // Step 6: capacity (padding assignments are never kept).
+        let valid = mask
+            .map(|m| m.f_unsqueeze(1)?.f_expand([t, k], false))
+            .transpose()?;
         let cap = capacity(c, t, train);
         let (kept, slot) = match cap {
             Some(cap) => {
-                let (kept, slot) = assign_slots(&experts, &top_p, e, cap, c.drop_policy)?;
+                let (kept, slot) =
+                    assign_slots_masked(&experts, &top_p, e, cap, c.drop_policy, valid.as_ref())?;
                 gates = gates.f_mul(&kept.f_to_kind(gates.kind())?)?;
                 if c.renorm_after_drop && c.weight_mode != WeightMode::Hard {
                     let s = gates.f_sum_dim_intlist(-1, true, None)?;
@@ -376,7 +419,13 @@ impl Router {
                 }
                 (kept, Some(slot))
             }
-            None => (Tensor::f_ones([t, k], (Kind::Bool, logits.device()))?, None),
+            None => match &valid {
+                Some(v) => {
+                    gates = gates.f_mul(&v.f_to_kind(gates.kind())?)?;
+                    (v.f_contiguous()?, None)
+                }
+                None => (Tensor::f_ones([t, k], (Kind::Bool, logits.device()))?, None),
+            },
         };
         Ok(Routing {
             experts,
@@ -413,7 +462,8 @@ impl Router {
         })
     }
 
-    /// Step 7: each expert takes its top `C = ⌈T c / E⌉` tokens of `S`.
+    /// Step 7: each expert takes its top `C = ⌈T c / E⌉` tokens of `S`
+    /// (padding tokens rank below every real one and get gate 0).
     fn expert_choice(
         &self,
         logits: Tensor,
@@ -421,19 +471,38 @@ impl Router {
         noise_std: f64,
         probs: Tensor,
         log_probs: Option<Tensor>,
+        mask: Option<&Tensor>,
     ) -> Result<Routing> {
         let e = self.num_experts();
         let t = logits.size()[0];
         let dev = logits.device();
         let cap = ((t as f64 * self.config.expert_choice_capacity / e as f64).ceil() as i64)
             .clamp(1, t.max(1));
-        let (vals, idx) = probs.f_tr()?.f_topk(cap, 1, true, true)?;
+        let (vals, idx) = match mask {
+            None => probs.f_tr()?.f_topk(cap, 1, true, true)?,
+            Some(m) => {
+                let pad = m.f_logical_not()?.f_unsqueeze(1)?;
+                let sel = probs.f_detach()?.f_masked_fill(&pad, -1.0)?;
+                let (_, idx) = sel.f_tr()?.f_topk(cap, 1, true, true)?;
+                let real = m
+                    .f_index_select(0, &idx.f_reshape([-1])?)?
+                    .f_view([e, cap])?;
+                let vals = probs
+                    .f_tr()?
+                    .f_gather(1, &idx, false)?
+                    .f_mul(&real.f_to_kind(probs.kind())?)?;
+                (vals, idx)
+            }
+        };
         let gates = Tensor::f_zeros([e, t], (probs.kind(), dev))?
             .f_scatter(1, &idx, &vals)?
             .f_tr()?;
-        let kept = Tensor::f_zeros([e, t], (Kind::Bool, dev))?
+        let mut kept = Tensor::f_zeros([e, t], (Kind::Bool, dev))?
             .f_scatter_value(1, &idx, 1)?
             .f_tr()?;
+        if let Some(m) = mask {
+            kept = kept.f_logical_and(&m.f_unsqueeze(1)?)?;
+        }
         let experts = Tensor::f_arange(e, (Kind::Int64, dev))?
             .f_unsqueeze(0)?
             .f_expand([t, e], false)?;
@@ -455,7 +524,7 @@ impl Router {
     }
 
     /// `hash` / `fixed`: experts `h, h+1, ..., h+k−1 (mod E)` from the token ids.
-    fn route_fixed(&self, x: &Tensor, ctx: &Context) -> Result<Routing> {
+    fn route_fixed(&self, x: &Tensor, mask: Option<&Tensor>, ctx: &Context) -> Result<Routing> {
         const OP: &str = "Router (hash/fixed)";
         let GateParams::Fixed { a, b } = self.params else {
             return Err(Error::config("route_fixed needs a hash or fixed gate"));
@@ -500,11 +569,19 @@ impl Router {
         let logits = Tensor::f_zeros([t, e], (rk, x.device()))?;
         let probs = logits.f_softmax(-1, rk)?;
         let top_p = probs.f_gather(1, &experts, false)?;
-        let gates = self.weights(&top_p)?;
+        let mut gates = self.weights(&top_p)?;
+        let kept = match mask {
+            Some(m) => {
+                let v = m.f_unsqueeze(1)?.f_expand([t, k], false)?.f_contiguous()?;
+                gates = gates.f_mul(&v.f_to_kind(gates.kind())?)?;
+                v
+            }
+            None => Tensor::f_ones([t, k], (Kind::Bool, x.device()))?,
+        };
         Ok(Routing {
             experts,
             gates,
-            kept: Tensor::f_ones([t, k], (Kind::Bool, x.device()))?,
+            kept,
             slot: None,
             capacity: None,
             logits,
@@ -518,22 +595,90 @@ impl Router {
         })
     }
 
-    fn record_stats(&self, r: &Routing, ctx: &mut Context) -> Result<()> {
+    fn record_stats(&self, r: &Routing, mask: Option<&Tensor>, ctx: &mut Context) -> Result<()> {
         let no_grad = tensor_core::tch::no_grad_guard();
         let load = r.load()?;
-        let importance = r.probs.f_detach()?.f_mean_dim(0, false, Kind::Float)?;
-        let total = (r.num_tokens() * r.top_k).max(1) as f64;
-        let dropped = r
-            .kept
-            .f_logical_not()?
-            .f_sum(Kind::Float)?
-            .f_div_scalar(total)?;
+        let probs = r.probs.f_detach()?.f_to_kind(Kind::Float)?;
+        let (importance, dropped) = match mask {
+            None => {
+                let total = (r.num_tokens() * r.top_k).max(1) as f64;
+                let dropped = r
+                    .kept
+                    .f_logical_not()?
+                    .f_sum(Kind::Float)?
+                    .f_div_scalar(total)?;
+                (probs.f_mean_dim(0, false, Kind::Float)?, dropped)
+            }
+            Some(m) => {
+                let mf = m.f_to_kind(Kind::Float)?;
+                let n = mf.f_sum(Kind::Float)?.f_clamp_min(1.0)?;
+                let imp = probs
+                    .f_mul(&mf.f_unsqueeze(1)?)?
+                    .f_sum_dim_intlist(0, false, Kind::Float)?
+                    .f_div(&n)?;
+                // Dropped among the real tokens' assignments.
+                let dropped = r
+                    .kept
+                    .f_logical_not()?
+                    .f_logical_and(&m.f_unsqueeze(1)?)?
+                    .f_sum(Kind::Float)?
+                    .f_div(&n.f_mul_scalar(r.top_k as f64)?)?;
+                (imp, dropped)
+            }
+        };
         drop(no_grad);
         ctx.add_stat("expert_load", load);
         ctx.add_stat("expert_importance", importance);
         ctx.add_stat("dropped_fraction", dropped);
         Ok(())
     }
+}
+
+/// `mask` as a `[tokens]` bool tensor on `device` (any integer, float or
+/// bool dtype with 1 = real token; any shape with `tokens` elements).
+pub(crate) fn check_mask(op: &str, mask: &Tensor, tokens: i64, device: Device) -> Result<Tensor> {
+    if mask.numel() as i64 != tokens {
+        return Err(Error::shape(
+            op,
+            format!("token mask with {tokens} entries"),
+            mask.size(),
+        ));
+    }
+    let m = mask.f_reshape([-1])?.f_to_device(device)?;
+    Ok(if m.kind() == Kind::Bool {
+        m
+    } else {
+        m.f_ne(0)?
+    })
+}
+
+/// The token mask of a layer's `tokens` routed tokens from
+/// `ctx.attention_mask` (`[B, T_keys]`, 1 = token): its last `tokens / B`
+/// columns, flattened (with a KV cache the mask also covers the cached
+/// keys). `None` without a mask, or when `config.mask_padding` is off.
+pub fn token_mask(config: &RouterConfig, ctx: &Context, tokens: i64) -> Result<Option<Tensor>> {
+    let Some(m) = &ctx.attention_mask else {
+        return Ok(None);
+    };
+    if !config.mask_padding {
+        return Ok(None);
+    }
+    let s = m.size();
+    let fits = s.len() == 2 && s[0] > 0 && tokens % s[0] == 0 && tokens / s[0] <= s[1];
+    if !fits {
+        return Err(Error::shape(
+            "token_mask (ctx.attention_mask)",
+            format!("[B, T] with B·T >= {tokens} routed tokens"),
+            s,
+        ));
+    }
+    let t = tokens / s[0];
+    let m = m.f_narrow(1, s[1] - t, t)?.f_reshape([-1])?;
+    Ok(Some(if m.kind() == Kind::Bool {
+        m
+    } else {
+        m.f_ne(0)?
+    }))
 }
 
 /// ModuleFormer's sampled top-k: the best `k − s` of `scores`, then `s`

@@ -316,3 +316,21 @@ proptest! {
         prop_assert!(c.ok, "{:?}", c);
     }
 }
+
+#[test]
+fn expert_chunks_equal_one_buffer_and_dense() {
+    // chunk_bytes = 1: every expert is its own chunk; 3 rows of f64: chunks
+    // of several experts; 0: one buffer. Capacity and dropless, values and gradients.
+    for cf in [0.0, 1.25] {
+        for chunk in [1i64, 3 * D * 8, 0] {
+            let mut rc = RouterConfig::new(5, 2).dropless();
+            rc.capacity_factor = cf;
+            let mut c = MoeConfig::new(D, FF, rc);
+            c.bias = true;
+            c.chunk_bytes = chunk;
+            let m = seeded_f64(40, || MoeLayer::new(c, Device::Cpu).unwrap());
+            check_against_dense(&m, 17, false, 41);
+            check_against_dense(&m, 1, false, 42);
+        }
+    }
+}

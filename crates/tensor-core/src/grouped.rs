@@ -25,6 +25,11 @@
 //! [`grouped_linear_padded`] needs none: positions inside each group are
 //! computed on the device and rows beyond `capacity` are dropped (output
 //! zero), the capacity-factor regime of Switch/GShard.
+//! [`grouped_linear_device`] is dropless and needs none either where
+//! libtorch has a device grouped GEMM: it hands the group offsets, as a
+//! device tensor, to `torch._grouped_mm` (CUTLASS grouped GEMM for bf16 on
+//! sm90/sm100, the MegaBlocks regime). Elsewhere (CPU, f32 on CUDA, older
+//! GPUs) libtorch's fallback copies the offsets to the host and loops.
 
 use tch::{Device, Kind, Tensor};
 
@@ -282,4 +287,67 @@ pub fn grouped_linear_padded(
         .and_then(|y| y.f_index_select(0, &slot))
         .op(OP)?;
     Ok((y, kept))
+}
+
+/// As [`grouped_linear`], dropless, through libtorch's grouped GEMM
+/// (`torch._grouped_mm`) with the group offsets `cumsum(counts)` left on the
+/// device: no host synchronisation on CUDA for bf16 on sm90/sm100 (see the
+/// module docs for the fallback). `x_sorted: [N k, in]` in `dispatch`
+/// order, `weight: [E, out, in]` (any strides), `bias: [E, out]`.
+///
+/// The grouped GEMM needs row strides that are multiples of 16 bytes, so
+/// `in` and `out` must be multiples of 8 for 16-bit dtypes and of 4 for f32;
+/// other widths are an error (use [`grouped_linear`]).
+pub fn grouped_linear_device(
+    x_sorted: &Tensor,
+    dispatch: &Dispatch,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
+    const OP: &str = "grouped_linear_device";
+    let (e, out, inp) = check_weights(OP, x_sorted, weight, bias)?;
+    if e != dispatch.num_experts {
+        return Err(Error::config(format!(
+            "{OP}: {e} expert weights for {} experts",
+            dispatch.num_experts
+        )));
+    }
+    if x_sorted.size()[0] != dispatch.num_tokens * dispatch.top_k {
+        return Err(Error::shape(
+            OP,
+            format!("x [{}, {inp}]", dispatch.num_tokens * dispatch.top_k),
+            x_sorted.size(),
+        ));
+    }
+    if weight.kind() != x_sorted.kind() {
+        return Err(Error::DType {
+            op: OP.into(),
+            expected: format!("weight in x's dtype {:?}", x_sorted.kind()),
+            actual: weight.kind(),
+        });
+    }
+    let align = 16 / x_sorted.kind().elt_size_in_bytes().max(1) as i64;
+    if inp % align != 0 || out % align != 0 {
+        return Err(Error::config(format!(
+            "{OP}: in ({inp}) and out ({out}) must be multiples of {align} for {:?} \
+             (16-byte rows); use grouped_linear",
+            x_sorted.kind()
+        )));
+    }
+    let offs = dispatch
+        .counts
+        .f_cumsum(0, Kind::Int)
+        .op("grouped_linear_device offsets")?;
+    // `[E, in, out]` as a transposed view of the Linear layout; the GEMM reads either major order.
+    let w = weight.f_transpose(1, 2).op(OP)?;
+    let x = x_sorted.f_contiguous().op(OP)?;
+    let mut y = x
+        .f_internal_grouped_mm::<Tensor>(&w, Some(offs), None, None)
+        .op(OP)?;
+    if let Some(b) = bias {
+        y = y
+            .f_add(&b.f_index_select(0, &dispatch.expert).op(OP)?)
+            .op(OP)?;
+    }
+    Ok(y)
 }

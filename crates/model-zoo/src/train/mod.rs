@@ -28,6 +28,7 @@ pub mod clip;
 pub mod loops;
 pub mod metrics;
 pub mod optim;
+pub mod scaler;
 pub mod schedule;
 
 pub use batch::{Batch, BatchIter, BatchPlan, SplitMix64, pad_batch, pad_batch_with_labels};
@@ -39,6 +40,7 @@ pub use metrics::{
     matthews_corrcoef,
 };
 pub use optim::{AdamW, AdamWConfig, DEFAULT_NO_DECAY, ParamGroup};
+pub use scaler::{GradScaler, ScalerConfig};
 pub use schedule::{LrSchedule, ScheduleKind};
 
 use tensor_core::ModuleExt;

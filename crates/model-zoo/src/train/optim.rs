@@ -20,11 +20,18 @@
 //! does not reach it, as PyTorch does with `zero_grad(set_to_none=False)`.
 //!
 //! The update is all device ops under `no_grad`: no host synchronisation.
+//!
+//! Mixed precision: with `master_weights` (the default), a bf16 or f16
+//! parameter keeps an f32 master copy; the gradient is cast to f32, the
+//! moments and the update are f32, and the parameter receives the rounded
+//! master after each step. Updates smaller than half a bf16 ulp therefore
+//! accumulate instead of vanishing (bf16 has 8 significant bits: `1 + 1e-3`
+//! rounds to 1). f32 and f64 parameters are updated in place as before.
 
 use std::collections::HashSet;
 
 use tensor_core::module::glob_match;
-use tensor_core::tch::{self, Tensor};
+use tensor_core::tch::{self, Kind, Tensor};
 use tensor_core::{Module, ModuleExt, TchResultExt};
 
 use crate::{Error, Result};
@@ -51,6 +58,8 @@ pub struct AdamWConfig {
     /// Glob patterns (see `tensor_core::module::glob_match`) of parameter
     /// names that get no weight decay.
     pub no_decay: Vec<String>,
+    /// Keep f32 master weights (and f32 moments) for bf16/f16 parameters.
+    pub master_weights: bool,
 }
 
 impl Default for AdamWConfig {
@@ -61,6 +70,7 @@ impl Default for AdamWConfig {
             eps: 1e-8,
             weight_decay: 0.01,
             no_decay: DEFAULT_NO_DECAY.iter().map(|s| (*s).to_owned()).collect(),
+            master_weights: true,
         }
     }
 }
@@ -72,6 +82,12 @@ impl AdamWConfig {
             lr,
             ..Self::default()
         }
+    }
+
+    /// f32 master weights for 16-bit parameters (on by default).
+    pub fn with_master_weights(mut self, on: bool) -> Self {
+        self.master_weights = on;
+        self
     }
 
     pub fn with_betas(mut self, beta1: f64, beta2: f64) -> Self {
@@ -144,6 +160,8 @@ struct ParamState {
     param: Tensor,
     /// `(exp_avg, exp_avg_sq)`, allocated at the parameter's first update.
     moments: Option<(Tensor, Tensor)>,
+    /// The f32 master copy of a 16-bit parameter (`master_weights`).
+    master: Option<Tensor>,
     /// Updates applied to this parameter (PyTorch's per-parameter `step`).
     step: u64,
 }
@@ -220,9 +238,18 @@ impl AdamW {
                     "AdamW: parameter '{name}' does not require grad (pass trainable_parameters())"
                 )));
             }
+            let master = if config.master_weights && matches!(kind, Kind::BFloat16 | Kind::Half) {
+                Some(
+                    tch::no_grad(|| param.f_detach().and_then(|p| p.f_to_kind(Kind::Float)))
+                        .op(&name)?,
+                )
+            } else {
+                None
+            };
             let state = ParamState {
                 param,
                 moments: None,
+                master,
                 step: 0,
                 name,
             };
@@ -344,13 +371,18 @@ impl AdamW {
                         continue;
                     }
                     s.step += 1;
+                    // The tensor updated: the f32 master of a 16-bit parameter, else the parameter.
+                    let (mut target, grad) = match &s.master {
+                        Some(m) => (m.shallow_clone(), grad.f_to_kind(Kind::Float).op(name)?),
+                        None => (s.param.shallow_clone(), grad),
+                    };
                     if wd != 0.0 {
-                        s.param.f_mul_scalar_(1.0 - lr * wd).map(drop).op(name)?;
+                        target.f_mul_scalar_(1.0 - lr * wd).map(drop).op(name)?;
                     }
                     if s.moments.is_none() {
                         s.moments = Some((
-                            s.param.f_zeros_like().op(name)?,
-                            s.param.f_zeros_like().op(name)?,
+                            target.f_zeros_like().op(name)?,
+                            target.f_zeros_like().op(name)?,
                         ));
                     }
                     let (exp_avg, exp_avg_sq) = s.moments.as_mut().expect("set above");
@@ -376,7 +408,10 @@ impl AdamW {
                         .f_mul_scalar(-step_size)
                         .and_then(|t| t.f_div(&denom))
                         .op(name)?;
-                    s.param.f_add_(&update).map(drop).op(name)?;
+                    target.f_add_(&update).map(drop).op(name)?;
+                    if s.master.is_some() {
+                        s.param.f_copy_(&target).op(name)?;
+                    }
                 }
             }
             Ok(())
@@ -419,6 +454,48 @@ mod tests {
             name.to_owned(),
             Tensor::zeros(shape, (Kind::Float, Device::Cpu)).set_requires_grad(true),
         )
+    }
+
+    /// bf16 weights with f32 master copies follow the f32 trajectory (to
+    /// bf16 rounding of the final weights); without masters, updates below
+    /// half a bf16 ulp are lost and the weights never move.
+    #[test]
+    fn bf16_master_weights_follow_the_f32_trajectory() {
+        let run = |kind: Kind, master: bool| -> Tensor {
+            let p = Tensor::from_slice(&[1.0f32, -0.5, 0.25, 2.0])
+                .to_kind(kind)
+                .set_requires_grad(true);
+            let cfg = AdamWConfig::new(1e-4)
+                .with_weight_decay(0.0)
+                .with_master_weights(master);
+            let mut opt = AdamW::new(vec![("w".into(), p.shallow_clone())], cfg).unwrap();
+            for step in 0..50 {
+                opt.zero_grad().unwrap();
+                let g = Tensor::from_slice(&[1.0f32, -1.0, 0.5, 1.0 + step as f32 * 0.01]);
+                (p.to_kind(Kind::Float) * g).sum(Kind::Float).backward();
+                opt.step().unwrap();
+            }
+            p.to_kind(Kind::Float)
+        };
+        let f32_run = run(Kind::Float, true);
+        let with_master = run(Kind::BFloat16, true);
+        let without = run(Kind::BFloat16, false);
+        let start = Tensor::from_slice(&[1.0f32, -0.5, 0.25, 2.0]);
+        // 50 steps of ~1e-4: a total move of ~5e-3, above the bf16 ulp at 1 (7.8e-3 / 2 rounding).
+        let diff = (&with_master - f32_run.to_kind(Kind::BFloat16).to_kind(Kind::Float))
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert_eq!(diff, 0.0, "master: {with_master:?} f32: {f32_run:?}");
+        assert!(
+            (&with_master - &start).abs().max().double_value(&[]) > 0.0,
+            "the master run moved"
+        );
+        assert_eq!(
+            without,
+            start.to_kind(Kind::BFloat16).to_kind(Kind::Float),
+            "1e-4 steps vanish in bf16"
+        );
     }
 
     /// Five steps against torch.optim.AdamW (scripts/train_reference.py):

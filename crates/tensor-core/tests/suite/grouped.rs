@@ -1,6 +1,8 @@
 use proptest::prelude::*;
 use tch::{Device, Kind, Tensor};
-use tensor_core::grouped::{Dispatch, grouped_linear, grouped_linear_padded};
+use tensor_core::grouped::{
+    Dispatch, grouped_linear, grouped_linear_device, grouped_linear_padded,
+};
 use tensor_core::testing::{assert_close, randint_seeded, randn_seeded};
 
 const CPU: Device = Device::Cpu;
@@ -70,6 +72,21 @@ proptest! {
     fn grouped_equals_per_token_reference(n in 1i64..24, k in 1i64..4, e in 1i64..7, din in 1i64..12, dout in 1i64..12, seed in 0u64..10_000) {
         let c = case(n, k, e, din, dout, seed);
         let ours = grouped(&c);
+        let expected = reference(&c);
+        assert_close(&ours, &expected, 1e-5, 1e-4);
+        for (g_ours, g_ref) in grads(&c, &ours).iter().zip(grads(&c, &expected).iter()) {
+            assert_close(g_ours, g_ref, 1e-5, 1e-4);
+        }
+    }
+
+    #[test]
+    fn device_grouped_gemm_equals_per_token_reference(n in 1i64..24, k in 1i64..4, e in 1i64..7, din in 1i64..4, dout in 1i64..4, seed in 0u64..10_000) {
+        // 16-byte rows: f32 widths in multiples of 4.
+        let c = case(n, k, e, 4 * din, 4 * dout, seed);
+        let d = Dispatch::new(&c.idx, e).unwrap();
+        let xs = d.permute(&c.x).unwrap();
+        let y = grouped_linear_device(&xs, &d, &c.w, Some(&c.b)).unwrap();
+        let ours = d.unpermute(&y, Some(&c.gates)).unwrap();
         let expected = reference(&c);
         assert_close(&ours, &expected, 1e-5, 1e-4);
         for (g_ours, g_ref) in grads(&c, &ours).iter().zip(grads(&c, &expected).iter()) {
@@ -154,4 +171,22 @@ fn bad_inputs_are_errors() {
         d.unpermute(&y, Some(&Tensor::zeros([2, 2], (Kind::Float, CPU))))
             .is_err()
     );
+}
+
+#[test]
+fn device_grouped_gemm_rejects_unaligned_widths_and_mismatched_experts() {
+    let c = case(6, 2, 3, 5, 4, 1);
+    let d = Dispatch::new(&c.idx, 3).unwrap();
+    let xs = d.permute(&c.x).unwrap();
+    let err = grouped_linear_device(&xs, &d, &c.w, Some(&c.b))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("multiples of 4"), "{err}");
+    let d4 = Dispatch::new(&c.idx, 4).unwrap();
+    let c8 = case(6, 2, 3, 8, 4, 1);
+    let xs8 = d4.permute(&c8.x).unwrap();
+    let err = grouped_linear_device(&xs8, &d4, &c8.w, None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("3 expert weights for 4 experts"), "{err}");
 }

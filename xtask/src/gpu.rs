@@ -1,0 +1,173 @@
+//! `cargo xtask gpu-check`: gather what a GPU machine runs into `.gpu/`
+//! (git-ignored), following shared/docs/GPU.md: release builds made here
+//! against the same PyTorch, checked to link `libtorch_cuda`, and one run
+//! script. On the GPU machine, from the repository root:
+//!
+//! ```text
+//! bash .gpu/run.sh          # results under $OUT (default ./gpu-out)
+//! ```
+//!
+//! `.gpu/` holds `gpu-check` (correctness on the device vs the CPU, and the
+//! GPU benchmarks: LoRA step vs PEFT, MoE and EMoE fractions of the bf16
+//! matmul rate, stick-breaking vs SDPA) and tensor-core's release test
+//! executables (CUDA linked, seen and chosen by `best()`), within the 64 MiB a device run may
+//! carry. (The demo needs the 88 MB MiniLM folder, more than a run carries;
+//! `gpu-check` falls back to a randomly initialised MiniLM-shaped BERT.)
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use crate::{Fail, cargo, repo_root, run, setup};
+
+/// The run script written to `.gpu/run.sh`.
+const RUN_SH: &str = r###"#!/usr/bin/env bash
+# Written by `cargo xtask gpu-check`. Run on the GPU machine from the repository root.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+TL=$(timeout 30 "$PY" -c "import torch,os;print(os.path.dirname(torch.__file__)+'/lib')")
+export LD_LIBRARY_PATH="$TL${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# 1. gpu-check + the PyTorch reference (benches/gpu_run.sh prints the table).
+OUT="$OUT" bash benches/gpu_run.sh "$@"
+# 2. Test executables carried along (their device tests run where CUDA exists).
+for t in .gpu/tests/*; do
+  [ -x "$t" ] || continue
+  echo "## $(basename "$t") (timeout 120 s)"
+  timeout -k 5 120 "$t" --test-threads 4 > "$OUT/$(basename "$t").log" 2>&1
+  echo "exit status $?: $(grep -E '^test result' "$OUT/$(basename "$t").log" | tail -n 1)"
+done
+"###;
+
+/// Test executables of these packages are carried: tensor-core's suite checks
+/// that CUDA is seen and picked by `best()` (the method crates' tests pin the
+/// CPU; their device paths are covered by `gpu-check`).
+const TEST_PACKAGES: &[&str] = &["tensor-core"];
+/// What a device run may carry, with room for the working tree.
+const CARRY_LIMIT: u64 = 56 << 20;
+
+fn copy_exe(from: &Path, to: &Path) -> Result<u64, Fail> {
+    fs::copy(from, to).map_err(|e| {
+        Fail::new(
+            "gpu-check: copy",
+            format!("{} -> {}: {e}", from.display(), to.display()),
+            "check the build output",
+        )
+    })
+}
+
+fn links_torch_cuda(exe: &Path) -> bool {
+    Command::new("ldd")
+        .arg(exe)
+        .stderr(Stdio::null())
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("libtorch_cuda"))
+        .unwrap_or(false)
+}
+
+/// Release test executables of `pkg` (`cargo test --no-run --message-format=json`).
+fn test_executables(pkg: &str) -> Result<Vec<PathBuf>, Fail> {
+    let mut c = cargo();
+    c.args([
+        "test",
+        "--release",
+        "--no-run",
+        "--message-format=json",
+        "-p",
+        pkg,
+    ]);
+    let out = c
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| Fail::new("gpu-check: build tests", e.to_string(), "check cargo"))?;
+    if !out.status.success() {
+        return Err(Fail::new(
+            "gpu-check: build tests",
+            format!("cargo test --no-run -p {pkg} failed"),
+            "run `cargo xtask test` to see why",
+        ));
+    }
+    let mut exes = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        if !line.contains("\"reason\":\"compiler-artifact\"") || !line.contains("\"test\":true") {
+            continue;
+        }
+        if let Some(i) = line.find("\"executable\":\"") {
+            let rest = &line[i + 14..];
+            if let Some(end) = rest.find('"') {
+                exes.push(PathBuf::from(&rest[..end]));
+            }
+        }
+    }
+    Ok(exes)
+}
+
+pub fn gpu_check() -> Result<(), Fail> {
+    let torch = setup::ensure(false)?;
+    if !torch.has_cuda_lib() {
+        return Err(Fail::new(
+            "gpu-check",
+            format!("{} has no libtorch_cuda.so", torch.lib_dir.display()),
+            "install the CUDA build of PyTorch 2.11.0 (`cargo xtask setup`)",
+        ));
+    }
+    let root = repo_root();
+    let dir = root.join(".gpu");
+    let tests_dir = dir.join("tests");
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&tests_dir)
+        .map_err(|e| Fail::new("gpu-check", e.to_string(), "check .gpu is writable"))?;
+    let mut c = cargo();
+    c.args([
+        "build",
+        "--release",
+        "-p",
+        "modular-benches",
+        "--example",
+        "gpu-check",
+    ]);
+    run("gpu-check: build", c)?;
+    let release = root.join("target").join("release");
+    let to = dir.join("gpu-check");
+    let mut total = copy_exe(&release.join("examples").join("gpu-check"), &to)?;
+    if !links_torch_cuda(&to) {
+        return Err(Fail::new(
+            "gpu-check",
+            format!("{} does not link libtorch_cuda", to.display()),
+            "check .cargo/torch.toml (the linker wrapper keeps libtorch_cuda with --no-as-needed)",
+        ));
+    }
+    let mut skipped = Vec::new();
+    for pkg in TEST_PACKAGES {
+        for exe in test_executables(pkg)? {
+            let size = fs::metadata(&exe).map(|m| m.len()).unwrap_or(u64::MAX);
+            let name = exe
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if total + size > CARRY_LIMIT {
+                skipped.push(name);
+                continue;
+            }
+            total += copy_exe(&exe, &tests_dir.join(&name))?;
+        }
+    }
+    let script = dir.join("run.sh");
+    fs::write(&script, RUN_SH)
+        .map_err(|e| Fail::new("gpu-check", e.to_string(), "check .gpu is writable"))?;
+    println!(
+        "xtask: gathered {:.1} MiB in {} (gpu-check, {} test executables{})",
+        total as f64 / (1 << 20) as f64,
+        dir.display(),
+        fs::read_dir(&tests_dir).map(|r| r.count()).unwrap_or(0),
+        if skipped.is_empty() {
+            String::new()
+        } else {
+            format!("; left out for size: {}", skipped.join(", "))
+        }
+    );
+    println!("xtask: on the GPU machine, from the repository root: bash .gpu/run.sh");
+    Ok(())
+}
