@@ -889,7 +889,7 @@ fn time_lora_step(opts: &Opts, s: &Sizes, dev: Device, kind: Kind, rows: &mut Ve
     let loss = last_loss.f_double_value(&[])?;
     let kn = kind_name(kind);
     let how = if kind == Kind::BFloat16 {
-        "all weights, LoRA, head and AdamW state in bf16 (no f32 master copy); loss in f32"
+        "bf16 weights, LoRA and head; AdamW keeps f32 master weights and moments for them; loss in f32"
     } else {
         "all f32"
     };
