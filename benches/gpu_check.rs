@@ -24,6 +24,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use configurable_bricks::{ProfileConfig, Profiler};
 use emergent_split::kmeans::KMeansConfig;
 use emergent_split::split::{ExpertSplit, kmeans_split};
 use emergent_split::{EmoeFfn, GateConfig};
@@ -34,6 +35,10 @@ use model_zoo::train::optim::{AdamW, AdamWConfig};
 use moe_router::{
     DroplessKernel, MoeConfig, MoeLayer, MoePath, RouterConfig, Routing, SbVariant,
     stick_breaking_attention, stick_breaking_naive,
+};
+use orthogonal_merge::{
+    Delta, Features, LoraFactors, MergeConfig, Merged, Method, TaskDelta, merge,
+    merge_with_features,
 };
 use pet_core::{LoraConfig, LoraInit, add_lora, mark_only_adapters_trainable};
 use tensor_core::prelude::*;
@@ -65,6 +70,13 @@ struct Sizes {
     /// Stick-breaking correctness length (the naive reference is `O(T³)`).
     sb_check_t: i64,
     matmul_n: i64,
+    /// MiniLM layers whose six Linear layers the LoRA merge covers.
+    merge_layers: i64,
+    /// Timed repetitions of one merge on the device.
+    merge_reps: usize,
+    /// Profiling batch `(B, T)` and number of batches.
+    bricks_batch: (i64, i64),
+    bricks_batches: usize,
     warmup: usize,
     reps: usize,
 }
@@ -79,6 +91,10 @@ impl Sizes {
             sb_t: 2048,
             sb_check_t: 128,
             matmul_n: 8192,
+            merge_layers: 6,
+            merge_reps: 5,
+            bricks_batch: (32, 128),
+            bricks_batches: 8,
             warmup: 3,
             reps: 21,
         }
@@ -93,6 +109,10 @@ impl Sizes {
             sb_t: 128,
             sb_check_t: 32,
             matmul_n: 512,
+            merge_layers: 1,
+            merge_reps: 2,
+            bricks_batch: (2, 16),
+            bricks_batches: 2,
             warmup: 1,
             reps: 3,
         }
@@ -550,6 +570,23 @@ fn ffn_on(dev: Device, kind: Kind) -> Res<FeedForward> {
     Ok(f)
 }
 
+/// The dropless kernels the MoE rows compare (`Auto` picks `grouped_device`
+/// on CUDA for bf16, `padded` elsewhere).
+const MOE_KERNELS: [DroplessKernel; 3] = [
+    DroplessKernel::Padded,
+    DroplessKernel::Grouped,
+    DroplessKernel::GroupedDevice,
+];
+
+fn kernel_name(k: DroplessKernel) -> &'static str {
+    match k {
+        DroplessKernel::Auto => "auto",
+        DroplessKernel::Padded => "padded",
+        DroplessKernel::Grouped => "grouped",
+        DroplessKernel::GroupedDevice => "grouped_device",
+    }
+}
+
 fn make_moe(e: usize, k: usize, kernel: DroplessKernel, dev: Device, kind: Kind) -> Res<MoeLayer> {
     let mut config = MoeConfig::new(D, FF / e as i64, RouterConfig::new(e, k).dropless());
     config.dropless_kernel = kernel;
@@ -605,6 +642,140 @@ fn sb_naive(q: &Tensor, k: &Tensor, v: &Tensor) -> Res<Tensor> {
         .f_neg()?
         .f_add_scalar(1.0)?;
     Ok(a.f_matmul(v)?.f_add(&rem.f_unsqueeze(-1)?.f_mul(v)?)?)
+}
+
+// ---------------------------------------------------------------- merge, bricks
+
+const MERGE_ADAPTERS: usize = 8;
+const MERGE_RANK: i64 = 8;
+const MERGE_SCALE: f64 = 2.0;
+const MERGE_WEIGHTS: [f64; MERGE_ADAPTERS] = [1.0, 0.5, 1.0, 0.5, 1.0, 0.5, 1.0, -0.5];
+/// Feature rows per task and layer for the least-squares merge.
+const MERGE_FEATURE_ROWS: i64 = 64;
+
+/// `(path, out, in)` of the six Linear layers of each of the first `n` MiniLM layers.
+fn merge_layer_shapes(n: i64) -> Vec<(String, i64, i64)> {
+    let mut v = Vec::new();
+    for l in 0..n {
+        for (name, out, inp) in [
+            ("attention.self.query", D, D),
+            ("attention.self.key", D, D),
+            ("attention.self.value", D, D),
+            ("attention.output.dense", D, D),
+            ("intermediate.dense", FF, D),
+            ("output.dense", D, FF),
+        ] {
+            v.push((format!("encoder.layer.{l}.{name}"), out, inp));
+        }
+    }
+    v
+}
+
+/// The 8 LoRA adapters (r = 8, s = 2) of `benches/orthogonal_merge.rs`
+/// (same seeds, drawn on the CPU), with their factors moved to `dev`, and
+/// per task random least-squares features (64 rows per layer).
+fn merge_inputs(n_layers: i64, dev: Device) -> Res<(Vec<TaskDelta>, Vec<Features>)> {
+    let shapes = merge_layer_shapes(n_layers);
+    let mut tasks = Vec::new();
+    let mut feats = Vec::new();
+    for t in 0..MERGE_ADAPTERS {
+        let mut task = TaskDelta::new(&format!("a{t}"));
+        let mut f = Features::new();
+        for (li, (path, out, inp)) in shapes.iter().enumerate() {
+            let seed = (1000 * t + 10 * li) as u64;
+            let a = randn_seeded(&[MERGE_RANK, *inp], seed, Device::Cpu)?.f_to_device(dev)?;
+            let b = randn_seeded(&[*out, MERGE_RANK], seed + 1, Device::Cpu)?
+                .f_mul_scalar(0.01)?
+                .f_to_device(dev)?;
+            task.layers.insert(
+                path.clone(),
+                Delta::Lora(LoraFactors::new(a, b, MERGE_SCALE)?),
+            );
+            let x = randn_seeded(&[MERGE_FEATURE_ROWS, *inp], seed + 2, Device::Cpu)?;
+            f.add(path, &x.f_to_device(dev)?)?;
+        }
+        tasks.push(task);
+        feats.push(f);
+    }
+    Ok((tasks, feats))
+}
+
+/// Every merge method, with the settings of `benches/orthogonal_merge.rs`
+/// (density 0.2 for magnitude pruning and TIES, 0.1 for DARE, SVD rank 8),
+/// plus least squares on the recorded features.
+fn merge_cases() -> Vec<MergeConfig> {
+    let w = |m: Method| MergeConfig::new(m).with_weights(&MERGE_WEIGHTS);
+    vec![
+        MergeConfig::new(Method::Sum),
+        w(Method::Linear),
+        w(Method::Cat),
+        w(Method::Svd).with_svd_rank(MERGE_RANK),
+        w(Method::MagnitudePrune).with_density(0.2),
+        w(Method::Ties).with_density(0.2),
+        w(Method::DareLinear).with_density(0.1).with_seed(0),
+        w(Method::DareTies).with_density(0.1).with_seed(0),
+        w(Method::LeastSquares),
+    ]
+}
+
+fn run_merge(tasks: &[TaskDelta], feats: &[Features], cfg: &MergeConfig) -> Res<Merged> {
+    Ok(tch::no_grad(|| {
+        if cfg.method == Method::LeastSquares {
+            merge_with_features(tasks, feats, cfg)
+        } else {
+            merge(tasks, cfg)
+        }
+    })?)
+}
+
+/// `‖a − b‖ / ‖b‖` over all layers' merged `ΔW` together (f64 on the CPU).
+fn merged_rel_err(a: &Merged, b: &Merged) -> Res<f64> {
+    let (mut num, mut den) = (0.0, 0.0);
+    if a.layers.len() != b.layers.len() {
+        return Err(format!("{} vs {} merged layers", a.layers.len(), b.layers.len()).into());
+    }
+    for (l, db) in &b.layers {
+        let da = a.layers.get(l).ok_or(format!("layer {l} missing"))?;
+        let wa = da
+            .weight()?
+            .f_to_device(Device::Cpu)?
+            .f_to_kind(Kind::Double)?;
+        let wb = db
+            .weight()?
+            .f_to_device(Device::Cpu)?
+            .f_to_kind(Kind::Double)?;
+        num += wa
+            .f_sub(&wb)?
+            .f_square()?
+            .f_sum(Kind::Double)?
+            .f_double_value(&[])?;
+        den += wb.f_square()?.f_sum(Kind::Double)?.f_double_value(&[])?;
+    }
+    Ok((num / den.max(1e-300)).sqrt())
+}
+
+/// `N` profiling batches `(ids, mask)` on the CPU (a quarter of the rows padded in the second half).
+fn bricks_batches(s: &Sizes) -> Res<Vec<(Tensor, Tensor)>> {
+    let (b, t) = s.bricks_batch;
+    (0..s.bricks_batches)
+        .map(|i| bert_batch(b, t, 100 + i as u64, Device::Cpu))
+        .collect()
+}
+
+/// Profile every batch (`[N B, 9216]`, on the model's device).
+fn profile_all(p: &Profiler, m: &BertModel, batches: &[(Tensor, Tensor)]) -> Res<Tensor> {
+    let mut rows = Vec::with_capacity(batches.len());
+    for (ids, mask) in batches {
+        rows.push(p.profile_batch(m, ids, mask, None)?);
+    }
+    Ok(Tensor::f_cat(&rows, 0)?)
+}
+
+fn to_dev(batches: &[(Tensor, Tensor)], dev: Device) -> Res<Vec<(Tensor, Tensor)>> {
+    batches
+        .iter()
+        .map(|(i, m)| Ok((i.f_to_device(dev)?, m.f_to_device(dev)?)))
+        .collect()
 }
 
 // ---------------------------------------------------------------- checks
@@ -729,11 +900,8 @@ fn check_moe(s: &Sizes, dev: Device, rows: &mut Vec<Row>) -> Res<()> {
             let x0 = randn_seeded(&[tc, D], 2, Device::Cpu)?;
             let r0 = randn_seeded(&[tc, D], 3, Device::Cpu)?;
             let r = r0.f_to_device(dev)?.f_to_kind(kind)?;
-            for kernel in [DroplessKernel::Padded, DroplessKernel::Grouped] {
-                let kname = match kernel {
-                    DroplessKernel::Padded => "padded",
-                    DroplessKernel::Grouped => "grouped",
-                };
+            for kernel in MOE_KERNELS {
+                let kname = kernel_name(kernel);
                 let m = make_moe(e, k, kernel, dev, kind)?;
                 let x = leaf(&x0, dev, kind)?;
                 let (y, routing) = m.forward_with_routing(&x, &mut Context::eval())?;
@@ -751,19 +919,42 @@ fn check_moe(s: &Sizes, dev: Device, rows: &mut Vec<Row>) -> Res<()> {
                     tol(kind),
                     format!("fwd {ef:.1e}, grads (x, router, experts) {eg:.1e}; {tc} tokens"),
                 ));
-                if kernel == DroplessKernel::Padded {
+                if kernel != DroplessKernel::Grouped {
                     let mc = make_moe(e, k, kernel, Device::Cpu, kind)?;
                     let rc = routing_to(&routing, Device::Cpu)?;
                     let xc = x0.f_to_kind(kind)?;
                     let yc = tch::no_grad(|| mc.compute(&xc, &rc, MoePath::Dense))?;
                     rows.push(Row::close(
-                        format!("moe_e{e}k{k} {kn} {d} dropless vs cpu dense"),
+                        format!("moe_e{e}k{k} {kn} {d} dropless-{kname} vs cpu dense"),
                         rel_err(&y, &yc)?,
                         tol(kind),
                         "same routing on both",
                     ));
                 }
             }
+            // What `Auto` (the default) runs here.
+            let auto = make_moe(e, k, DroplessKernel::Auto, dev, kind)?;
+            let picked = auto.dropless_kernel_for(&x0.f_to_device(dev)?.f_to_kind(kind)?);
+            let expected = if dev.is_cuda() && kind == Kind::BFloat16 {
+                DroplessKernel::GroupedDevice
+            } else {
+                DroplessKernel::Padded
+            };
+            rows.push(Row {
+                check: format!("moe_e{e}k{k} {kn} auto kernel ({d})"),
+                status: if picked == expected {
+                    Status::Pass
+                } else {
+                    Status::Fail
+                },
+                value: None,
+                unit: String::new(),
+                note: format!(
+                    "picked {}, expected {}",
+                    kernel_name(picked),
+                    kernel_name(expected)
+                ),
+            });
         }
     }
     Ok(())
@@ -828,6 +1019,101 @@ fn check_sb(s: &Sizes, dev: Device, rows: &mut Vec<Row>) -> Res<()> {
             ));
         }
     }
+    Ok(())
+}
+
+/// A row for a method whose merge failed (the other methods still run).
+fn error_row(check: String, e: &dyn std::fmt::Display) -> Row {
+    Row {
+        check,
+        status: Status::Error,
+        value: None,
+        unit: String::new(),
+        note: first_line(&e.to_string(), 160),
+    }
+}
+
+/// 1e. orthogonal-merge: 8 LoRA adapters (r = 8) on every Linear of a
+/// MiniLM-shaped encoder merged by every method on the device vs on the
+/// CPU (the merged `ΔW` of all layers; the same factors, DARE masks drawn
+/// on the CPU either way). Records each method's CPU time (one run).
+fn check_merge(
+    s: &Sizes,
+    dev: Device,
+    rows: &mut Vec<Row>,
+    cpu_ms: &mut Vec<(Method, f64)>,
+) -> Res<()> {
+    let (tc, fc) = merge_inputs(s.merge_layers, Device::Cpu)?;
+    let (td, fd) = merge_inputs(s.merge_layers, dev)?;
+    let d = dev_name(dev);
+    let n = 6 * s.merge_layers;
+    for cfg in merge_cases() {
+        let name = cfg.method.name();
+        let check = format!("merge_{name} {d} vs cpu");
+        let t = Instant::now();
+        let mc = match run_merge(&tc, &fc, &cfg) {
+            Ok(m) => m,
+            Err(e) => {
+                rows.push(error_row(check, &e));
+                continue;
+            }
+        };
+        cpu_ms.push((cfg.method, t.elapsed().as_secs_f64() * 1e3));
+        match run_merge(&td, &fd, &cfg).and_then(|md| merged_rel_err(&md, &mc)) {
+            Ok(err) => rows.push(Row::close(
+                check,
+                err,
+                TOL_F32,
+                format!(
+                    "8 LoRA r=8 over {n} MiniLM linears, f32; all merged ΔW (a weight at a \
+                     pruning threshold may flip between devices)"
+                ),
+            )),
+            Err(e) => rows.push(error_row(check, &e)),
+        }
+    }
+    Ok(())
+}
+
+/// 1f. configurable-bricks: the activation profile (mean |a| per example
+/// and FFN neuron, 9216 neurons) of `N` batches on the device vs on the
+/// CPU, MiniLM-shaped BERT in f32. Records the CPU's examples/s (the
+/// median batch of one pass over the `N` batches, after a warm-up batch).
+fn check_bricks(
+    opts: &Opts,
+    s: &Sizes,
+    dev: Device,
+    rows: &mut Vec<Row>,
+    cpu_rate: &mut Option<f64>,
+) -> Res<()> {
+    let (mut model, what) = load_minilm(opts)?;
+    let profiler = Profiler::new(&model, ProfileConfig::default())?;
+    let batches = bricks_batches(s)?;
+    let (b, t) = s.bricks_batch;
+    let n = s.bricks_batches;
+    let _ = profiler.profile_batch(&model, &batches[0].0, &batches[0].1, None)?;
+    // The CPU rate from the median batch time of this one pass.
+    let mut secs = Vec::with_capacity(n);
+    let mut parts = Vec::with_capacity(n);
+    for (ids, mask) in &batches {
+        let t0 = Instant::now();
+        parts.push(profiler.profile_batch(&model, ids, mask, None)?);
+        secs.push(t0.elapsed().as_secs_f64());
+    }
+    secs.sort_by(f64::total_cmp);
+    *cpu_rate = Some(b as f64 / secs[secs.len() / 2]);
+    let cpu = Tensor::f_cat(&parts, 0)?;
+    model.to_device(dev)?;
+    let on_dev = profile_all(&profiler, &model, &to_dev(&batches, dev)?)?;
+    rows.push(Row::close(
+        format!("bricks_profile f32 {} vs cpu", dev_name(dev)),
+        rel_err(&on_dev, &cpu)?,
+        TOL_F32,
+        format!(
+            "{n} batches of {b}x{t} (padded rows), {} neurons; {what}",
+            profiler.neurons()
+        ),
+    ));
     Ok(())
 }
 
@@ -924,11 +1210,9 @@ fn time_moe(s: &Sizes, dev: Device, peak: Option<f64>, rows: &mut Vec<Row>) -> R
         let de = FF / e as i64;
         // Active FLOPs, fwd + bwd: 2 · 3 · tokens · k · (2 · d · d_expert).
         let flops = 2.0 * 3.0 * (tok * k as i64) as f64 * (2 * D * de) as f64;
-        for kernel in [DroplessKernel::Padded, DroplessKernel::Grouped] {
-            let kname = match kernel {
-                DroplessKernel::Padded => "padded",
-                DroplessKernel::Grouped => "grouped",
-            };
+        let mut times: Vec<(DroplessKernel, f64)> = Vec::new();
+        for kernel in MOE_KERNELS {
+            let kname = kernel_name(kernel);
             let m = make_moe(e, k, kernel, dev, kind)?;
             let x = leaf(&x0, dev, kind)?;
             let inputs = moe_inputs(&m, &x);
@@ -943,12 +1227,20 @@ fn time_moe(s: &Sizes, dev: Device, peak: Option<f64>, rows: &mut Vec<Row>) -> R
                 Ok(())
             })?;
             let tflops = flops / (ms * 1e-3) / 1e12;
+            // The grouped GEMM against the kernels timed before it.
+            let mut vs = String::new();
+            if kernel == DroplessKernel::GroupedDevice {
+                for (other, t) in &times {
+                    let _ = write!(vs, "; {:.2}x the {} time", ms / t, kernel_name(*other));
+                }
+            }
+            times.push((kernel, ms));
             rows.push(Row::info(
                 format!("moe_e{e}k{k} bf16 fwd+bwd ({kname})"),
                 ms,
                 "ms",
                 format!(
-                    "{tok} tok, d={D}, d_expert={de}; {tflops:.2} active TFLOP/s = {}",
+                    "{tok} tok, d={D}, d_expert={de}; {tflops:.2} active TFLOP/s = {}{vs}",
                     frac(tflops)
                 ),
             ));
@@ -1024,6 +1316,76 @@ fn time_emoe(s: &Sizes, dev: Device, split: &ExpertSplit, rows: &mut Vec<Row>) -
             ),
         ));
     }
+    Ok(())
+}
+
+/// Every merge method on the device: ms per merge of the 8 adapters over
+/// all layers (from the LoRA factors to the merged `ΔW`), vs the CPU run
+/// of `check_merge` (PEFT's merge utilities on the GPU: `merge_*_peft` in
+/// the reference lines).
+fn time_merge(s: &Sizes, dev: Device, cpu_ms: &[(Method, f64)], rows: &mut Vec<Row>) -> Res<()> {
+    let (td, fd) = merge_inputs(s.merge_layers, dev)?;
+    let d = dev_name(dev);
+    let n = 6 * s.merge_layers;
+    for cfg in merge_cases() {
+        let name = cfg.method.name();
+        let check = format!("merge_{name} {d} time");
+        let timed = median_ms(dev, 1, s.merge_reps, || {
+            let _ = run_merge(&td, &fd, &cfg)?;
+            Ok(())
+        });
+        match timed {
+            Ok(ms) => {
+                let cpu = match cpu_ms.iter().find(|(m, _)| *m == cfg.method) {
+                    Some((_, c)) => format!("cpu {c:.1} ms (one run) = {:.1}x", c / ms),
+                    None => "cpu not measured".to_owned(),
+                };
+                rows.push(Row::info(
+                    check,
+                    ms,
+                    "ms",
+                    format!("8 LoRA r=8 over {n} MiniLM linears, f32; {cpu}"),
+                ));
+            }
+            Err(e) => rows.push(error_row(check, &e)),
+        }
+    }
+    Ok(())
+}
+
+/// Activation profiling of `N` batches on the device: examples/s, vs the
+/// CPU rate measured by `check_bricks` in the same run.
+fn time_bricks(
+    opts: &Opts,
+    s: &Sizes,
+    dev: Device,
+    cpu_rate: Option<f64>,
+    rows: &mut Vec<Row>,
+) -> Res<()> {
+    let (mut model, what) = load_minilm(opts)?;
+    let profiler = Profiler::new(&model, ProfileConfig::default())?;
+    model.to_device(dev)?;
+    let batches = to_dev(&bricks_batches(s)?, dev)?;
+    let (b, t) = s.bricks_batch;
+    let n = s.bricks_batches;
+    let ms = median_ms(dev, 1, s.reps.min(5), || {
+        let _ = profile_all(&profiler, &model, &batches)?;
+        Ok(())
+    })?;
+    let rate = (n as i64 * b) as f64 / (ms * 1e-3);
+    let cpu = match cpu_rate {
+        Some(c) => format!(
+            "cpu {c:.1} examples/s in this run (median batch) = {:.1}x",
+            rate / c
+        ),
+        None => "cpu not measured".to_owned(),
+    };
+    rows.push(Row::info(
+        format!("bricks_profile_{b}x{t} f32 {}", dev_name(dev)),
+        rate,
+        "examples/s",
+        format!("{n} batches: {ms:.2} ms; {cpu}; {what}"),
+    ));
     Ok(())
 }
 
@@ -1136,6 +1498,14 @@ fn main() {
     }
     rep.run("moe_dropless_vs_dense", |rows| check_moe(&s, dev, rows));
     rep.run("sb_vs_naive", |rows| check_sb(&s, dev, rows));
+    let mut merge_cpu_ms = Vec::new();
+    rep.run("merge_vs_cpu", |rows| {
+        check_merge(&s, dev, rows, &mut merge_cpu_ms)
+    });
+    let mut bricks_cpu_rate = None;
+    rep.run("bricks_profile_vs_cpu", |rows| {
+        check_bricks(&opts, &s, dev, rows, &mut bricks_cpu_rate)
+    });
 
     // 2. Timings.
     let mut peak = None;
@@ -1155,6 +1525,12 @@ fn main() {
         None => rep.not_run("emoe_sparse_fwd_time", "k-means split failed"),
     }
     rep.run("sb_vs_sdpa_time", |rows| time_sb(&s, dev, rows));
+    rep.run("merge_time", |rows| {
+        time_merge(&s, dev, &merge_cpu_ms, rows)
+    });
+    rep.run("bricks_profile_time", |rows| {
+        time_bricks(&opts, &s, dev, bricks_cpu_rate, rows)
+    });
 
     let md = rep.markdown();
     let _ = rep.write();

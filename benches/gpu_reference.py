@@ -23,12 +23,23 @@ around each run), `#` lines for notes:
   parameters), 8192 tokens, d=384, bf16: ms and active TFLOP/s
   (2*3*tokens*k*(2*d*d_expert));
 - `dense_equiv_e{16,64}k{2,8}_bf16`: the dense GELU FFN with the same active
-  FLOPs (d_ff = k*1536/E = 192), forward + backward.
+  FLOPs (d_ff = k*1536/E = 192), forward + backward;
+- `merge_CASE_peft`: PEFT's merge utilities on the device, the cases of
+  `reference/orthogonal_merge.py` (8 LoRA adapters, r=8, on the 36 Linear
+  layers of a MiniLM-shaped encoder; sum, linear, cat, svd, magnitude_prune,
+  ties, dare_linear, dare_ties), ms per merge of all layers (the Rust side:
+  gpu-check's `merge_* time` rows); "skipped: peft not installed" without PEFT;
+- `bricks_profile_BxT_pytorch`: activation profiling with forward hooks on
+  every `BertIntermediate` of a transformers `BertModel` with MiniLM's config
+  (random init, f32), as `reference/configurable_bricks.py`, 8 batches of
+  32x128 (the first quarter of the rows padded in the second half):
+  examples/s (the Rust side: gpu-check's `bricks_profile_*` rows).
 
 `--cpu`: tiny sizes on the CPU (a dry run of the code paths).
 """
 import argparse
 import math
+import os
 import statistics
 import sys
 import time
@@ -168,6 +179,79 @@ def moe_loop(a, dev, e, k):
     out(f"dense_equiv_e{e}k{k}_bf16", ms, "ms")
 
 
+def peft_merge(a, dev):
+    """PEFT's merge utilities on `dev`, via benches/reference/orthogonal_merge.py."""
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference")
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    import orthogonal_merge as om
+
+    try:
+        mu = om.merge_utils()
+    except ImportError as e:
+        print(f"merge_peft skipped: peft not installed ({e})", flush=True)
+        return
+    if a.merge_layers < 6:
+        full = om.layers()
+        om.layers = lambda: full[: 6 * a.merge_layers]
+    ad = om.adapters(dev)
+    for case in om.CASES:
+        run = om.make_case(case, mu, ad, dev)
+        t = time.perf_counter()
+        run()
+        first = time.perf_counter() - t
+        reps = a.merge_reps if first < 1.0 else 3
+        out(f"merge_{case}_peft", median_ms(run, dev, 1, reps), "ms")
+
+
+def bricks_profile(a, dev):
+    try:
+        import transformers
+    except ImportError as e:
+        print(f"bricks_profile skipped: transformers not installed ({e})", flush=True)
+        return
+    b, t = a.bricks
+    cfg = transformers.BertConfig(
+        vocab_size=30522,
+        hidden_size=384,
+        num_hidden_layers=6,
+        num_attention_heads=12,
+        intermediate_size=1536,
+        max_position_embeddings=512,
+    )
+    torch.manual_seed(0)
+    model = transformers.BertModel(cfg, add_pooling_layer=False).to(dev).eval()
+    batches = []
+    for _ in range(a.bricks_batches):
+        ids = torch.randint(1000, 30000, (b, t), device=dev)
+        mask = torch.ones(b, t, dtype=torch.long, device=dev)
+        mask[: max(b // 4, 1), t // 2 :] = 0
+        batches.append((ids, mask, mask.float() / mask.float().sum(1, keepdim=True)))
+    rows = []
+    current = {}
+
+    def hook(_module, _inputs, output):
+        rows.append(torch.einsum("btn,bt->bn", output.abs(), current["w"]))
+
+    handles = [layer.intermediate.register_forward_hook(hook) for layer in model.encoder.layer]
+
+    def profile_all():
+        outs = []
+        with torch.no_grad():
+            for ids, mask, w in batches:
+                rows.clear()
+                current["w"] = w
+                model(input_ids=ids, attention_mask=mask)
+                outs.append(torch.cat(rows, 1))
+        return torch.cat(outs, 0)
+
+    assert profile_all().shape == (a.bricks_batches * b, 9216)
+    ms = median_ms(profile_all, dev, 1, min(a.reps, 5))
+    for h in handles:
+        h.remove()
+    out(f"bricks_profile_{b}x{t}_pytorch", a.bricks_batches * b / (ms * 1e-3), "examples/s")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cpu", action="store_true", help="tiny sizes on the CPU")
@@ -175,12 +259,14 @@ def main():
     if a.cpu:
         dev = torch.device("cpu")
         a.tokens, a.lora, a.matmul_n, a.warmup, a.reps = 512, (2, 32), 512, 1, 3
+        a.merge_layers, a.merge_reps, a.bricks, a.bricks_batches = 1, 2, (2, 16), 2
     else:
         if not torch.cuda.is_available():
             print("CUDA not available", flush=True)
             sys.exit(2)
         dev = torch.device("cuda")
         a.tokens, a.lora, a.matmul_n, a.warmup, a.reps = 8192, (32, 128), 8192, 3, 21
+        a.merge_layers, a.merge_reps, a.bricks, a.bricks_batches = 6, 5, (32, 128), 8
     name = torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu"
     print(f"# torch {torch.__version__} on {name}", flush=True)
     cases = [
@@ -189,6 +275,8 @@ def main():
         ("lora f32", lambda: lora_step(a, dev, torch.float32, "f32")),
         ("moe e16k2", lambda: moe_loop(a, dev, 16, 2)),
         ("moe e64k8", lambda: moe_loop(a, dev, 64, 8)),
+        ("merge peft", lambda: peft_merge(a, dev)),
+        ("bricks profile", lambda: bricks_profile(a, dev)),
     ]
     for what, fn in cases:
         try:

@@ -10,6 +10,9 @@
 //!   Dropless, padded to the largest expert group (one host sync).
 //! - `moe_e16k2_grouped`, `moe_e64k8_grouped`: the same with
 //!   `DroplessKernel::Grouped` (`tensor_core::grouped`, one matmul per expert), no PyTorch pair.
+//! - `moe_e16k2_grouped_device`, `moe_e64k8_grouped_device`: the same with
+//!   `DroplessKernel::GroupedDevice` (`torch._grouped_mm` with the group
+//!   offsets on the device; on the CPU libtorch's fallback), no PyTorch pair.
 //! - `moe_e16k2_cf1`, `moe_e64k8_cf1`: the same layer with capacity factor 1
 //!   (the no-host-sync padded path; tokens over capacity are dropped), no
 //!   PyTorch pair.
@@ -123,6 +126,14 @@ fn moe_cases() -> Vec<(String, usize, usize, f64, DroplessKernel, i64)> {
             k,
             0.0,
             DroplessKernel::Grouped,
+            chunk,
+        ));
+        v.push((
+            format!("moe_e{e}k{k}_grouped_device"),
+            e,
+            k,
+            0.0,
+            DroplessKernel::GroupedDevice,
             chunk,
         ));
         v.push((

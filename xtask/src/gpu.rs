@@ -9,10 +9,16 @@
 //!
 //! `.gpu/` holds `gpu-check` (correctness on the device vs the CPU, and the
 //! GPU benchmarks: LoRA step vs PEFT, MoE and EMoE fractions of the bf16
-//! matmul rate, stick-breaking vs SDPA) and tensor-core's release test
-//! executables (CUDA linked, seen and chosen by `best()`), within the 64 MiB a device run may
-//! carry. (The demo needs the 88 MB MiniLM folder, more than a run carries;
-//! `gpu-check` falls back to a randomly initialised MiniLM-shaped BERT.)
+//! matmul rate, stick-breaking vs SDPA) and the release test executables of
+//! the library crates, stripped and packed into one solid `tests.tar.xz`
+//! (the executables share most of their code, so the archive is a fraction
+//! of their size), within the 64 MiB a device run may carry. `run.sh` runs
+//! them with `MODULAR_TEST_DEVICE=cuda`, so every suite computes on the GPU
+//! (`tensor_core::testing::device`). Fixture paths are compiled in as
+//! absolute paths; `run.sh` links the build's repository root to the
+//! checkout it runs in when they differ. (The demo and the MiniLM parity
+//! tests need the 88 MB MiniLM folder, more than a run carries; `gpu-check`
+//! falls back to a randomly initialised MiniLM-shaped BERT.)
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -32,19 +38,36 @@ TL=$(timeout 30 "$PY" -c "import torch,os;print(os.path.dirname(torch.__file__)+
 export LD_LIBRARY_PATH="$TL${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 # 1. gpu-check + the PyTorch reference (benches/gpu_run.sh prints the table).
 OUT="$OUT" bash benches/gpu_run.sh "$@"
-# 2. Test executables carried along (their device tests run where CUDA exists).
+# 2. The crates' test executables, every suite on the GPU (MODULAR_TEST_DEVICE).
+BUILD_ROOT="@BUILD_ROOT@"
+if [ "$BUILD_ROOT" != "$PWD" ] && [ ! -e "$BUILD_ROOT" ]; then
+  mkdir -p "$(dirname "$BUILD_ROOT")" && ln -s "$PWD" "$BUILD_ROOT" \
+    || echo "cannot link $BUILD_ROOT -> $PWD: tests reading fixtures will fail"
+fi
+if [ -f .gpu/tests.tar.xz ]; then tar -xJf .gpu/tests.tar.xz -C .gpu; fi
+export MODULAR_TEST_DEVICE=${MODULAR_TEST_DEVICE:-cuda}
+echo "| test executable | exit | result |"
+echo "|---|---|---|"
 for t in .gpu/tests/*; do
   [ -x "$t" ] || continue
-  echo "## $(basename "$t") (timeout 120 s)"
-  timeout -k 5 120 "$t" --test-threads 4 > "$OUT/$(basename "$t").log" 2>&1
-  echo "exit status $?: $(grep -E '^test result' "$OUT/$(basename "$t").log" | tail -n 1)"
+  n=$(basename "$t")
+  timeout -k 5 120 "$t" --test-threads 4 > "$OUT/$n.log" 2>&1
+  echo "| $n | $? | $(grep -E '^test result' "$OUT/$n.log" | tail -n 1) |"
 done
 "###;
 
-/// Test executables of these packages are carried: tensor-core's suite checks
-/// that CUDA is seen and picked by `best()` (the method crates' tests pin the
-/// CPU; their device paths are covered by `gpu-check`).
-const TEST_PACKAGES: &[&str] = &["tensor-core"];
+/// The packages whose test executables are carried (modular-cli's need the
+/// MiniLM folder and the binary, which a device run does not have).
+const TEST_PACKAGES: &[&str] = &[
+    "tensor-core",
+    "model-zoo",
+    "pet-core",
+    "moe-router",
+    "emergent-split",
+    "orthogonal-merge",
+    "m2mkd",
+    "configurable-bricks",
+];
 /// What a device run may carry, with room for the working tree.
 const CARRY_LIMIT: u64 = 56 << 20;
 
@@ -56,6 +79,23 @@ fn copy_exe(from: &Path, to: &Path) -> Result<u64, Fail> {
             "check the build output",
         )
     })
+}
+
+/// Copy `from` to `to` without symbols and debug information (`strip`), or
+/// as it is where `strip` is missing.
+fn strip_exe(from: &Path, to: &Path) -> Result<u64, Fail> {
+    let stripped = Command::new("strip")
+        .arg("-o")
+        .arg(to)
+        .arg(from)
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if stripped {
+        Ok(fs::metadata(to).map(|m| m.len()).unwrap_or(0))
+    } else {
+        copy_exe(from, to)
+    }
 }
 
 fn links_torch_cuda(exe: &Path) -> bool {
@@ -131,7 +171,7 @@ pub fn gpu_check() -> Result<(), Fail> {
     run("gpu-check: build", c)?;
     let release = root.join("target").join("release");
     let to = dir.join("gpu-check");
-    let mut total = copy_exe(&release.join("examples").join("gpu-check"), &to)?;
+    let mut total = strip_exe(&release.join("examples").join("gpu-check"), &to)?;
     if !links_torch_cuda(&to) {
         return Err(Fail::new(
             "gpu-check",
@@ -139,34 +179,48 @@ pub fn gpu_check() -> Result<(), Fail> {
             "check .cargo/torch.toml (the linker wrapper keeps libtorch_cuda with --no-as-needed)",
         ));
     }
-    let mut skipped = Vec::new();
+    let mut count = 0;
     for pkg in TEST_PACKAGES {
         for exe in test_executables(pkg)? {
-            let size = fs::metadata(&exe).map(|m| m.len()).unwrap_or(u64::MAX);
             let name = exe
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            if total + size > CARRY_LIMIT {
-                skipped.push(name);
-                continue;
-            }
-            total += copy_exe(&exe, &tests_dir.join(&name))?;
+            strip_exe(&exe, &tests_dir.join(&name))?;
+            count += 1;
         }
     }
+    let archive = dir.join("tests.tar.xz");
+    let mut tar = Command::new("tar");
+    tar.env("XZ_OPT", "-9e -T0")
+        .arg("-cJf")
+        .arg(&archive)
+        .arg("-C")
+        .arg(&dir)
+        .arg("tests");
+    run("gpu-check: pack tests", tar)?;
+    let _ = fs::remove_dir_all(&tests_dir);
+    total += fs::metadata(&archive).map(|m| m.len()).unwrap_or(u64::MAX);
+    if total > CARRY_LIMIT {
+        return Err(Fail::new(
+            "gpu-check",
+            format!(
+                "{} holds {:.1} MiB, more than the {} MiB a device run may carry",
+                dir.display(),
+                total as f64 / (1 << 20) as f64,
+                CARRY_LIMIT >> 20
+            ),
+            "trim TEST_PACKAGES in xtask/src/gpu.rs",
+        ));
+    }
     let script = dir.join("run.sh");
-    fs::write(&script, RUN_SH)
+    let root_str = root.display().to_string();
+    fs::write(&script, RUN_SH.replace("@BUILD_ROOT@", &root_str))
         .map_err(|e| Fail::new("gpu-check", e.to_string(), "check .gpu is writable"))?;
     println!(
-        "xtask: gathered {:.1} MiB in {} (gpu-check, {} test executables{})",
+        "xtask: gathered {:.1} MiB in {} (gpu-check and {count} test executables in tests.tar.xz)",
         total as f64 / (1 << 20) as f64,
         dir.display(),
-        fs::read_dir(&tests_dir).map(|r| r.count()).unwrap_or(0),
-        if skipped.is_empty() {
-            String::new()
-        } else {
-            format!("; left out for size: {}", skipped.join(", "))
-        }
     );
     println!("xtask: on the GPU machine, from the repository root: bash .gpu/run.sh");
     Ok(())

@@ -170,9 +170,15 @@ fn test(a: &Args) -> Result<(), Fail> {
         c.arg("test").args(&pkgs).arg("--no-run");
         run("build tests", c)
     })?;
+    // `--cuda`: every suite computes on CUDA device 0 (tensor_core::testing::device).
+    let cuda = a.flags.iter().any(|f| f == "--cuda");
+    let flags: Vec<&String> = a.flags.iter().filter(|f| *f != "--cuda").collect();
     let r = timer.time("tests", || {
         let mut c = cargo();
-        c.arg("test").args(&pkgs).args(&a.flags);
+        c.arg("test").args(&pkgs).args(flags);
+        if cuda {
+            c.env("MODULAR_TEST_DEVICE", "cuda");
+        }
         if !a.rest.is_empty() {
             c.arg("--").args(&a.rest);
         }
@@ -282,7 +288,9 @@ fn env_cmd() -> Result<(), Fail> {
     Ok(())
 }
 
-const USAGE: &str = "usage: cargo xtask <setup|test|bench|demo|finetune|experiment|doctor|env|gpu-check> [-p CRATE]... [-- ARGS]";
+const USAGE: &str = "usage: cargo xtask <setup|test|bench|demo|finetune|experiment|doctor|env|gpu-check> [-p CRATE]... [-- ARGS]
+  test [--cuda]     fmt, clippy, build and run the tests (--cuda: every suite on CUDA device 0)
+  bench [--quick] [TOPIC]...   criterion benches + Python references, target/bench/report.md";
 
 fn main() -> ExitCode {
     let args = match parse(std::env::args().skip(1).collect()) {

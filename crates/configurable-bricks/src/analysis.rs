@@ -208,9 +208,11 @@ impl ActivationSink for NormalisedIndicator {
         let max = a.f_amax(&[-1i64][..], true)?.f_clamp_min(1e-30)?;
         let norm = a.f_div(&max)?;
         let tokens = match &self.mask {
-            Some(m) if m.size().len() == 2 && a.size().len() == 3 => {
-                m.f_ne(0)?.f_to_kind(Kind::Float)?.f_unsqueeze(-1)?
-            }
+            Some(m) if m.size().len() == 2 && a.size().len() == 3 => m
+                .f_to_device(a.device())?
+                .f_ne(0)?
+                .f_to_kind(Kind::Float)?
+                .f_unsqueeze(-1)?,
             _ => a.f_ones_like()?.f_narrow(-1, 0, 1)?,
         };
         let d = *a.size().last().unwrap_or(&1) as f64;

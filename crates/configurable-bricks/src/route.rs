@@ -132,7 +132,10 @@ impl ActivationRouter {
         check_finite("router brick activations", scores)?;
         let dev = x.device();
         let x = x.f_to_kind(Kind::Float)?;
-        let top = scores.f_topk(config.top_k, -1, true, false)?.1;
+        let top = scores
+            .f_to_device(dev)?
+            .f_topk(config.top_k, -1, true, false)?
+            .1;
         let target = Tensor::f_zeros([n, k], (Kind::Float, dev))?.f_scatter_value(1, &top, 1.0)?;
         // Seeded uniform init (PyTorch Linear's bounds), via the host generator.
         let mut rng = SplitMix64::new(config.seed);

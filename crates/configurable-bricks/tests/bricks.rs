@@ -15,10 +15,27 @@ use configurable_bricks::route::{
 };
 use configurable_bricks::sets::{partition_by_function, random_overlap_baseline};
 use configurable_bricks::*;
+use tensor_core::DType;
 use tensor_core::layers::{Activation, FeedForward, FfnNames, Linear};
 use tensor_core::module::{Context, Module, ModuleExt, Sequential};
 use tensor_core::tch::{self, Device, Kind, Tensor};
-use tensor_core::testing::{assert_close, randn_seeded, with_seed};
+use tensor_core::testing::{
+    assert_close, device, randint_seeded, randn_seeded, tolerances, with_seed,
+};
+
+/// `(atol, rtol)`: the CPU bounds for a result compared with one computed
+/// another way (a hand-worked value, a formula, another module), loosened on
+/// the test device as [`tolerances`] loosens f32 there (10x on CUDA).
+fn scaled(atol: f64, rtol: f64) -> (f64, f64) {
+    let k = tolerances(DType::F32, device()).0 / DType::F32.tolerances().0;
+    (atol * k, rtol * k)
+}
+
+#[track_caller]
+fn close(actual: &Tensor, expected: &Tensor, atol: f64, rtol: f64) {
+    let (atol, rtol) = scaled(atol, rtol);
+    assert_close(actual, expected, atol, rtol);
+}
 
 fn fixture() -> serde_json::Value {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ap_sklearn.json");
@@ -66,7 +83,9 @@ fn func_scores_match_sklearn_matrix_plain_and_symmetric() {
     let rows: Vec<Vec<f64>> = m["profile"].as_array().unwrap().iter().map(f64s).collect();
     let (n, k) = (rows.len() as i64, rows[0].len() as i64);
     let flat: Vec<f64> = rows.concat();
-    let profile = Tensor::from_slice(&flat).view([n, k]);
+    // On the test device; FuncScore reads it back to the host in f64 (by
+    // design), so the values, and the 1e-12 bound, do not depend on it.
+    let profile = Tensor::from_slice(&flat).view([n, k]).to_device(device());
     let labels: Vec<usize> = f64s(&m["labels"]).iter().map(|&l| l as usize).collect();
     let nf = m["functions"].as_u64().unwrap() as usize;
     let names: Vec<String> = (0..nf).map(|f| format!("f{f}")).collect();
@@ -100,6 +119,7 @@ fn ap_and_func_scores_reject_bad_input() {
     let e = average_precision(&[0.1, f64::NAN], &[true, false]).unwrap_err();
     assert!(e.to_string().contains("NaN"), "{e}");
     let names = vec!["a".to_string(), "b".to_string()];
+    // Rejected before any computation: the CPU will do.
     let p = Tensor::ones([3, 2], (Kind::Float, Device::Cpu));
     let e = func_scores(&p, &[0, 1], &names, &AttributionConfig::default()).unwrap_err();
     assert!(e.to_string().contains("3 labels"), "{e}");
@@ -208,27 +228,37 @@ fn functional_sets_take_top_fraction_per_layer_and_drop_residents() {
 
 // ---------------------------------------------------------------- profiling
 
-/// `x [B, T, 2]` -> ReLU FFN with hand-set keys -> a second FFN.
+/// `x [B, T, 2]` -> ReLU FFN with hand-set keys -> a second FFN, on the test device.
 fn toy_model() -> Sequential {
-    let w1 = Tensor::from_slice(&[1.0f32, 0.0, 0.0, 1.0, 1.0, 1.0]).view([3, 2]);
-    let w2 = Tensor::from_slice(&[1.0f32, 2.0, 0.0, 0.0, 1.0, -1.0]).view([2, 3]);
+    let dev = device();
+    let w1 = Tensor::from_slice(&[1.0f32, 0.0, 0.0, 1.0, 1.0, 1.0])
+        .view([3, 2])
+        .to_device(dev);
+    let w2 = Tensor::from_slice(&[1.0f32, 2.0, 0.0, 0.0, 1.0, -1.0])
+        .view([2, 3])
+        .to_device(dev);
     let f1 =
         FeedForward::from_weights(w1, None, None, w2, None, Activation::Relu, FfnNames::bert())
             .unwrap();
     let f2 = with_seed(3, || {
-        FeedForward::new(2, 4, Activation::Gelu, FfnNames::bert(), Device::Cpu)
+        FeedForward::new(2, 4, Activation::Gelu, FfnNames::bert(), dev)
     })
     .unwrap();
     Sequential::new().push(f1).push(f2)
+}
+
+/// `[B, T]` int64 masks on the test device.
+fn tokens(v: &[i64]) -> Tensor {
+    Tensor::from_slice(v).view([2, 3]).to_device(device())
 }
 
 fn toy_input() -> (Tensor, Tensor) {
     let x = Tensor::from_slice(&[
         1.0f32, -2.0, 3.0, 1.0, 100.0, 100.0, -1.0, 2.0, 0.5, 0.5, 7.0, 7.0,
     ])
-    .view([2, 3, 2]);
-    let mask = Tensor::from_slice(&[1i64, 1, 0, 1, 1, 0]).view([2, 3]);
-    (x, mask)
+    .view([2, 3, 2])
+    .to_device(device());
+    (x, tokens(&[1, 1, 0, 1, 1, 0]))
 }
 
 #[test]
@@ -248,17 +278,17 @@ fn profiling_a_hand_set_ffn_gives_the_masked_token_means() {
     // Example 0, tokens (1,-2) and (3,1): relu -> (1,0,0) and (3,1,4); mean (2, .5, 2).
     // Example 1, tokens (-1,2) and (.5,.5): (0,2,1) and (.5,.5,1); mean (.25, 1.25, 1).
     let want = Tensor::from_slice(&[2.0f32, 0.5, 2.0, 0.25, 1.25, 1.0]).view([2, 3]);
-    assert_close(&p.narrow(1, 0, 3), &want, 1e-6, 1e-6);
+    close(&p.narrow(1, 0, 3), &want, 1e-6, 1e-6);
     // Scope: only the first token of each example (the "prompt").
     let cfg = ProfileConfig {
         token_scope: TokenScope::Scoped,
         ..ProfileConfig::default()
     };
     let prof = Profiler::new(&model, cfg).unwrap();
-    let scope = Tensor::from_slice(&[1i64, 0, 1, 1, 0, 1]).view([2, 3]);
+    let scope = tokens(&[1, 0, 1, 1, 0, 1]);
     let p = prof.profile_batch(&model, &x, &mask, Some(&scope)).unwrap();
     let want = Tensor::from_slice(&[1.0f32, 0.0, 0.0, 0.0, 2.0, 1.0]).view([2, 3]);
-    assert_close(&p.narrow(1, 0, 3), &want, 1e-6, 1e-6);
+    close(&p.narrow(1, 0, 3), &want, 1e-6, 1e-6);
     // Output magnitude: |a_n| * ||W_O[:, n]|| with column norms (1, sqrt 5, 1).
     let cfg = ProfileConfig {
         indicator: Indicator::OutputMagnitude,
@@ -267,7 +297,7 @@ fn profiling_a_hand_set_ffn_gives_the_masked_token_means() {
     let prof = Profiler::new(&model, cfg).unwrap();
     let p = prof.profile_batch(&model, &x, &mask, None).unwrap();
     let want = Tensor::from_slice(&[2.0f32, 0.5 * 5f32.sqrt(), 2.0]).view([1, 3]);
-    assert_close(&p.narrow(0, 0, 1).narrow(1, 0, 3), &want, 1e-5, 1e-5);
+    close(&p.narrow(0, 0, 1).narrow(1, 0, 3), &want, 1e-5, 1e-5);
 }
 
 #[test]
@@ -279,7 +309,7 @@ fn profiling_rejects_bad_masks_and_patterns() {
         .profile_batch(&model, &x, &mask, Some(&mask))
         .unwrap_err();
     assert!(e.to_string().contains("token_scope"), "{e}");
-    let empty = Tensor::from_slice(&[1i64, 1, 0, 0, 0, 0]).view([2, 3]);
+    let empty = tokens(&[1, 1, 0, 0, 0, 0]);
     let e = prof.profile_batch(&model, &x, &empty, None).unwrap_err();
     assert!(e.to_string().contains("example 1"), "{e}");
     let e = prof
@@ -397,7 +427,7 @@ fn masks_zero_nothing_everything_and_empty_bricks_change_nothing() {
         .unwrap()
         .set(HiddenMask::Fixed(Tensor::ones(
             [5],
-            (Kind::Float, Device::Cpu),
+            (Kind::Float, device()),
         )))
         .unwrap_err();
     assert!(e.to_string().contains("[3]"), "{e}");
@@ -457,28 +487,23 @@ fn masks_zero_nothing_everything_and_empty_bricks_change_nothing() {
 #[test]
 fn rank_one_edit_maps_the_key_and_barely_moves_other_keys() {
     let (d_in, d_out) = (64, 8);
-    let mix = randn_seeded(&[d_in, d_in], 11, Device::Cpu).unwrap() / 8.0
-        + Tensor::eye(d_in, (Kind::Float, Device::Cpu));
-    let keys = randn_seeded(&[4096, d_in], 12, Device::Cpu)
-        .unwrap()
-        .matmul(&mix);
-    let held_out = randn_seeded(&[500, d_in], 13, Device::Cpu)
-        .unwrap()
-        .matmul(&mix);
+    let dev = device();
+    let mix =
+        randn_seeded(&[d_in, d_in], 11, dev).unwrap() / 8.0 + Tensor::eye(d_in, (Kind::Float, dev));
+    let keys = randn_seeded(&[4096, d_in], 12, dev).unwrap().matmul(&mix);
+    let held_out = randn_seeded(&[500, d_in], 13, dev).unwrap().matmul(&mix);
     let c = key_second_moment(&keys, 1e-6).unwrap();
-    let w = randn_seeded(&[d_out, d_in], 14, Device::Cpu).unwrap();
+    let w = randn_seeded(&[d_out, d_in], 14, dev).unwrap();
     let k_star = held_out.get(0);
-    let v_star = randn_seeded(&[d_out], 15, Device::Cpu).unwrap() * 5.0;
+    let v_star = randn_seeded(&[d_out], 15, dev).unwrap() * 5.0;
     let edit = rank_one_edit(&w, &c, &k_star, &v_star).unwrap();
-    let w2 = w.to_kind(Kind::Double) + &edit.delta;
-    assert_close(
-        &w2.mv(&k_star.to_kind(Kind::Double)),
-        &v_star.to_kind(Kind::Double),
-        1e-9,
-        1e-9,
-    );
+    // The edit is solved on the host in f64 (by design): check it there,
+    // on host copies of the very values it read.
+    let host = |t: &Tensor| t.to_device(Device::Cpu).to_kind(Kind::Double);
+    let w2 = host(&w) + &edit.delta;
+    assert_close(&w2.mv(&host(&k_star)), &host(&v_star), 1e-9, 1e-9);
     // A key with uᵀk = 0 maps exactly as before.
-    let r = held_out.get(1).to_kind(Kind::Double);
+    let r = host(&held_out.get(1));
     let u = &edit.u;
     let k_perp = &r - u * (u.dot(&r) / u.dot(u));
     assert_close(
@@ -498,14 +523,14 @@ fn rank_one_edit_maps_the_key_and_barely_moves_other_keys() {
     assert!(rms < 0.25, "unrelated keys moved by {rms} of the edit");
     // On an FFN: the edited hidden key produces the target output (bias included).
     let mut ffn = with_seed(16, || {
-        FeedForward::new(d_out, d_in, Activation::Gelu, FfnNames::bert(), Device::Cpu)
+        FeedForward::new(d_out, d_in, Activation::Gelu, FfnNames::bert(), dev)
     })
     .unwrap();
-    let target = Tensor::from_slice(&[1.0f32, -1.0, 2.0, 0.0, 0.5, 3.0, -2.0, 1.0]);
+    let target = Tensor::from_slice(&[1.0f32, -1.0, 2.0, 0.0, 0.5, 3.0, -2.0, 1.0]).to_device(dev);
     edit_ffn(&mut ffn, &c, &k_star, &target).unwrap();
     let down = ffn.w2().unwrap().shallow_clone();
     let b2 = ffn.b2().unwrap().unwrap().shallow_clone();
-    assert_close(&(down.mv(&k_star) + b2).detach(), &target, 1e-4, 1e-4);
+    close(&(down.mv(&k_star) + b2).detach(), &target, 1e-4, 1e-4);
     // Bad shapes and a singular edit are errors.
     assert!(
         rank_one_edit(&w, &c, &v_star, &v_star)
@@ -513,7 +538,7 @@ fn rank_one_edit_maps_the_key_and_barely_moves_other_keys() {
             .to_string()
             .contains("k*")
     );
-    let zero = Tensor::zeros([d_in], (Kind::Float, Device::Cpu));
+    let zero = Tensor::zeros([d_in], (Kind::Float, dev));
     assert!(
         rank_one_edit(&w, &c, &zero, &v_star)
             .unwrap_err()
@@ -526,18 +551,19 @@ fn rank_one_edit_maps_the_key_and_barely_moves_other_keys() {
 
 #[test]
 fn growing_leaves_outputs_unchanged_and_trains_only_new_neurons() {
+    let dev = device();
     for gated in [false, true] {
         let ffn = with_seed(21, || {
             if gated {
-                FeedForward::gated(6, 10, Activation::Silu, FfnNames::llama(), Device::Cpu)
+                FeedForward::gated(6, 10, Activation::Silu, FfnNames::llama(), dev)
             } else {
-                FeedForward::new(6, 10, Activation::Gelu, FfnNames::bert(), Device::Cpu)
+                FeedForward::new(6, 10, Activation::Gelu, FfnNames::bert(), dev)
             }
         })
         .unwrap();
         let mut model = Sequential::new().push(ffn);
-        let x = randn_seeded(&[3, 5, 6], 22, Device::Cpu).unwrap();
-        let mask = Tensor::ones([3, 5], (Kind::Int64, Device::Cpu));
+        let x = randn_seeded(&[3, 5, 6], 22, dev).unwrap();
+        let mask = Tensor::ones([3, 5], (Kind::Int64, dev));
         let before = outputs(&model, &x, &mask);
         grow_ffn(&mut model, "0", 4, 23).unwrap();
         assert_close(&outputs(&model, &x, &mask), &before, 0.0, 0.0);
@@ -551,7 +577,7 @@ fn growing_leaves_outputs_unchanged_and_trains_only_new_neurons() {
             "{trainable:?}"
         );
         let grown = model.get_as::<GrownFfn>("0").unwrap();
-        assert_close(
+        close(
             &outputs(&grown.widened().unwrap(), &x, &mask),
             &before,
             1e-6,
@@ -587,14 +613,14 @@ fn growing_leaves_outputs_unchanged_and_trains_only_new_neurons() {
         let grown = model.get_as::<GrownFfn>("0").unwrap();
         let after = outputs(&model, &x, &mask);
         assert!((&after - &before).abs().max().double_value(&[]) > 0.0);
-        assert_close(
+        close(
             &outputs(&grown.widened().unwrap(), &x, &mask),
             &after,
             1e-5,
             1e-4,
         );
     }
-    let mut model = Sequential::new().push(Linear::new(2, 2, true, Device::Cpu).unwrap());
+    let mut model = Sequential::new().push(Linear::new(2, 2, true, dev).unwrap());
     let e = grow_ffn(&mut model, "0", 3, 0).unwrap_err();
     assert!(e.to_string().contains("FeedForward"), "{e}");
     assert!(model.get_as::<Linear>("0").is_ok(), "slot restored");
@@ -604,10 +630,11 @@ fn growing_leaves_outputs_unchanged_and_trains_only_new_neurons() {
 
 #[test]
 fn coactivation_partition_recovers_planted_bricks() {
-    let latent = randn_seeded(&[300, 3], 31, Device::Cpu).unwrap();
-    let noise = randn_seeded(&[300, 12], 32, Device::Cpu).unwrap() * 0.1;
+    let dev = device();
+    let latent = randn_seeded(&[300, 3], 31, dev).unwrap();
+    let noise = randn_seeded(&[300, 12], 32, dev).unwrap() * 0.1;
     let planted: Vec<i64> = vec![2, 0, 1, 1, 0, 2, 2, 1, 0, 0, 1, 2];
-    let act = latent.index_select(1, &Tensor::from_slice(&planted)) + noise;
+    let act = latent.index_select(1, &Tensor::from_slice(&planted).to_device(dev)) + noise;
     let p = coactivation_partition(
         &act,
         &PartitionConfig {
@@ -642,13 +669,14 @@ fn coactivation_partition_recovers_planted_bricks() {
 
 #[test]
 fn activation_router_beats_random_routing_and_drives_a_routed_mask() {
+    let dev = device();
     let ffn = with_seed(41, || {
-        FeedForward::new(16, 64, Activation::Relu, FfnNames::bert(), Device::Cpu)
+        FeedForward::new(16, 64, Activation::Relu, FfnNames::bert(), dev)
     })
     .unwrap();
-    let x = randn_seeded(&[2048, 16], 42, Device::Cpu).unwrap();
+    let x = randn_seeded(&[2048, 16], 42, dev).unwrap();
     let h = tch::no_grad(|| ffn.hidden(&x, &mut Context::eval())).unwrap();
-    let brick_of = Tensor::arange(64, (Kind::Int64, Device::Cpu)).divide_scalar_mode(8, "floor");
+    let brick_of = Tensor::arange(64, (Kind::Int64, dev)).divide_scalar_mode(8, "floor");
     let s = brick_activation(&h, &brick_of, 8).unwrap();
     let cfg = RouterConfig {
         hidden: 32,
@@ -661,13 +689,7 @@ fn activation_router_beats_random_routing_and_drives_a_routed_mask() {
     let router = ActivationRouter::fit(&x.narrow(0, 0, 1536), &s.narrow(0, 0, 1536), &cfg).unwrap();
     let (xt, st) = (x.narrow(0, 1536, 512), s.narrow(0, 1536, 512));
     let ours = routing_recall(&router.route(&xt, 2).unwrap(), &st).unwrap();
-    let random = routing_recall(
-        &with_seed(5, || {
-            Tensor::randint(8, [512, 2], (Kind::Int64, Device::Cpu))
-        }),
-        &st,
-    )
-    .unwrap();
+    let random = routing_recall(&randint_seeded(8, &[512, 2], 5, dev).unwrap(), &st).unwrap();
     assert!(
         ours > random + 0.15,
         "router recall {ours} vs random {random}"
@@ -698,40 +720,29 @@ fn activation_router_beats_random_routing_and_drives_a_routed_mask() {
         top_k: 8,
     })
     .unwrap();
-    let all = outputs(
-        &model,
-        &xt,
-        &Tensor::ones([512], (Kind::Int64, Device::Cpu)),
-    );
+    let tokens = Tensor::ones([512], (Kind::Int64, dev));
+    let all = outputs(&model, &xt, &tokens);
     remove_masks(&mut model, &sites).unwrap();
-    assert_close(
-        &all,
-        &outputs(
-            &model,
-            &xt,
-            &Tensor::ones([512], (Kind::Int64, Device::Cpu)),
-        ),
-        1e-6,
-        1e-5,
-    );
+    close(&all, &outputs(&model, &xt, &tokens), 1e-6, 1e-5);
 }
 
 #[test]
 fn retrieval_finds_the_nearest_signature() {
-    let centres = randn_seeded(&[3, 32], 51, Device::Cpu).unwrap() * 3.0;
+    let dev = device();
+    let centres = randn_seeded(&[3, 32], 51, dev).unwrap() * 3.0;
     let mut lib = BrickLibrary::new();
     for (i, name) in ["math", "code", "prose"].iter().enumerate() {
         let ex = centres.get(i as i64).unsqueeze(0)
-            + randn_seeded(&[20, 32], 52 + i as u64, Device::Cpu).unwrap();
+            + randn_seeded(&[20, 32], 52 + i as u64, dev).unwrap();
         lib.add(name, &ex).unwrap();
     }
-    let q = centres.get(1).unsqueeze(0) + randn_seeded(&[1, 32], 60, Device::Cpu).unwrap() * 0.5;
+    let q = centres.get(1).unsqueeze(0) + randn_seeded(&[1, 32], 60, dev).unwrap() * 0.5;
     let hits = lib.retrieve(&q, 2).unwrap();
     assert_eq!(lib.names[hits[0][0].0], "code");
     assert!(hits[0][0].1 > hits[0][1].1);
     assert!(lib.retrieve(&q, 4).is_err());
     assert!(
-        lib.similarity(&Tensor::zeros([1, 31], (Kind::Float, Device::Cpu)))
+        lib.similarity(&Tensor::zeros([1, 31], (Kind::Float, dev)))
             .unwrap_err()
             .to_string()
             .contains("[q, 32]")
@@ -744,9 +755,9 @@ fn retrieval_finds_the_nearest_signature() {
 
 #[test]
 fn task_arithmetic_adds_and_negates_bricks() {
-    let make = |seed| {
-        Sequential::new().push(with_seed(seed, || Linear::new(4, 3, true, Device::Cpu)).unwrap())
-    };
+    let dev = device();
+    let make =
+        |seed| Sequential::new().push(with_seed(seed, || Linear::new(4, 3, true, dev)).unwrap());
     let base = make(1);
     let (t1, t2) = (make(2), make(3));
     let d1 = BrickDelta::between("one", &base, &t1).unwrap();
@@ -754,14 +765,14 @@ fn task_arithmetic_adds_and_negates_bricks() {
     let param = |m: &Sequential| m.named_parameters()[0].1.detach();
     let mut m = make(1);
     task_arithmetic(&mut m, &[(&d1, 1.0)]).unwrap();
-    assert_close(&param(&m), &param(&t1), 1e-6, 1e-6);
+    close(&param(&m), &param(&t1), 1e-6, 1e-6);
     task_arithmetic(&mut m, &[(&d1, -1.0), (&d2, 0.5)]).unwrap();
     let want = param(&base) + (param(&t2) - param(&base)) * 0.5;
-    assert_close(&param(&m), &want, 1e-6, 1e-6);
+    close(&param(&m), &want, 1e-6, 1e-6);
     let soup = BrickDelta::soup("soup", &[&d1, &d2], &[0.25, 0.75]).unwrap();
     let mut m = make(1);
     apply_delta(&mut m, &soup, 1.0).unwrap();
-    assert_close(
+    close(
         &param(&m),
         &(param(&t1) * 0.25 + param(&t2) * 0.75),
         1e-6,
@@ -773,7 +784,7 @@ fn task_arithmetic_adds_and_negates_bricks() {
             .to_string()
             .contains("sum to 1")
     );
-    let other = Sequential::new().push(Linear::new(5, 3, true, Device::Cpu).unwrap());
+    let other = Sequential::new().push(Linear::new(5, 3, true, dev).unwrap());
     assert!(BrickDelta::between("x", &base, &other).is_err());
     let mut renamed = BrickDelta::weighted_sum("r", &[&d1], &[1.0]).unwrap();
     let t = renamed.tensors.remove("0.weight").unwrap();

@@ -398,11 +398,25 @@ impl AvgKeyGate {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tensor_core::tch::Device;
-    use tensor_core::testing::{assert_close, randn_seeded, with_seed};
+    use tensor_core::DType;
+    use tensor_core::testing::{assert_close, device, randn_seeded, tolerances, with_seed};
+
+    /// `(atol, rtol)`: the CPU bounds for a result compared with one computed
+    /// another way, loosened on the test device as [`tolerances`] loosens
+    /// f32 there.
+    fn tol(atol: f64, rtol: f64) -> (f64, f64) {
+        let k = tolerances(DType::F32, device()).0 / DType::F32.tolerances().0;
+        (atol * k, rtol * k)
+    }
+
+    #[track_caller]
+    fn close(actual: &Tensor, expected: &Tensor, atol: f64, rtol: f64) {
+        let (atol, rtol) = tol(atol, rtol);
+        assert_close(actual, expected, atol, rtol);
+    }
 
     fn keys() -> Tensor {
-        randn_seeded(&[24, 8], 1, Device::Cpu).unwrap()
+        randn_seeded(&[24, 8], 1, device()).unwrap()
     }
 
     #[test]
@@ -411,16 +425,16 @@ mod tests {
         let g = AvgKeyGate::new(&k, None, GateConfig::without_noise(4, 2)).unwrap();
         for e in 0..4 {
             let mean = k.narrow(0, e * 6, 6).mean_dim(0, false, Kind::Float);
-            assert_close(&g.centroids().get(e), &mean, 1e-6, 0.0);
+            close(&g.centroids().get(e), &mean, 1e-6, 0.0);
         }
-        let x = randn_seeded(&[5, 8], 2, Device::Cpu).unwrap();
+        let x = randn_seeded(&[5, 8], 2, device()).unwrap();
         let s = g.scores(&x).unwrap();
         // Gated reading: x·c_e = mean over e's neurons of (x Kᵀ)_i.
         let pre = x
             .matmul(&k.tr())
             .view([5, 4, 6])
             .mean_dim(2, false, Kind::Float);
-        assert_close(&s, &pre, 1e-5, 1e-5);
+        close(&s, &pre, 1e-5, 1e-5);
         // Top-k picks the k largest scores, weight 1.
         let r = g.route(&x, true).unwrap();
         let (_, want) = s.topk(2, -1, true, true);
@@ -428,9 +442,9 @@ mod tests {
             Vec::<i64>::try_from(r.experts.reshape([-1])).unwrap(),
             Vec::<i64>::try_from(want.reshape([-1])).unwrap()
         );
-        assert_close(
+        close(
             &r.weights,
-            &Tensor::ones([5, 2], (Kind::Float, Device::Cpu)),
+            &Tensor::ones([5, 2], (Kind::Float, device())),
             0.0,
             0.0,
         );
@@ -442,20 +456,20 @@ mod tests {
     #[test]
     fn bias_term_weight_modes_and_noise() {
         let k = keys();
-        let b1 = randn_seeded(&[24], 3, Device::Cpu).unwrap();
+        let b1 = randn_seeded(&[24], 3, device()).unwrap();
         let cfg = GateConfig {
             score_bias: true,
             ..GateConfig::without_noise(4, 3)
         };
         let g = AvgKeyGate::new(&k, Some(&b1), cfg).unwrap();
-        let x = randn_seeded(&[7, 8], 4, Device::Cpu).unwrap();
+        let x = randn_seeded(&[7, 8], 4, device()).unwrap();
         let pre = x
             .matmul(&k.tr())
             .f_add(&b1)
             .unwrap()
             .view([7, 4, 6])
             .mean_dim(2, false, Kind::Float);
-        assert_close(&g.scores(&x).unwrap(), &pre, 1e-5, 1e-5);
+        close(&g.scores(&x).unwrap(), &pre, 1e-5, 1e-5);
 
         let soft = AvgKeyGate::new(
             &k,
@@ -471,12 +485,7 @@ mod tests {
             .unwrap()
             .weights
             .sum_dim_intlist(1, false, Kind::Float);
-        assert_close(
-            &w,
-            &Tensor::ones([7], (Kind::Float, Device::Cpu)),
-            1e-6,
-            0.0,
-        );
+        close(&w, &Tensor::ones([7], (Kind::Float, device())), 1e-6, 0.0);
         let renorm = AvgKeyGate::new(
             &k,
             None,
@@ -491,12 +500,7 @@ mod tests {
             .unwrap()
             .weights
             .sum_dim_intlist(1, false, Kind::Float);
-        assert_close(
-            &w,
-            &Tensor::ones([7], (Kind::Float, Device::Cpu)),
-            1e-6,
-            0.0,
-        );
+        close(&w, &Tensor::ones([7], (Kind::Float, device())), 1e-6, 0.0);
 
         // Noise only in training, seeded through libtorch's generator.
         let noisy = AvgKeyGate::new(
@@ -508,7 +512,7 @@ mod tests {
             },
         )
         .unwrap();
-        let x = randn_seeded(&[64, 8], 5, Device::Cpu).unwrap();
+        let x = randn_seeded(&[64, 8], 5, device()).unwrap();
         let ev = noisy.route(&x, false).unwrap().experts;
         assert!(ev.equal(&noisy.route(&x, false).unwrap().experts));
         let t1 = with_seed(1, || noisy.route(&x, true).unwrap().experts);
@@ -528,10 +532,10 @@ mod tests {
         let k2 = k.detach().f_mul_scalar(2.0).unwrap();
         g.refresh(&k2, None).unwrap();
         let mean = k2.view([4, 6, 8]).mean_dim(1, false, Kind::Float);
-        assert_close(g.centroids(), &mean, 1e-6, 0.0);
+        close(g.centroids(), &mean, 1e-6, 0.0);
         // Scores are differentiable in x but never reach the keys.
         let g = AvgKeyGate::new(&k, None, GateConfig::new(4, 2)).unwrap();
-        let x = randn_seeded(&[3, 8], 6, Device::Cpu)
+        let x = randn_seeded(&[3, 8], 6, device())
             .unwrap()
             .set_requires_grad(true);
         g.scores(&x).unwrap().sum(Kind::Float).backward();
@@ -542,7 +546,7 @@ mod tests {
     #[test]
     fn refresh_momentum_blends_old_and_new_centroids() {
         let k1 = keys();
-        let b1 = randn_seeded(&[24], 7, Device::Cpu).unwrap();
+        let b1 = randn_seeded(&[24], 7, device()).unwrap();
         let cfg = GateConfig {
             gate_refresh_momentum: 0.25,
             score_bias: true,
@@ -551,21 +555,21 @@ mod tests {
         let mut g = AvgKeyGate::new(&k1, Some(&b1), cfg).unwrap();
         // Construction takes the means outright, whatever the momentum.
         let mean = |k: &Tensor| k.view([4, 6, 8]).mean_dim(1, false, Kind::Float);
-        assert_close(g.centroids(), &mean(&k1), 1e-6, 0.0);
-        let k2 = randn_seeded(&[24, 8], 8, Device::Cpu).unwrap();
-        let b2 = randn_seeded(&[24], 9, Device::Cpu).unwrap();
+        close(g.centroids(), &mean(&k1), 1e-6, 0.0);
+        let k2 = randn_seeded(&[24, 8], 8, device()).unwrap();
+        let b2 = randn_seeded(&[24], 9, device()).unwrap();
         g.refresh(&k2, Some(&b2)).unwrap();
         let want = mean(&k1) * 0.25 + mean(&k2) * 0.75;
-        assert_close(g.centroids(), &want, 1e-6, 1e-6);
+        close(g.centroids(), &want, 1e-6, 1e-6);
         // The bias means blend the same way: check through the scores.
-        let x = randn_seeded(&[3, 8], 10, Device::Cpu).unwrap();
+        let x = randn_seeded(&[3, 8], 10, device()).unwrap();
         let bmean = |b: &Tensor| b.view([4, 6]).mean_dim(1, false, Kind::Float);
         let want_s = x.matmul(&want.tr()) + (bmean(&b1) * 0.25 + bmean(&b2) * 0.75).unsqueeze(0);
-        assert_close(&g.scores(&x).unwrap(), &want_s, 1e-5, 1e-5);
+        close(&g.scores(&x).unwrap(), &want_s, 1e-5, 1e-5);
         // Momentum 0 (the spec) is a plain recompute; 1 freezes the gate.
         let mut g0 = AvgKeyGate::new(&k1, None, GateConfig::without_noise(4, 2)).unwrap();
         g0.refresh(&k2, None).unwrap();
-        assert_close(g0.centroids(), &mean(&k2), 1e-6, 0.0);
+        close(g0.centroids(), &mean(&k2), 1e-6, 0.0);
         let mut g1 = AvgKeyGate::new(
             &k1,
             None,
@@ -576,28 +580,28 @@ mod tests {
         )
         .unwrap();
         g1.refresh(&k2, None).unwrap();
-        assert_close(g1.centroids(), &mean(&k1), 1e-6, 0.0);
+        close(g1.centroids(), &mean(&k1), 1e-6, 0.0);
     }
 
     #[test]
     fn scores_from_neurons_average_each_block() {
         let g = AvgKeyGate::new(&keys(), None, GateConfig::without_noise(4, 1)).unwrap();
-        let v = randn_seeded(&[5, 24], 11, Device::Cpu).unwrap();
+        let v = randn_seeded(&[5, 24], 11, device()).unwrap();
         let s = g.scores_from_neurons(&v).unwrap();
-        assert_close(
+        close(
             &s,
             &v.view([5, 4, 6]).mean_dim(2, false, Kind::Float),
             1e-6,
             0.0,
         );
         // The linear signal is the same average of x Kᵀ.
-        let x = randn_seeded(&[5, 8], 12, Device::Cpu).unwrap();
+        let x = randn_seeded(&[5, 8], 12, device()).unwrap();
         let lin = g.scores_from_neurons(&x.matmul(&keys().tr())).unwrap();
-        assert_close(&g.scores(&x).unwrap(), &lin, 1e-5, 1e-5);
+        close(&g.scores(&x).unwrap(), &lin, 1e-5, 1e-5);
         let r = g.route_scores(s.shallow_clone(), false).unwrap();
         assert!(r.experts.equal(&s.argmax(-1, true)));
         assert!(
-            g.scores_from_neurons(&Tensor::zeros([5, 23], (Kind::Float, Device::Cpu)))
+            g.scores_from_neurons(&Tensor::zeros([5, 23], (Kind::Float, device())))
                 .is_err()
         );
     }
@@ -674,7 +678,7 @@ mod tests {
         );
         let g = AvgKeyGate::new(&k, None, GateConfig::new(4, 1)).unwrap();
         assert!(
-            g.scores(&Tensor::zeros([2, 7], (Kind::Float, Device::Cpu)))
+            g.scores(&Tensor::zeros([2, 7], (Kind::Float, device())))
                 .is_err()
         );
     }

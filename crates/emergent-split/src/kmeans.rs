@@ -1021,6 +1021,7 @@ pub fn balanced_kmeans(points: &Tensor, cfg: &KMeansConfig) -> Result<KMeansResu
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use tensor_core::testing::{device, randn_seeded};
 
     /// The minimum over every balanced labelling of `n` points into `k`
     /// clusters of at most `cap`, by exhaustive recursion.
@@ -1203,8 +1204,10 @@ mod tests {
         assert!(hist.iter().all(|&h| (900..1100).contains(&h)), "{hist:?}");
     }
 
+    /// Unit rows drawn on the test device; `normalize_rows` hands them to the
+    /// host (k-means runs there by design), the same values on any device.
     fn random_keys(n: i64, d: i64, seed: u64) -> Tensor {
-        let x = tensor_core::testing::randn_seeded(&[n, d], seed, Device::Cpu).unwrap();
+        let x = randn_seeded(&[n, d], seed, device()).unwrap();
         normalize_rows(&x).unwrap()
     }
 
@@ -1233,13 +1236,14 @@ mod tests {
     #[test]
     fn kmeans_recovers_planted_balanced_clusters() {
         // 4 well separated directions, 8 noisy copies each, shuffled.
-        let centres = tensor_core::testing::randn_seeded(&[4, 32], 11, Device::Cpu).unwrap();
-        let noise = tensor_core::testing::randn_seeded(&[32, 32], 12, Device::Cpu).unwrap();
+        let dev = device();
+        let centres = randn_seeded(&[4, 32], 11, dev).unwrap();
+        let noise = randn_seeded(&[32, 32], 12, dev).unwrap();
         let mut order: Vec<i64> = (0..32).collect();
         SplitMix64::new(5).shuffle(&mut order);
         let truth: Vec<i64> = order.iter().map(|i| i % 4).collect();
         let x = centres
-            .index_select(0, &Tensor::from_slice(&truth))
+            .index_select(0, &Tensor::from_slice(&truth).to_device(dev))
             .f_add(&noise.f_mul_scalar(0.05).unwrap())
             .unwrap();
         let r = balanced_kmeans(&normalize_rows(&x).unwrap(), &KMeansConfig::new(4)).unwrap();

@@ -8,8 +8,8 @@ use std::time::Instant;
 
 use emergent_split::kmeans::{KMeansConfig, balanced_kmeans, normalize_rows, objective};
 use emergent_split::split::{contiguous_split, random_split};
-use tensor_core::tch::{Device, Tensor};
-use tensor_core::testing::randn_seeded;
+use tensor_core::tch::Tensor;
+use tensor_core::testing::{device, randn_seeded};
 
 fn report(what: &str, keys: &Tensor, n: usize) {
     let x = normalize_rows(keys).unwrap();
@@ -31,7 +31,9 @@ fn report(what: &str, keys: &Tensor, n: usize) {
 #[test]
 #[ignore = "measurement for the report; slow in debug builds"]
 fn kmeans_vs_baselines() {
-    let keys = randn_seeded(&[1536, 384], 0, Device::Cpu).unwrap();
+    // Keys on the test device; k-means takes them to the host (by design).
+    let dev = device();
+    let keys = randn_seeded(&[1536, 384], 0, dev).unwrap();
     for n in [16, 64] {
         report("random gaussian keys", &keys, n);
     }
@@ -41,9 +43,9 @@ fn kmeans_vs_baselines() {
             let name = format!("encoder.layer.{layer}.intermediate.dense.weight");
             let alt = format!("bert.{name}");
             let w = if f.contains(&name) {
-                f.load(&name, Device::Cpu)
+                f.load(&name, dev)
             } else {
-                f.load(&alt, Device::Cpu)
+                f.load(&alt, dev)
             };
             let Ok(w) = w else { break };
             for n in [16, 64] {

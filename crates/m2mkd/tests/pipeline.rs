@@ -28,7 +28,7 @@ fn hybrid(index: usize, student_width: i64, opts: HybridOptions) -> Hybrid {
         s.swap_remove(index),
         student_width,
         opts,
-        Device::Cpu,
+        dev(),
     )
     .unwrap()
 }
@@ -66,7 +66,7 @@ fn a_step_changes_only_the_student_and_its_stitches() {
         let before = snapshot(&h);
         let mut opt = Optimizer::new(h.trainable_parameters(), small_optim(), 10).unwrap();
         // Teacher logits carry no graph.
-        let b = batch(0);
+        let b = device_batch(0);
         let mut ctx = b.context(true);
         let x = h.meta_prefix(&b.input, &mut ctx).unwrap();
         assert!(!x.requires_grad());
@@ -114,14 +114,14 @@ fn hybrid_with_the_teacher_module_equals_the_teacher_hybrid() {
             same.swap_remove(index),
             D,
             HybridOptions::default(),
-            Device::Cpu,
+            dev(),
         )
         .unwrap();
         assert!(
             h.pre.is_none() && h.post.is_none(),
             "equal widths: no stitches"
         );
-        let b = batch(3);
+        let b = device_batch(3);
         let mut ctx = b.context(false);
         let x = h.meta_prefix(&b.input, &mut ctx).unwrap();
         let zt = h.teacher_forward(&x, &mut ctx).unwrap().logits;
@@ -131,11 +131,9 @@ fn hybrid_with_the_teacher_module_equals_the_teacher_hybrid() {
         let (mut student, pre, post, proj, teacher) = h.into_parts();
         assert!(pre.is_none() && post.is_none() && proj.is_none());
         student = Box::new(m2mkd::Stitched {
-            pre: (index > 0)
-                .then(|| Box::new(m2mkd::Stitch::identity(D, Device::Cpu).unwrap()) as Slot),
+            pre: (index > 0).then(|| Box::new(m2mkd::Stitch::identity(D, dev()).unwrap()) as Slot),
             module: student,
-            post: (index < 2)
-                .then(|| Box::new(m2mkd::Stitch::identity(D, Device::Cpu).unwrap()) as Slot),
+            post: (index < 2).then(|| Box::new(m2mkd::Stitch::identity(D, dev()).unwrap()) as Slot),
         });
         let h2 = Hybrid::new(
             meta(3, D, 3).replica().unwrap(),
@@ -144,11 +142,12 @@ fn hybrid_with_the_teacher_module_equals_the_teacher_hybrid() {
             student,
             D,
             HybridOptions::default(),
-            Device::Cpu,
+            dev(),
         )
         .unwrap();
         let zs2 = h2.student_forward(&x, &mut ctx, false).unwrap().logits;
-        assert_close(&zs2, &zt, 1e-6, 1e-5);
+        let (atol, rtol) = f32_tol(1e-6, 1e-5);
+        assert_close(&zs2, &zt, atol, rtol);
     }
 }
 
@@ -166,7 +165,7 @@ fn width_mismatch_without_stitches_is_a_clear_error() {
             stitches: StitchPolicy::Never,
             ..HybridOptions::default()
         },
-        Device::Cpu,
+        dev(),
     )
     .unwrap_err();
     assert!(
@@ -194,7 +193,7 @@ fn width_mismatch_without_stitches_is_a_clear_error() {
         s.swap_remove(0),
         D,
         HybridOptions::default(),
-        Device::Cpu,
+        dev(),
     )
     .unwrap_err();
     assert!(e.to_string().contains("teacher width 4"), "{e}");
@@ -218,17 +217,18 @@ fn width_mismatch_without_stitches_is_a_clear_error() {
 }
 
 fn batch_source(step: u64) -> m2mkd::Result<m2mkd::Batch> {
-    Ok(batch(step))
+    Ok(device_batch(step))
 }
 
 /// One batch over and over: first and final losses are comparable.
 fn fixed_source(_step: u64) -> m2mkd::Result<m2mkd::Batch> {
-    Ok(batch(0))
+    Ok(device_batch(0))
 }
 
 #[test]
 fn unfrozen_meta_and_mismatched_counts_are_errors() {
     let mut m = with_seed(3, || m2mkd::MetaModel::new(3, D, meta_builder(D)).unwrap());
+    m.model_mut().to_device(dev()).unwrap();
     let cfg = DistilConfig {
         steps: 1,
         ..DistilConfig::default()
@@ -323,12 +323,13 @@ fn assembly_loads_every_distilled_module() {
         changed(&a, &f).is_empty(),
         "loaded files differ from the distilled modules"
     );
-    let b = batch(0);
+    let b = device_batch(0);
     let z = assembled.forward(&b.input, &mut b.context(false)).unwrap();
     assert_eq!(z.size(), [BATCH, CLASSES]);
     // A file for another module, or one lacking a parameter, is refused.
     let e = load_module(&mut fresh, 1, &paths[0]).unwrap_err();
     assert!(e.to_string().contains("holds module 0"), "{e}");
+    // File I/O: the tensors are only rewritten to another file.
     let t = tensor_core::io::load(&paths[2], Device::Cpu).unwrap();
     let partial: Vec<(String, &Tensor)> = t.iter().skip(1).map(|(n, t)| (n.clone(), t)).collect();
     let bad = dir.path().join("partial.safetensors");
@@ -362,7 +363,7 @@ fn assembly_keeps_stitches_or_checks_widths() {
             .iter()
             .any(|(n, _)| n.starts_with("stage.1.stitch_pre."))
     );
-    let b = batch(1);
+    let b = device_batch(1);
     assert_eq!(
         kept.forward(&b.input, &mut b.context(false))
             .unwrap()
@@ -406,8 +407,9 @@ fn parallel_and_sequential_distillation_agree() {
         snapshot(&assemble(out.modules, true).unwrap())
     };
     let (seq, par) = (run(false), run(true));
+    let (atol, rtol) = f32_tol(1e-6, 1e-5);
     for ((n, a), (_, b)) in seq.iter().zip(&par) {
-        let c = tensor_core::testing::closeness(b, a, 1e-6, 1e-5).unwrap();
+        let c = tensor_core::testing::closeness(b, a, atol, rtol).unwrap();
         assert!(c.ok, "{n}: {c:?}");
     }
 }
@@ -432,11 +434,11 @@ fn moe_students_distil_with_their_balance_loss() {
             hidden_projection: true,
             ..HybridOptions::default()
         },
-        Device::Cpu,
+        dev(),
     )
     .unwrap();
     let mut opt = Optimizer::new(h.trainable_parameters(), small_optim(), 5).unwrap();
-    let out = distil_step(&h, &mut opt, &batch(0), &registry, &cfg.terms()).unwrap();
+    let out = distil_step(&h, &mut opt, &device_batch(0), &registry, &cfg.terms()).unwrap();
     assert!(
         out.parts.iter().any(|(n, v)| n == "aux" && *v > 0.0),
         "{:?}",

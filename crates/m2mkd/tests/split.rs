@@ -43,7 +43,7 @@ fn first_stage_owns_embeddings_last_owns_head() {
 #[test]
 fn staged_forwards_compose_and_split_preserves_the_function() {
     let t = teacher(4, 8, 3);
-    let b = batch(0);
+    let b = device_batch(0);
     let mut ctx = b.context(false);
     let full = t.forward_range(&b.input, 0, 4, &mut ctx).unwrap();
     // (a = 0 and a = L would embed or apply the head twice, by definition.)
@@ -84,7 +84,7 @@ fn modular_models_check_widths() {
     let mut ctx = Context::eval();
     let e = m
         .forward_range(
-            &Tensor::zeros([2, 3, 5], (Kind::Float, Device::Cpu)),
+            &Tensor::zeros([2, 3, 5], (Kind::Float, dev())),
             1,
             2,
             &mut ctx,

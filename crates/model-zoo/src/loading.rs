@@ -255,8 +255,18 @@ pub(crate) mod fixtures {
     use std::path::{Path, PathBuf};
 
     use serde_json::{Map, Value};
+    use tensor_core::DType;
     use tensor_core::io;
     use tensor_core::tch::{Device, Tensor};
+    use tensor_core::testing::{device, tolerances};
+
+    /// How much looser a bound against a reference computed elsewhere
+    /// (`transformers`, torch, a naive formula) is on the test device than
+    /// on the CPU: as much as `tolerances` loosens f32's (1 on the CPU, 10
+    /// on CUDA).
+    pub fn slack() -> f64 {
+        tolerances(DType::F32, device()).0 / DType::F32.tolerances().0
+    }
 
     /// `tests/fixtures/<name>`.
     pub fn folder(name: &str) -> PathBuf {
@@ -265,7 +275,8 @@ pub(crate) mod fixtures {
             .join(name)
     }
 
-    /// What `transformers` computed for the fixture: its `expected.safetensors` by name.
+    /// What `transformers` computed for the fixture: its `expected.safetensors`
+    /// by name, on the host.
     pub fn expected(folder: &Path) -> HashMap<String, Tensor> {
         io::load(folder.join("expected.safetensors"), Device::Cpu)
             .unwrap()
@@ -295,14 +306,14 @@ mod tests {
 
     use super::*;
 
-    /// A `Linear` 3 -> 2 whose weight a file stores transposed, under keys
-    /// that may carry `p.`; `buffer` is ignored.
+    /// A `Linear` 3 -> 2 on the test device whose weight a file stores
+    /// transposed, under keys that may carry `p.`; `buffer` is ignored.
     fn load(tensors: &[(&str, Tensor)]) -> Result<Linear> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("model.safetensors");
         let refs: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (*n, t)).collect();
         io::save(&path, &refs, None).unwrap();
-        let mut model = Linear::new(3, 2, true, Device::Cpu).unwrap();
+        let mut model = Linear::new(3, 2, true, tensor_core::testing::device()).unwrap();
         let about = Checkpoint {
             model: "toy",
             config: "in 3, out 2".into(),
@@ -322,6 +333,7 @@ mod tests {
         Ok(model)
     }
 
+    /// The file's contents, on the host.
     fn t(shape: &[i64]) -> Tensor {
         Tensor::arange(shape.iter().product::<i64>(), (Kind::Float, Device::Cpu)).view(shape)
     }
@@ -339,8 +351,9 @@ mod tests {
             ("buffer", t(&[7])),
         ])
         .unwrap();
-        assert!(m.weight.equal(&w.tr()));
-        assert!(m.bias.unwrap().equal(&t(&[2])));
+        assert_eq!(m.weight.device(), tensor_core::testing::device());
+        assert!(m.weight.to_device(Device::Cpu).equal(&w.tr()));
+        assert!(m.bias.unwrap().to_device(Device::Cpu).equal(&t(&[2])));
         assert_eq!(Layout::Transposed.stored_shape(&[2, 3]), [3, 2]);
         assert_eq!(Layout::AsIs.stored_shape(&[2, 3]), [2, 3]);
     }

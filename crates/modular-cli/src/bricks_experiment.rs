@@ -480,6 +480,150 @@ pub fn run(args: &[String]) -> AnyResult<()> {
     write(&plan.out, &md)
 }
 
+/// What the demo's bricks step reports.
+pub(crate) struct BricksDemo {
+    pub examples: usize,
+    pub examples_per_second: f64,
+    pub neurons: i64,
+    /// Mean off-diagonal overlap of the top sets (resident neurons kept) and
+    /// its random baseline.
+    pub overlap: f64,
+    pub random_overlap: f64,
+    /// Probe cross-entropy on functionality g with S_f zeroed, `[f][g]`.
+    pub perturbation: Perturbation,
+    pub diagonal_dominant: usize,
+    pub functions: Vec<String>,
+}
+
+fn mean_off_diagonal(m: &[Vec<f64>]) -> f64 {
+    let n = m.len();
+    let mut sum = 0.0;
+    for (i, row) in m.iter().enumerate() {
+        for (j, v) in row.iter().enumerate() {
+            if i != j {
+                sum += v;
+            }
+        }
+    }
+    sum / (n * n.saturating_sub(1)).max(1) as f64
+}
+
+/// The demo's short version of the analysis on `enc`: profile
+/// `train_per_function` examples per functionality into `profile_path`,
+/// FuncScores, top-`top_fraction` sets, their overlap against the random
+/// baseline, and the perturbation matrix of a linear functionality probe's
+/// cross-entropy on `test_per_function` examples per functionality.
+pub(crate) fn demo(
+    enc: &mut SentenceEncoder,
+    train_per_function: usize,
+    test_per_function: usize,
+    top_fraction: f64,
+    profile_path: &Path,
+    progress: bool,
+) -> AnyResult<BricksDemo> {
+    let plan = Plan {
+        train_per_function,
+        test_per_function,
+        batch: 32,
+        top_fraction,
+        bricks: 16,
+        profile: profile_path.to_owned(),
+        out: profile_path.with_extension("md"),
+    };
+    let (train, test) = load_corpus(&plan)?;
+    let train_b = batches(enc, &train, plan.batch)?;
+    let test_b = batches(enc, &test, plan.batch)?;
+    let profiler = Profiler::new(&enc.model, ProfileConfig::default())?;
+    if let Some(dir) = profile_path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let labels: Vec<usize> = train_b
+        .iter()
+        .flat_map(|b| b.labels.iter().copied())
+        .collect();
+    let pb: Vec<_> = train_b
+        .iter()
+        .map(|b| {
+            Ok(ProfileBatch {
+                input: b.ids.shallow_clone(),
+                attention_mask: b.mask.shallow_clone(),
+                scope: None,
+            })
+        })
+        .collect();
+    let model = &enc.model;
+    let train_emb = RefCell::new(Vec::new());
+    let summary = profile_corpus(
+        &profiler,
+        pb,
+        &labels,
+        &names(),
+        profile_path,
+        progress,
+        |b, ctx| {
+            let h = model.forward(&b.input, ctx)?;
+            let e = mean_pool(&h, &b.attention_mask)
+                .and_then(|e| l2_normalize(&e))
+                .map_err(|e| tensor_core::Error::config(e.to_string()))?;
+            train_emb.borrow_mut().push(e);
+            Ok(h)
+        },
+    )?;
+    let profile = Profile::open(profile_path)?;
+    let scores = func_scores(
+        &profile.matrix()?,
+        &profile.labels,
+        &profile.functions,
+        &AttributionConfig::default(),
+    )?;
+    let sites = profile.sites.clone();
+    let set_cfg = SetConfig {
+        top_fraction,
+        resident_rule: configurable_bricks::ResidentRule::None,
+        ..SetConfig::default()
+    };
+    let sets = functional_sets(&scores, &sites, &set_cfg, None)?;
+    let overlap = overlap_matrix(&sets, OverlapFormula::OverSize)?;
+    let baseline = random_overlap_baseline(
+        &sets,
+        &sites,
+        TopScope::PerLayer,
+        OverlapFormula::OverSize,
+        50,
+        1,
+    )?;
+    // The loss: a linear functionality probe on the intact train embeddings
+    // (MiniLM ships no MLM head), as in the full analysis.
+    let train_emb = Tensor::cat(&train_emb.into_inner(), 0).to_device(Device::Cpu);
+    let probe = train_probe(&train_emb, &labels)?;
+    let test_labels = Tensor::from_slice(
+        &test_b
+            .iter()
+            .flat_map(|b| b.labels.iter().map(|&l| l as i64))
+            .collect::<Vec<_>>(),
+    );
+    let clean = embed(&enc.model, &test_b)?.to_device(Device::Cpu);
+    let eval = |m: &dyn Module| -> configurable_bricks::Result<Vec<f64>> {
+        let e = embed(m, &test_b)?.to_device(Device::Cpu);
+        Ok(losses(&e, &clean, &test_labels, &probe).0)
+    };
+    let perturbation = perturbation_matrix(&mut enc.model, &sites, &names(), &sets, eval)?;
+    Ok(BricksDemo {
+        examples: summary.examples,
+        examples_per_second: summary.examples_per_second(),
+        neurons: summary.neurons,
+        overlap: mean_off_diagonal(&overlap),
+        random_overlap: mean_off_diagonal(&baseline),
+        diagonal_dominant: perturbation
+            .diagonal_dominant_columns()
+            .iter()
+            .filter(|&&d| d)
+            .count(),
+        perturbation,
+        functions: names(),
+    })
+}
+
 fn write(out: &Path, md: &str) -> AnyResult<()> {
     if let Some(d) = out.parent() {
         std::fs::create_dir_all(d)?;

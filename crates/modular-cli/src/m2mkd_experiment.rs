@@ -24,7 +24,7 @@
 //! `docs/results/m2mkd.md` (or `--out`) atomically.
 
 use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -49,7 +49,7 @@ type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
 
 pub const M2MKD_HELP: &str = "usage: modular experiment m2mkd [--seeds 0,1,2] [--steps N] [--batch N] [--max-len N]
                                [--train-limit N] [--eval-limit N] [--teacher-steps N] [--meta-steps N]
-                               [--incubate-steps N] [--student-width N] [--experts N] [--sequential]
+                               [--incubate-steps N] [--modules M] [--student-width N] [--experts N] [--sequential]
                                [--threads N] [--out FILE]
 MiniLM teacher fine-tuned on data/sentiment_domains, split into 3 modules; a narrower
 MoE-FFN student (3 modules of 1 layer) trained from scratch, with logit KD, and with
@@ -58,21 +58,24 @@ out-of-domain (Amazon) accuracy. Writes docs/results/m2mkd.md (or --out).
 A smoke run: --seeds 0 --steps 10 --teacher-steps 10 --meta-steps 5 --incubate-steps 5 --eval-limit 64 --out /tmp/m2mkd.md";
 
 #[derive(Debug, Clone)]
-struct Plan {
-    seeds: Vec<u64>,
-    steps: u64,
-    batch: usize,
-    max_len: usize,
-    train_limit: usize,
-    eval_limit: usize,
-    teacher_steps: u64,
-    meta_steps: u64,
-    incubate_steps: u64,
-    student_width: i64,
-    experts: usize,
-    parallel: bool,
-    threads: i32,
-    out: PathBuf,
+pub(crate) struct Plan {
+    pub seeds: Vec<u64>,
+    /// Optimiser steps per arm (m2mKD: half distillation, half end to end).
+    pub steps: u64,
+    pub batch: usize,
+    pub max_len: usize,
+    pub train_limit: usize,
+    pub eval_limit: usize,
+    pub teacher_steps: u64,
+    pub meta_steps: u64,
+    pub incubate_steps: u64,
+    /// Number of modules M (teacher layers split evenly).
+    pub modules: usize,
+    pub student_width: i64,
+    pub experts: usize,
+    pub parallel: bool,
+    pub threads: i32,
+    pub out: PathBuf,
 }
 
 impl Default for Plan {
@@ -87,6 +90,7 @@ impl Default for Plan {
             teacher_steps: 100,
             meta_steps: 40,
             incubate_steps: 30,
+            modules: 3,
             student_width: 192,
             experts: 4,
             parallel: true,
@@ -120,6 +124,7 @@ fn parse(args: &[String]) -> AnyResult<Option<Plan>> {
             "--teacher-steps" => p.teacher_steps = value("--teacher-steps")?.parse()?,
             "--meta-steps" => p.meta_steps = value("--meta-steps")?.parse()?,
             "--incubate-steps" => p.incubate_steps = value("--incubate-steps")?.parse()?,
+            "--modules" => p.modules = value("--modules")?.parse()?,
             "--student-width" => p.student_width = value("--student-width")?.parse()?,
             "--experts" => p.experts = value("--experts")?.parse()?,
             "--sequential" => p.parallel = false,
@@ -140,9 +145,10 @@ fn parse(args: &[String]) -> AnyResult<Option<Plan>> {
         || p.eval_limit == 0
         || p.teacher_steps == 0
         || p.experts < 2
+        || p.modules == 0
     {
         return Err(format!(
-            "need seeds, --steps >= 2, --max-len >= 4, --experts >= 2 and positive sizes\n{M2MKD_HELP}"
+            "need seeds, --steps >= 2, --max-len >= 4, --experts >= 2, --modules >= 1 and positive sizes\n{M2MKD_HELP}"
         )
         .into());
     }
@@ -392,24 +398,75 @@ fn subset(examples: &[TextExample], n: usize) -> Vec<TextExample> {
 // ------------------------------------------------------------ runs
 
 #[derive(Debug, Clone, Copy)]
-struct Scores {
-    id: ClassificationMetrics,
-    ood: ClassificationMetrics,
-    seconds: f64,
+pub(crate) struct Scores {
+    pub id: ClassificationMetrics,
+    /// `None` when the data has no out-of-domain split.
+    pub ood: Option<ClassificationMetrics>,
+    pub seconds: f64,
 }
 
-struct Setup {
+impl Scores {
+    fn ood_accuracy(&self) -> f64 {
+        self.ood.map_or(f64::NAN, |m| m.accuracy)
+    }
+    fn ood_f1(&self) -> f64 {
+        self.ood.map_or(f64::NAN, |m| m.macro_f1)
+    }
+}
+
+pub(crate) struct Setup {
     base: BertConfig,
     labels: i64,
     pad: i64,
     train: Encoded,
     test_id: Encoded,
-    test_ood: Encoded,
+    test_ood: Option<Encoded>,
 }
 
+impl Setup {
+    /// Tokenise `data` for plan `p`: a seeded subset of `p.train_limit`
+    /// training examples, `p.eval_limit` test (and out-of-domain) examples.
+    pub(crate) fn new(
+        p: &Plan,
+        base: &BertConfig,
+        source: &ModelSource,
+        data: &TextClassification,
+    ) -> AnyResult<Self> {
+        let tok = TextTokenizer::from_file(source.tokenizer_path(), p.max_len, base.vocab_size)?;
+        let mut train = data.train.clone();
+        SplitMix64::new(7).shuffle(&mut train);
+        train.truncate(p.train_limit);
+        if train.is_empty() {
+            return Err(format!("{} has no training examples", data.dir.display()).into());
+        }
+        if data.test.is_empty() {
+            return Err(format!("{} has no test examples", data.dir.display()).into());
+        }
+        Ok(Self {
+            labels: data.num_labels,
+            pad: tok.pad_id as i64,
+            train: encode(&tok, &train)?,
+            test_id: encode(&tok, &subset(&data.test, p.eval_limit))?,
+            test_ood: match &data.test_ood {
+                Some(ood) if !ood.is_empty() => Some(encode(&tok, &subset(ood, p.eval_limit))?),
+                _ => None,
+            },
+            base: base.clone(),
+        })
+    }
+
+    pub(crate) fn train_examples(&self) -> usize {
+        self.train.ids.len()
+    }
+}
+
+/// The student: `p.modules` modules, each one BERT layer of width
+/// `p.student_width` (4 heads) whose FFN is a top-2 [`MoeFfn`]; the first
+/// owns the embeddings, the last the head.
 fn student(s: &Setup, p: &Plan, seed: u64) -> AnyResult<ModularModel> {
     let d = p.student_width;
-    let cfg = layer_config(&s.base, d, 4, 2 * d, 3);
+    let m = p.modules;
+    let cfg = layer_config(&s.base, d, 4, 2 * d, m as i64);
     with_seed(seed, || -> AnyResult<ModularModel> {
         let (embed, layers) = bert_parts(BertModel::new(cfg.clone(), false, Device::Cpu)?)?;
         let mut embed = Some(embed);
@@ -419,7 +476,7 @@ fn student(s: &Setup, p: &Plan, seed: u64) -> AnyResult<ModularModel> {
                 .ok_or("a BERT layer was expected")?;
             bl.ffn = Box::new(MoeFfn::new(d, d / 2, p.experts, 2, Device::Cpu)?);
             let e = if i == 0 { embed.take() } else { None };
-            let h = if i == 2 {
+            let h = if i + 1 == m {
                 Some(head(d, s.labels, Device::Cpu)?)
             } else {
                 None
@@ -443,9 +500,19 @@ fn optim(lr: f64, steps_warmup: f64) -> OptimConfig {
 fn score(model: &dyn Module, s: &Setup, seconds: f64) -> AnyResult<Scores> {
     Ok(Scores {
         id: evaluate(model, &s.test_id, s.pad)?,
-        ood: evaluate(model, &s.test_ood, s.pad)?,
+        ood: match &s.test_ood {
+            Some(o) => Some(evaluate(model, o, s.pad)?),
+            None => None,
+        },
         seconds,
     })
+}
+
+fn log_scores(what: &str, s: &Scores) {
+    match s.ood {
+        Some(o) => eprintln!("{what}: ID {:.4} OOD {:.4}", s.id.accuracy, o.accuracy),
+        None => eprintln!("{what}: test {:.4}", s.id.accuracy),
+    }
 }
 
 struct SeedResult {
@@ -460,126 +527,56 @@ struct SeedResult {
 
 const STUDENT_LR: f64 = 1e-3;
 
-fn run_seed(
-    s: &Setup,
-    p: &Plan,
-    seed: u64,
-    teacher_full: &dyn Module,
-    meta: &MetaModel,
-    incubated: &mut Option<ModularModel>,
-) -> AnyResult<SeedResult> {
-    let kd = KdConfig::default();
-    let data = Batches::new(&s.train, p.batch, p.steps, seed, s.pad);
-    // Scratch.
-    let t0 = Instant::now();
-    let m = student(s, p, seed)?;
-    train_end_to_end(&m, None, &data, p.steps, &optim(STUDENT_LR, 0.1), &kd, seed)?;
-    let scratch = score(&m, s, t0.elapsed().as_secs_f64())?;
-    eprintln!(
-        "seed {seed}: scratch  ID {:.4} OOD {:.4}",
-        scratch.id.accuracy, scratch.ood.accuracy
-    );
-    // Logit KD from the whole teacher.
-    let t0 = Instant::now();
-    let m = student(s, p, seed)?;
-    train_end_to_end(
-        &m,
-        Some(teacher_full),
-        &data,
-        p.steps,
-        &optim(STUDENT_LR, 0.1),
-        &kd,
-        seed,
-    )?;
-    let kd_scores = score(&m, s, t0.elapsed().as_secs_f64())?;
-    eprintln!(
-        "seed {seed}: logit KD ID {:.4} OOD {:.4}",
-        kd_scores.id.accuracy, kd_scores.ood.accuracy
-    );
-    // m2mKD: distil modules, assemble, end to end.
-    let t0 = Instant::now();
-    let distil_steps = p.steps / 2;
-    let cfg = DistilConfig {
-        kd,
-        steps: distil_steps,
-        optim: optim(STUDENT_LR, 0.1),
-        stitch_kind: StitchKind::LayerNormLinear,
-        parallel: p.parallel,
-        seed,
-        ..DistilConfig::default()
-    };
-    let registry = LossRegistry::with_builtins(&cfg.kd);
-    let teacher = incubated
-        .take()
-        .ok_or("the incubated teacher went missing")?;
-    let distil_data = Batches::new(
-        &s.train,
-        p.batch,
-        distil_steps,
-        seed.wrapping_add(100),
-        s.pad,
-    );
-    let d = distil_all(
-        meta,
-        teacher,
-        student(s, p, seed)?,
-        &distil_data,
-        &cfg,
-        &registry,
-    )?;
-    *incubated = Some(d.teacher);
-    let distil_wall = d.wall_seconds;
-    let distil_module_seconds = d.modules.iter().map(|m| m.report.seconds).collect();
-    let m = assemble(d.modules, false)?;
-    let m2m_assembled = score(&m, s, t0.elapsed().as_secs_f64())?;
-    let e2e = p.steps - distil_steps;
-    let e2e_data = Batches::new(&s.train, p.batch, e2e, seed.wrapping_add(200), s.pad);
-    train_end_to_end(&m, None, &e2e_data, e2e, &optim(STUDENT_LR, 0.1), &kd, seed)?;
-    let m2m = score(&m, s, t0.elapsed().as_secs_f64())?;
-    eprintln!(
-        "seed {seed}: m2mKD    ID {:.4} OOD {:.4} (assembled, before e2e: ID {:.4})",
-        m2m.id.accuracy, m2m.ood.accuracy, m2m_assembled.id.accuracy
-    );
-    Ok(SeedResult {
-        seed,
-        scratch,
-        kd: kd_scores,
-        m2m_assembled,
-        m2m,
-        distil_wall,
-        distil_module_seconds,
-    })
+/// What every seed shares: the data, the fine-tuned teacher (whole, frozen),
+/// the frozen meta model and the incubated teacher modules.
+pub(crate) struct Prepared {
+    pub setup: Setup,
+    pub depth: usize,
+    pub boundaries: Boundaries,
+    teacher_full: LayerStack,
+    meta: MetaModel,
+    incubated: Option<ModularModel>,
+    pub teacher_scores: Scores,
+    pub meta_scores: Scores,
+    pub incubate_seconds: f64,
 }
 
-pub fn run(args: &[String]) -> AnyResult<()> {
-    let Some(p) = parse(args)? else {
-        return Ok(());
-    };
-    if p.threads > 0 {
-        tch::set_num_threads(p.threads);
+impl Prepared {
+    /// Parameters of the whole teacher (embeddings, layers, head).
+    pub(crate) fn teacher_parameters(&self) -> i64 {
+        self.teacher_full
+            .named_parameters()
+            .iter()
+            .map(|(_, t)| t.numel() as i64)
+            .sum()
     }
-    let start = Instant::now();
-    let source = ModelSource::resolve(None)?;
-    let data = TextClassification::sentiment()?;
-    let bert = BertModel::from_source(&source, Device::Cpu)?;
+}
+
+/// The m2mKD arm of one seed.
+pub(crate) struct M2mRun {
+    /// The assembled student after end-to-end training.
+    pub model: ModularModel,
+    pub assembled: Scores,
+    pub trained: Scores,
+    /// Wall time of distilling all modules (in parallel when `p.parallel`).
+    pub distil_wall: f64,
+    /// Per module: (seconds, steps, trainable parameters).
+    pub modules: Vec<(f64, u64, i64)>,
+}
+
+/// Steps 1-3 of the pipeline: fine-tune the teacher (MiniLM + mean-pool
+/// head), build and train the meta model (one layer per module, initialised
+/// from the teacher's embeddings, the last layer of each module and the
+/// head), then incubate the teacher modules in it.
+pub(crate) fn prepare(
+    p: &Plan,
+    source: &ModelSource,
+    data: &TextClassification,
+) -> AnyResult<Prepared> {
+    let bert = BertModel::from_source(source, Device::Cpu)?;
     let base = bert.config.clone();
-    let tok = TextTokenizer::from_file(source.tokenizer_path(), p.max_len, base.vocab_size)?;
-    let pad = tok.pad_id as i64;
-    let mut train = data.train.clone();
-    SplitMix64::new(7).shuffle(&mut train);
-    train.truncate(p.train_limit);
-    let ood = data
-        .test_ood
-        .as_deref()
-        .ok_or("data/sentiment_domains has no test_ood.jsonl")?;
-    let s = Setup {
-        labels: data.num_labels,
-        pad,
-        train: encode(&tok, &train)?,
-        test_id: encode(&tok, &subset(&data.test, p.eval_limit))?,
-        test_ood: encode(&tok, &subset(ood, p.eval_limit))?,
-        base: base.clone(),
-    };
+    let s = Setup::new(p, &base, source, data)?;
+    let pad = s.pad;
     let kd = KdConfig::default();
     let registry = LossRegistry::with_builtins(&kd);
 
@@ -587,6 +584,7 @@ pub fn run(args: &[String]) -> AnyResult<()> {
     let t0 = Instant::now();
     let (embed, layers) = bert_parts(bert)?;
     let depth = layers.len();
+    let boundaries = Boundaries::even(depth, p.modules)?;
     let teacher = with_seed(0, || -> AnyResult<LayerStack> {
         Ok(LayerStack::new(
             embed,
@@ -606,10 +604,7 @@ pub fn run(args: &[String]) -> AnyResult<()> {
         0,
     )?;
     let teacher_scores = score(&teacher, &s, t0.elapsed().as_secs_f64())?;
-    eprintln!(
-        "teacher: ID {:.4} OOD {:.4}",
-        teacher_scores.id.accuracy, teacher_scores.ood.accuracy
-    );
+    log_scores("teacher", &teacher_scores);
     let teacher_named = teacher.named_parameters();
     let teacher_copy = with_seed(0, || -> AnyResult<LayerStack> {
         let (e, l) = bert_parts(BertModel::new(base.clone(), false, Device::Cpu)?)?;
@@ -624,8 +619,7 @@ pub fn run(args: &[String]) -> AnyResult<()> {
     teacher_full.load_named(&teacher_named, true)?;
     teacher_full.set_trainable("*", false);
 
-    // 2. Meta model: one layer per module, from the teacher's layers 1, 3, 5.
-    let boundaries = Boundaries::even(depth, 3)?;
+    // 2. Meta model: one layer per module, from the last teacher layer of each module.
     let t0 = Instant::now();
     let meta_cfg = layer_config(
         &base,
@@ -654,13 +648,14 @@ pub fn run(args: &[String]) -> AnyResult<()> {
         };
         build().map_err(|e| m2mkd::Error::config(e.to_string()))
     });
-    let mut meta = MetaModel::new(3, base.hidden_size, builder)?;
+    let mut meta = MetaModel::new(p.modules, base.hidden_size, builder)?;
+    let last = p.modules - 1;
     let mut init = Vec::new();
     for (n, t) in &teacher_named {
         if let Some(rest) = n.strip_prefix("embed.") {
             init.push((format!("stage.0.embed.{rest}"), t.shallow_clone()));
         } else if let Some(rest) = n.strip_prefix("head.") {
-            init.push((format!("stage.2.head.{rest}"), t.shallow_clone()));
+            init.push((format!("stage.{last}.head.{rest}"), t.shallow_clone()));
         }
     }
     for (i, (_, end)) in boundaries.ranges().into_iter().enumerate() {
@@ -672,8 +667,8 @@ pub fn run(args: &[String]) -> AnyResult<()> {
         }
     }
     meta.model_mut().load_named(&init, true)?;
-    let mdata = Batches::new(&s.train, p.batch, p.meta_steps.max(1), 1, pad);
     if p.meta_steps > 0 {
+        let mdata = Batches::new(&s.train, p.batch, p.meta_steps, 1, pad);
         train_end_to_end(
             meta.model(),
             None,
@@ -686,10 +681,7 @@ pub fn run(args: &[String]) -> AnyResult<()> {
     }
     meta.freeze();
     let meta_scores = score(meta.model(), &s, t0.elapsed().as_secs_f64())?;
-    eprintln!(
-        "meta: ID {:.4} OOD {:.4}",
-        meta_scores.id.accuracy, meta_scores.ood.accuracy
-    );
+    log_scores("meta", &meta_scores);
 
     // 3. Teacher modules, incubated in the meta model.
     let t0 = Instant::now();
@@ -706,31 +698,166 @@ pub fn run(args: &[String]) -> AnyResult<()> {
     } else {
         split
     };
-    let incubate_seconds = t0.elapsed().as_secs_f64();
-    let mut incubated = Some(incubated);
-
-    let mut results = Vec::new();
-    for &seed in &p.seeds {
-        results.push(run_seed(
-            &s,
-            &p,
-            seed,
-            &teacher_full,
-            &meta,
-            &mut incubated,
-        )?);
-    }
-    let md = report(
-        &p,
-        &s,
+    Ok(Prepared {
+        setup: s,
         depth,
-        &boundaries,
+        boundaries,
+        teacher_full,
+        meta,
+        incubated: Some(incubated),
         teacher_scores,
         meta_scores,
-        incubate_seconds,
-        &results,
-        start.elapsed().as_secs_f64(),
+        incubate_seconds: t0.elapsed().as_secs_f64(),
+    })
+}
+
+/// Steps 4-5 for one seed: distil every student module in its hybrid
+/// network for `steps / 2` steps (LayerNorm + Linear stitches), save the
+/// distilled modules into `save_dir` when given, assemble (stitches
+/// dropped) and train end to end for the remaining steps.
+pub(crate) fn m2mkd_arm(
+    prep: &mut Prepared,
+    p: &Plan,
+    seed: u64,
+    save_dir: Option<&Path>,
+) -> AnyResult<M2mRun> {
+    let s = &prep.setup;
+    let kd = KdConfig::default();
+    let t0 = Instant::now();
+    let distil_steps = p.steps / 2;
+    let cfg = DistilConfig {
+        kd,
+        steps: distil_steps,
+        optim: optim(STUDENT_LR, 0.1),
+        stitch_kind: StitchKind::LayerNormLinear,
+        parallel: p.parallel,
+        seed,
+        ..DistilConfig::default()
+    };
+    let registry = LossRegistry::with_builtins(&cfg.kd);
+    let teacher = prep
+        .incubated
+        .take()
+        .ok_or("the incubated teacher went missing")?;
+    let distil_data = Batches::new(
+        &s.train,
+        p.batch,
+        distil_steps,
+        seed.wrapping_add(100),
+        s.pad,
+    );
+    let d = distil_all(
+        &prep.meta,
+        teacher,
+        student(s, p, seed)?,
+        &distil_data,
+        &cfg,
+        &registry,
     )?;
+    prep.incubated = Some(d.teacher);
+    let modules = d
+        .modules
+        .iter()
+        .map(|m| (m.report.seconds, m.report.steps, m.report.trainable_params))
+        .collect();
+    if let Some(dir) = save_dir {
+        for m in &d.modules {
+            m2mkd::save_module(m, dir.join(format!("module_{}.safetensors", m.index)))?;
+        }
+    }
+    let model = assemble(d.modules, false)?;
+    let assembled = score(&model, s, t0.elapsed().as_secs_f64())?;
+    let e2e = p.steps - distil_steps;
+    let e2e_data = Batches::new(&s.train, p.batch, e2e, seed.wrapping_add(200), s.pad);
+    train_end_to_end(
+        &model,
+        None,
+        &e2e_data,
+        e2e,
+        &optim(STUDENT_LR, 0.1),
+        &kd,
+        seed,
+    )?;
+    let trained = score(&model, s, t0.elapsed().as_secs_f64())?;
+    Ok(M2mRun {
+        model,
+        assembled,
+        trained,
+        distil_wall: d.wall_seconds,
+        modules,
+    })
+}
+
+/// The baselines at the same budget: the student trained end to end from
+/// scratch, and (when `with_kd`) with logit KD against the whole teacher.
+pub(crate) fn baselines(
+    prep: &Prepared,
+    p: &Plan,
+    seed: u64,
+    with_kd: bool,
+) -> AnyResult<(Scores, Option<Scores>)> {
+    let s = &prep.setup;
+    let kd = KdConfig::default();
+    let data = Batches::new(&s.train, p.batch, p.steps, seed, s.pad);
+    let t0 = Instant::now();
+    let m = student(s, p, seed)?;
+    train_end_to_end(&m, None, &data, p.steps, &optim(STUDENT_LR, 0.1), &kd, seed)?;
+    let scratch = score(&m, s, t0.elapsed().as_secs_f64())?;
+    log_scores(&format!("seed {seed}: scratch"), &scratch);
+    if !with_kd {
+        return Ok((scratch, None));
+    }
+    let t0 = Instant::now();
+    let m = student(s, p, seed)?;
+    train_end_to_end(
+        &m,
+        Some(&prep.teacher_full),
+        &data,
+        p.steps,
+        &optim(STUDENT_LR, 0.1),
+        &kd,
+        seed,
+    )?;
+    let kd_scores = score(&m, s, t0.elapsed().as_secs_f64())?;
+    log_scores(&format!("seed {seed}: logit KD"), &kd_scores);
+    Ok((scratch, Some(kd_scores)))
+}
+
+fn run_seed(prep: &mut Prepared, p: &Plan, seed: u64) -> AnyResult<SeedResult> {
+    let (scratch, kd) = baselines(prep, p, seed, true)?;
+    let kd = kd.ok_or("the logit-KD arm did not run")?;
+    let m = m2mkd_arm(prep, p, seed, None)?;
+    log_scores(&format!("seed {seed}: m2mKD"), &m.trained);
+    Ok(SeedResult {
+        seed,
+        scratch,
+        kd,
+        m2m_assembled: m.assembled,
+        m2m: m.trained,
+        distil_wall: m.distil_wall,
+        distil_module_seconds: m.modules.iter().map(|x| x.0).collect(),
+    })
+}
+
+pub fn run(args: &[String]) -> AnyResult<()> {
+    let Some(p) = parse(args)? else {
+        return Ok(());
+    };
+    if p.threads > 0 {
+        tch::set_num_threads(p.threads);
+    }
+    let start = Instant::now();
+    let source = ModelSource::resolve(None)?;
+    let data = TextClassification::sentiment()?;
+    if data.test_ood.is_none() {
+        return Err("data/sentiment_domains has no test_ood.jsonl".into());
+    }
+    let mut prep = prepare(&p, &source, &data)?;
+    let mut results = Vec::new();
+    for &seed in &p.seeds {
+        results.push(run_seed(&mut prep, &p, seed)?);
+    }
+    let md = report(&p, &prep, &results, start.elapsed().as_secs_f64())?;
     if let Some(dir) = p.out.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -763,18 +890,10 @@ fn pct(v: &[f64]) -> String {
     format!("{:.1} ± {:.1}", 100.0 * m, 100.0 * s)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn report(
-    p: &Plan,
-    s: &Setup,
-    depth: usize,
-    b: &Boundaries,
-    teacher: Scores,
-    meta: Scores,
-    incubate_seconds: f64,
-    r: &[SeedResult],
-    total: f64,
-) -> AnyResult<String> {
+fn report(p: &Plan, prep: &Prepared, r: &[SeedResult], total: f64) -> AnyResult<String> {
+    let (s, depth, b) = (&prep.setup, prep.depth, &prep.boundaries);
+    let (teacher, meta, incubate_seconds) =
+        (prep.teacher_scores, prep.meta_scores, prep.incubate_seconds);
     let mut md = String::new();
     writeln!(
         md,
@@ -792,7 +911,7 @@ fn report(
         s.train.ids.len(),
         p.max_len,
         s.test_id.ids.len(),
-        s.test_ood.ids.len()
+        s.test_ood.as_ref().map_or(0, |o| o.ids.len())
     )?;
     writeln!(
         md,
@@ -809,7 +928,8 @@ fn report(
     )?;
     writeln!(
         md,
-        "- Student: 3 modules, each one BERT layer of width {} (4 heads) whose FFN is a top-2 mixture of {} GELU experts of width {} (written in the experiment, behind tensor-core's `Module`), own embeddings and head; AdamW lr {STUDENT_LR}, weight decay 0.01, linear schedule with 10% warm-up, clipping 1.",
+        "- Student: {} modules, each one BERT layer of width {} (4 heads) whose FFN is a top-2 mixture of {} GELU experts of width {} (written in the experiment, behind tensor-core's `Module`), own embeddings and head; AdamW lr {STUDENT_LR}, weight decay 0.01, linear schedule with 10% warm-up, clipping 1.",
+        p.modules,
         p.student_width,
         p.experts,
         p.student_width / 2
@@ -852,18 +972,19 @@ fn report(
         md,
         "| teacher (MiniLM-L6, fine-tuned) | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} |",
         100.0 * teacher.id.accuracy,
-        100.0 * teacher.ood.accuracy,
+        100.0 * teacher.ood_accuracy(),
         100.0 * teacher.id.macro_f1,
-        100.0 * teacher.ood.macro_f1,
+        100.0 * teacher.ood_f1(),
         teacher.seconds
     )?;
     writeln!(
         md,
-        "| meta model (3 layers, frozen) | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} |",
+        "| meta model ({} layers, frozen) | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} |",
+        p.modules,
         100.0 * meta.id.accuracy,
-        100.0 * meta.ood.accuracy,
+        100.0 * meta.ood_accuracy(),
         100.0 * meta.id.macro_f1,
-        100.0 * meta.ood.macro_f1,
+        100.0 * meta.ood_f1(),
         meta.seconds
     )?;
     type Get = fn(&SeedResult) -> Scores;
@@ -884,9 +1005,9 @@ fn report(
             md,
             "| {name} | {} | {} | {} | {} | {:.0} |",
             col(&|s| s.id.accuracy),
-            col(&|s| s.ood.accuracy),
+            col(&|s| s.ood_accuracy()),
             col(&|s| s.id.macro_f1),
-            col(&|s| s.ood.macro_f1),
+            col(&|s| s.ood_f1()),
             secs
         )?;
     }
@@ -901,7 +1022,7 @@ fn report(
             format!(
                 "{:.1} / {:.1}",
                 100.0 * s.id.accuracy,
-                100.0 * s.ood.accuracy
+                100.0 * s.ood_accuracy()
             )
         };
         let per: Vec<String> = x
@@ -927,7 +1048,7 @@ fn report(
             .map(|x| {
                 let (sa, sb) = (a(x), bb(x));
                 if ood {
-                    sa.ood.accuracy - sb.ood.accuracy
+                    sa.ood_accuracy() - sb.ood_accuracy()
                 } else {
                     sa.id.accuracy - sb.id.accuracy
                 }
@@ -954,7 +1075,7 @@ fn report(
         p.steps,
         p.batch,
         if p.parallel {
-            "in parallel (up to 3 threads on 2 cores)"
+            "in parallel (one thread per module on 2 cores)"
         } else {
             "sequentially"
         }

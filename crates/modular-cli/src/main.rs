@@ -13,9 +13,10 @@
 //! - `modular experiment moe [options]`: the moe-router real task, a small
 //!   ModuleFormer-style decoder with and without the MI loss, and pruning
 //!   (`docs/results/moe.md`).
-//! - `modular split | merge | tune | inspect`: the user subcommands (EMoE
-//!   split of a model folder, PEFT adapter merging, LoRA / VL-PET tuning on a
-//!   JSONL dataset, folder summaries), in `cli/`; see `docs/cli.md`.
+//! - `modular split | merge | tune | profile | inspect`: the user subcommands
+//!   (EMoE split of a model folder, PEFT adapter merging, LoRA / VL-PET tuning
+//!   on a JSONL dataset, functional-brick profiling, folder summaries), in
+//!   `cli/`; see `docs/cli.md`.
 //!
 //! Exit codes: 0 success, 1 the work failed, 2 a malformed command line.
 
@@ -117,7 +118,7 @@ fn main() -> ExitCode {
         Some("demo") => demo::run(&args[1..]),
         None => demo::run(&[]),
         Some("finetune") => finetune_cmd(&args[1..]),
-        Some(cmd @ ("split" | "merge" | "tune" | "inspect")) => cli::run(cmd, &args[1..]),
+        Some(cmd @ ("split" | "merge" | "tune" | "inspect" | "distill" | "profile")) => cli::run(cmd, &args[1..]),
         Some("help" | "--help" | "-h") => {
             println!("{USAGE}\n{}", cli::SUMMARY);
             return ExitCode::SUCCESS;

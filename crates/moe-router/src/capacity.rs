@@ -28,6 +28,40 @@ use tensor_core::tch::{Kind, Tensor};
 use crate::config::{CapacityRule, DropPolicy, RouterConfig};
 use crate::error::{Error, Result};
 
+/// `[E]` in `kind`: `c_e = Σ_{i: e_i = e} w_i` over the flattened expert ids
+/// (`w_i = 1` without weights). A scatter-add on the device: unlike
+/// `bincount`, which reads the largest id on the host to size its output
+/// (a host sync on CUDA), it needs no synchronisation. Ids must lie in
+/// `0..E` (the routers' top-k, hash and fixed ids always do); on the CPU an
+/// id out of range is an error.
+pub fn expert_counts(
+    op: &str,
+    experts: &Tensor,
+    weights: Option<&Tensor>,
+    num_experts: i64,
+    kind: Kind,
+) -> Result<Tensor> {
+    let idx = experts
+        .f_reshape([-1])
+        .and_then(|t| t.f_to_kind(Kind::Int64))
+        .op(op)?;
+    let w = match weights {
+        Some(w) => w.f_reshape([-1]).and_then(|w| w.f_to_kind(kind)).op(op)?,
+        None => Tensor::f_ones(idx.size(), (kind, idx.device())).op(op)?,
+    };
+    if w.size() != idx.size() {
+        return Err(Error::shape(
+            op,
+            format!("{:?} weights", idx.size()),
+            w.size(),
+        ));
+    }
+    Tensor::f_zeros([num_experts], (kind, idx.device()))
+        .and_then(|z| z.f_scatter_add(0, &idx, &w))
+        .op(op)
+        .map_err(Error::from)
+}
+
 /// The capacity `C` for `tokens` tokens, or `None` when dropless.
 pub fn capacity(config: &RouterConfig, tokens: i64, train: bool) -> Option<i64> {
     let cf = config.capacity_factor_for(train)?;
@@ -120,12 +154,7 @@ pub fn assign_slots_masked(
     let key = flat_e.f_mul_scalar(2 * n)?.f_add(&rank).op(OP)?;
     let order = key.f_argsort_stable(true, 0, false).op(OP)?;
     let sorted_e = flat_e.f_index_select(0, &order)?;
-    let counts = flat_e.f_bincount::<Tensor>(None, num_experts).op(OP)?;
-    if counts.size() != [num_experts] {
-        return Err(Error::config(format!(
-            "{OP}: an expert id is >= num_experts ({num_experts})"
-        )));
-    }
+    let counts = expert_counts(OP, &flat_e, None, num_experts, Kind::Int64)?;
     let starts = counts.f_cumsum(0, Kind::Int64)?.f_sub(&counts)?;
     let slot_sorted = Tensor::f_arange(n, opts)?.f_sub(&starts.f_index_select(0, &sorted_e)?)?;
     let slot = Tensor::f_zeros([n], opts)?
@@ -153,7 +182,9 @@ mod tests {
     #[test]
     fn slots_count_up_per_expert_in_position_order() {
         // Tokens 0..3, top-2: first choices (0, 1, 0), second (1, 0, 1).
-        let e = Tensor::from_slice(&[0i64, 1, 1, 0, 0, 1]).view([3, 2]);
+        let e = Tensor::from_slice(&[0i64, 1, 1, 0, 0, 1])
+            .view([3, 2])
+            .to_device(tensor_core::testing::device());
         let (kept, slot) =
             assign_slots(&e, &e.to_kind(Kind::Float), 2, 2, DropPolicy::Position).unwrap();
         // Expert 0: (t0,j0)=0, (t2,j0)=1, (t1,j1)=2. Expert 1: (t1,j0)=0, (t0,j1)=1, (t2,j1)=2.

@@ -23,8 +23,9 @@
 //!    ModuleFormer's MI loss (with accumulation), load concentration;
 //! 6. [`moe`]: [`MoeLayer`], stacked experts (GELU or SwiGLU), a chunked
 //!    padded kernel (capacity: no host sync; dropless: one), `tensor_core::grouped`,
-//!    expert choice, and the dense masked reference; a [`tensor_core::Module`]
-//!    that replaces a `FeedForward` slot;
+//!    the device grouped GEMM (`torch._grouped_mm`, dropless with no host
+//!    sync; the default for bf16 on CUDA), expert choice, and the dense masked
+//!    reference; a [`tensor_core::Module`] that replaces a `FeedForward` slot;
 //! 7. [`stick_breaking`]: stick-breaking attention in log space, `O(T²)`,
 //!    MF/SB variants, remainder options; the `O(T³)` reference;
 //! 8. [`moa`]: [`MixtureOfAttention`], per-expert query/output projections

@@ -34,8 +34,8 @@
 
 use std::collections::HashMap;
 
+use tensor_core::Context;
 use tensor_core::tch::{Kind, Tensor};
-use tensor_core::{Context, TchResultExt};
 
 use crate::config::{
     BalanceVariant, CvVariance, GateType, LoadEstimator, RouterConfig, RoutingMode,
@@ -68,15 +68,13 @@ fn counts(experts: &Tensor, num_experts: i64, kind: Kind, mask: Option<&Tensor>)
                 .f_reshape([-1])?)
         })
         .transpose()?;
-    let c = experts
-        .f_reshape([-1])?
-        .f_bincount(w.as_ref(), num_experts)
-        .op("balance_loss counts")?;
-    if c.size() != [num_experts] {
-        return Err(Error::config(format!(
-            "an expert id is >= the number of experts ({num_experts})"
-        )));
-    }
+    let c = crate::capacity::expert_counts(
+        "balance_loss counts",
+        experts,
+        w.as_ref(),
+        num_experts,
+        Kind::Double,
+    )?;
     Ok(c.f_to_kind(kind)?)
 }
 

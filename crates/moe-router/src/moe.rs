@@ -21,14 +21,20 @@
 //!   applied to the hidden activation (`g (h W2ᵀ + b2) = (g h) W2ᵀ + g b2`),
 //!   and the rows are `index_add`ed (in place) back to their tokens.
 //!   **No host synchronisation.**
-//! - **dropless** (`cf = 0`), **one host sync per call** ([`DroplessKernel`]):
-//!   by default the same chunked computation, each chunk padded to its own
-//!   largest group `C_g = max_{e ∈ g} n_e` (the sync reads the `E` group
-//!   sizes; nothing is dropped), falling back to `tensor_core::grouped`
-//!   when padding would more than double the rows; or `tensor_core::grouped`
-//!   itself — [`Dispatch`] (stable sort by expert), [`grouped_linear`] per
-//!   expert segment, `unpermute` with the gates (the sync reads the `E`
-//!   segment sizes, [`Dispatch::counts_host`]).
+//! - **dropless** (`cf = 0`), by the [`DroplessKernel`]:
+//!   - `Padded` (the CPU's choice under `Auto`), **one host sync per
+//!     call**: the same chunked computation, each chunk padded to its own
+//!     largest group `C_g = max_{e ∈ g} n_e` (the sync reads the `E` group
+//!     sizes; nothing is dropped), falling back to `Grouped` when padding
+//!     would more than double the rows;
+//!   - `Grouped`, one host sync: [`Dispatch`] (stable sort by expert),
+//!     [`grouped_linear`] per expert segment, `unpermute` with the gates
+//!     (the sync reads the `E` segment sizes, [`Dispatch::counts_host`]);
+//!   - `GroupedDevice` (CUDA bf16's choice under `Auto`), **no host sync**:
+//!     the same sort with the group sizes counted on the device, one
+//!     [`grouped_linear_device`] (`torch._grouped_mm`) per projection with
+//!     the group offsets on the device, one scatter-add. Needs `d_model` and
+//!     `d_ff` in multiples of 16 bytes ([`MoeLayer::grouped_device_fits`]).
 //!
 //! **Why chunks** ([`MoeConfig::chunk_bytes`], 8 MiB of gathered rows per
 //! chunk by default). With `k = 8`, `d = 384` and 8192 tokens, one `[E, C,
@@ -49,11 +55,11 @@
 //! statistics to `ctx.add_stat` (every call), under the layer's path.
 
 use serde::{Deserialize, Serialize};
-use tensor_core::grouped::{Dispatch, grouped_linear};
+use tensor_core::grouped::{Dispatch, grouped_linear, grouped_linear_device};
 use tensor_core::tch::{Device, Kind, Tensor};
 use tensor_core::{Context, Module, TchResultExt};
 
-use crate::capacity::assign_slots_masked;
+use crate::capacity::{assign_slots_masked, expert_counts};
 use crate::config::{DropPolicy, RouterConfig};
 use crate::error::{Error, Result, check_rows};
 use crate::losses::add_aux_losses_masked;
@@ -95,21 +101,35 @@ pub enum MoePath {
     Dense,
 }
 
-/// How the dropless path computes the experts (both need one host sync).
+/// How the dropless path computes the experts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum DroplessKernel {
+    /// `GroupedDevice` on CUDA for bf16 inputs when the widths fit its
+    /// 16-byte rows ([`MoeLayer::grouped_device_fits`]): there libtorch runs
+    /// `torch._grouped_mm` as one CUTLASS grouped GEMM (sm90/sm100) with no
+    /// host sync. `Padded` everywhere else (CPU; f32/f16 on CUDA, where
+    /// `_grouped_mm` falls back to a host-synchronised loop of matmuls).
+    #[default]
+    Auto,
     /// Pad every expert's group to the largest one, `C = max_e n_e` (the one
     /// host sync reads `C`), then the capacity path's two batched matmuls.
     /// Falls back to `Grouped` when padding would more than double the rows
-    /// (`E · C > 2 T k`, e.g. a collapsed router). Default: two large ops
+    /// (`E · C > 2 T k`, e.g. a collapsed router). On the CPU two large ops
     /// beat `E` small ones when experts are many or narrow; `Grouped` wins
     /// for few experts with unbalanced loads (see `benches/moe_router.rs`).
-    #[default]
     Padded,
     /// `tensor_core::grouped`: one matmul per expert segment (the host sync
     /// reads the `E` segment sizes).
     Grouped,
+    /// `tensor_core::grouped::grouped_linear_device`: the `T k` assignments
+    /// sorted by expert on the device, then one grouped GEMM per projection
+    /// (`torch._grouped_mm`, group offsets kept on the device) and one
+    /// scatter-add. **No host synchronisation** (on CUDA bf16, sm90/sm100;
+    /// libtorch's fallback elsewhere reads the offsets itself). Needs f32,
+    /// bf16 or f16 and `d_model`, `d_ff` in multiples of 16 bytes (4 f32
+    /// values, 8 16-bit ones); otherwise `forward` returns an error.
+    GroupedDevice,
 }
 
 /// Configuration of a [`MoeLayer`] (JSON-serialisable).
@@ -142,7 +162,7 @@ impl Default for MoeConfig {
             bias: false,
             router: RouterConfig::default(),
             path: MoePath::Sparse,
-            dropless_kernel: DroplessKernel::Padded,
+            dropless_kernel: DroplessKernel::Auto,
             chunk_bytes: DEFAULT_CHUNK_BYTES,
         }
     }
@@ -611,11 +631,56 @@ impl MoeLayer {
         Ok(out.f_narrow(0, 0, t)?)
     }
 
-    /// Dropless path: padded to the largest group, or `tensor_core::grouped`
-    /// (either way one host sync).
+    /// The kernel the dropless path runs for `x` ([`DroplessKernel::Auto`]
+    /// resolved: `GroupedDevice` for bf16 on CUDA when the widths fit, else `Padded`).
+    pub fn dropless_kernel_for(&self, x: &Tensor) -> DroplessKernel {
+        match self.config.dropless_kernel {
+            DroplessKernel::Auto
+                if x.device().is_cuda()
+                    && x.kind() == Kind::BFloat16
+                    && self.grouped_device_fits(x.kind()).is_ok() =>
+            {
+                DroplessKernel::GroupedDevice
+            }
+            DroplessKernel::Auto => DroplessKernel::Padded,
+            k => k,
+        }
+    }
+
+    /// Whether [`DroplessKernel::GroupedDevice`] can run in `kind`:
+    /// `torch._grouped_mm` takes f32, bf16 or f16, and its rows must be
+    /// multiples of 16 bytes, so `d_model` and `d_ff` must be multiples of
+    /// 4 (f32) or 8 (bf16, f16). The error says which constraint fails.
+    pub fn grouped_device_fits(&self, kind: Kind) -> Result<()> {
+        const OP: &str = "MoeLayer DroplessKernel::GroupedDevice";
+        if !matches!(kind, Kind::Float | Kind::BFloat16 | Kind::Half) {
+            return Err(Error::config(format!(
+                "{OP}: the grouped GEMM (torch._grouped_mm) takes f32, bf16 or f16 inputs, \
+                 got {kind:?}; use DroplessKernel::Padded or Grouped"
+            )));
+        }
+        let align = 16 / kind.elt_size_in_bytes() as i64;
+        let (d, f) = (self.config.d_model, self.config.d_ff);
+        if d % align != 0 || f % align != 0 {
+            return Err(Error::config(format!(
+                "{OP}: the grouped GEMM needs rows of 16-byte multiples: d_model ({d}) and \
+                 d_ff ({f}) must be multiples of {align} for {kind:?}; use \
+                 DroplessKernel::Padded or Grouped"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Dropless path: the kernel [`Self::dropless_kernel_for`] picks:
+    /// padded to the largest group or `tensor_core::grouped` (one host sync
+    /// either way), or the device grouped GEMM (none).
     fn dropless(&self, x: &Tensor, routing: &Routing, w: &ExpertWeights) -> Result<Tensor> {
         let (t, e, k) = (x.size()[0], routing.num_experts, routing.top_k);
-        if self.config.dropless_kernel == DroplessKernel::Padded && t > 0 {
+        let kernel = self.dropless_kernel_for(x);
+        if kernel == DroplessKernel::GroupedDevice {
+            return self.dropless_grouped_device(x, routing, w);
+        }
+        if kernel == DroplessKernel::Padded && t > 0 {
             // Slots in position order with room for everything: nothing is
             // dropped (padding tokens, not kept, come after the real ones).
             let (_, slot) = assign_slots_masked(
@@ -661,6 +726,76 @@ impl MoeLayer {
         let y = grouped_linear(&h, &counts, &w.w2, w.b2.as_ref())?;
         let g = self.gates_as(routing, x)?;
         Ok(disp.unpermute(&y, Some(&g))?)
+    }
+
+    /// The device grouped GEMM ([`DroplessKernel::GroupedDevice`]), no host
+    /// sync: a stable sort of the `T k` assignments by expert (a
+    /// [`Dispatch`] built here with the group sizes counted by a
+    /// scatter-add, not `bincount`, which reads the largest id on the host),
+    /// the sorted rows gathered from `[x; 0]` (an assignment that is not
+    /// kept, i.e. a padding token, reads the zero row and is added to a
+    /// spare output row that is cut off), [`grouped_linear_device`] for `W1`
+    /// (and `Wg`), the gates applied to the hidden activation
+    /// (`g (h W2ᵀ + b2) = (g h) W2ᵀ + g b2`), [`grouped_linear_device`] for
+    /// `W2`, and one `index_add` back to the tokens.
+    fn dropless_grouped_device(
+        &self,
+        x: &Tensor,
+        routing: &Routing,
+        w: &ExpertWeights,
+    ) -> Result<Tensor> {
+        const OP: &str = "MoeLayer grouped-device experts";
+        self.grouped_device_fits(x.kind())?;
+        let (t, d) = (x.size()[0], x.size()[1]);
+        let (e, k) = (routing.num_experts, routing.top_k);
+        let dev = x.device();
+        if t == 0 {
+            return Ok(Tensor::f_zeros([0, d], (x.kind(), dev))?);
+        }
+        let flat_e = routing.experts.f_reshape([-1])?.f_to_kind(Kind::Int64)?;
+        let order = flat_e.f_argsort_stable(true, 0, false).op(OP)?;
+        let expert = flat_e.f_index_select(0, &order)?;
+        let token = order.f_floor_divide_scalar(k)?;
+        let counts = expert_counts(OP, &flat_e, None, e, Kind::Int64)?;
+        let disp = Dispatch {
+            num_tokens: t,
+            top_k: k,
+            num_experts: e,
+            order,
+            token,
+            expert,
+            counts,
+        };
+        // Source row of each sorted assignment: its token, or the zero row `t`.
+        let kept = routing
+            .kept
+            .f_reshape([-1])?
+            .f_index_select(0, &disp.order)?;
+        let src = disp.token.f_where_scalarother(&kept, t)?;
+        let xpad = Tensor::f_cat(&[x, &Tensor::f_zeros([1, d], (x.kind(), dev))?], 0)?;
+        let xs = xpad.f_index_select(0, &src)?;
+        let h = grouped_linear_device(&xs, &disp, &w.w1, w.b1.as_ref())?;
+        let h = match &w.w_gate {
+            Some(g) => self
+                .config
+                .activation
+                .apply(&grouped_linear_device(&xs, &disp, g, None)?)?
+                .f_mul(&h)?,
+            None => self.config.activation.apply(&h)?,
+        };
+        let g = self
+            .gates_as(routing, x)?
+            .f_reshape([-1])?
+            .f_index_select(0, &disp.order)?
+            .f_unsqueeze(1)?;
+        let mut y = grouped_linear_device(&h.f_mul(&g)?, &disp, &w.w2, None)?;
+        if let Some(b) = &w.b2 {
+            y = y.f_add(&b.f_index_select(0, &disp.expert)?.f_mul(&g)?)?;
+        }
+        Ok(Tensor::f_zeros([t + 1, d], (y.kind(), dev))?
+            .f_index_add(0, &src, &y)
+            .op(OP)?
+            .f_narrow(0, 0, t)?)
     }
 
     /// Expert choice: `tokens, gates: [E, C]`.

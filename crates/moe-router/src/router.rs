@@ -103,15 +103,17 @@ impl Routing {
         self.experts.size()[0]
     }
 
-    /// `[E]` kept assignments per expert (f32, no gradient).
+    /// `[E]` kept assignments per expert (f32, no gradient; a scatter-add,
+    /// no host sync).
     pub fn load(&self) -> Result<Tensor> {
         let w = self.kept.f_reshape([-1])?.f_to_kind(Kind::Float)?;
-        let l = self
-            .experts
-            .f_reshape([-1])?
-            .f_bincount(Some(&w), self.num_experts)
-            .op("Routing::load")?;
-        Ok(l.f_to_kind(Kind::Float)?)
+        crate::capacity::expert_counts(
+            "Routing::load",
+            &self.experts,
+            Some(&w),
+            self.num_experts,
+            Kind::Float,
+        )
     }
 
     /// `[T, E]`: `W_te` = gate of expert `e` for token `t` (0 if not chosen or dropped).

@@ -227,7 +227,9 @@ mod tests {
 
     #[test]
     fn single_key_is_sigmoid() {
-        let l = Tensor::from_slice(&[0.3f64]).view([1, 1]);
+        let l = Tensor::from_slice(&[0.3f64])
+            .view([1, 1])
+            .to_device(tensor_core::testing::device());
         let a = stick_breaking_weights(&l, SbVariant::Mf, None).unwrap();
         assert!((a.double_value(&[0, 0]) - 1.0 / (1.0 + (-0.3f64).exp())).abs() < 1e-15);
         let a = stick_breaking_weights(&l, SbVariant::Sb, None).unwrap();
@@ -236,6 +238,7 @@ mod tests {
 
     #[test]
     fn more_queries_than_keys_is_an_error() {
+        // A shape error: nothing is computed, the CPU will do.
         let l = Tensor::zeros([3, 2], (Kind::Double, tensor_core::tch::Device::Cpu));
         assert!(stick_breaking_weights(&l, SbVariant::Mf, None).is_err());
         assert!(stick_breaking_naive(&l, SbVariant::Mf).is_err());

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{grads, leaf, randn64, seeded_f64, to_vec, trainable};
+use common::{atomics_tol, dev, grads, leaf, randn64, seeded_f64, to_vec, trainable};
 use moe_router::block::{ModuleFormerBlock, ModuleFormerConfig};
 use moe_router::config::{GateType, WeightMode};
 use moe_router::moa::{KvCache, MixtureOfAttention, MoaConfig};
@@ -15,9 +15,11 @@ use tensor_core::tch::{Device, Kind, Tensor};
 use tensor_core::testing::assert_close;
 use tensor_core::{Context, Module, ModuleExt};
 
-/// The spec's lower-triangular logits (upper entries are ignored).
+/// The spec's lower-triangular logits (upper entries are ignored), on the test device.
 fn spec_logits() -> Tensor {
-    Tensor::from_slice(&[0.5f64, 9.0, 9.0, 1.0, -0.3, 9.0, 0.2, 2.0, -1.0]).view([3, 3])
+    Tensor::from_slice(&[0.5f64, 9.0, 9.0, 1.0, -0.3, 9.0, 0.2, 2.0, -1.0])
+        .view([3, 3])
+        .to_device(dev())
 }
 
 #[test]
@@ -79,10 +81,10 @@ fn limits() {
     let l = randn64(&[5, 5], 21);
     let _ = l.diagonal(0, 0, 1).fill_(1e4);
     let a = stick_breaking_weights(&l, SbVariant::Mf, None).unwrap();
-    assert_close(&a, &Tensor::eye(5, (Kind::Double, Device::Cpu)), 1e-12, 0.0);
+    assert_close(&a, &Tensor::eye(5, (Kind::Double, dev())), 1e-12, 0.0);
     // Very negative logits: A = 0.
     let a = stick_breaking_weights(
-        &Tensor::full([4, 4], -1e4, (Kind::Double, Device::Cpu)),
+        &Tensor::full([4, 4], -1e4, (Kind::Double, dev())),
         SbVariant::Mf,
         None,
     )
@@ -90,13 +92,15 @@ fn limits() {
     assert_eq!(a.abs().sum(Kind::Double).double_value(&[]), 0.0);
     // Masked (padding) keys get no weight and do not break the stick.
     let l = randn64(&[1, 6, 6], 22);
-    let mask = Tensor::from_slice(&[1i64, 0, 1, 1, 0, 1]).view([1, 1, 6]);
+    let mask = Tensor::from_slice(&[1i64, 0, 1, 1, 0, 1])
+        .view([1, 1, 6])
+        .to_device(dev());
     let a = stick_breaking_weights(&l, SbVariant::Mf, Some(&mask)).unwrap();
     let cols = a.sum_dim_intlist(-2, false, None);
     assert_eq!(to_vec(&cols)[1], 0.0);
     assert_eq!(to_vec(&cols)[4], 0.0);
     // Equals the unmasked weights on the kept keys only.
-    let keep = Tensor::from_slice(&[0i64, 2, 3, 5]);
+    let keep = Tensor::from_slice(&[0i64, 2, 3, 5]).to_device(dev());
     let sub = l.index_select(1, &keep).index_select(2, &keep);
     let a_sub = stick_breaking_weights(&sub, SbVariant::Mf, None).unwrap();
     assert_close(
@@ -109,7 +113,7 @@ fn limits() {
         stick_breaking_weights(
             &l,
             SbVariant::Mf,
-            Some(&Tensor::ones([1, 5], (Kind::Int64, Device::Cpu)))
+            Some(&Tensor::ones([1, 5], (Kind::Int64, dev())))
         )
         .is_err()
     );
@@ -129,7 +133,7 @@ fn gradient_matches_finite_differences() {
     let eps = 1e-6;
     let qd = q.detach();
     for i in 0..15 {
-        let e = Tensor::zeros([15], (Kind::Double, Device::Cpu));
+        let e = Tensor::zeros([15], (Kind::Double, dev()));
         let _ = e.get(i).fill_(eps);
         let e = e.view([1, 5, 3]);
         let fd =
@@ -201,20 +205,23 @@ fn moa_sparse_equals_dense_values_and_gradients() {
         }
         let x = leaf(randn64(&[2, 5, 8], 31));
         let r = randn64(&[2, 5, 8], 32);
-        let mask = Tensor::from_slice(&[1i64, 1, 1, 1, 1, 1, 1, 1, 0, 0]).view([2, 5]);
+        let mask = Tensor::from_slice(&[1i64, 1, 1, 1, 1, 1, 1, 1, 0, 0])
+            .view([2, 5])
+            .to_device(dev());
         let mut ctx = Context::eval().with_mask(mask.shallow_clone());
         let sparse = m.forward(&x, &mut ctx).unwrap();
         m.config.path = MoePath::Dense;
         let mut ctx = Context::eval().with_mask(mask);
         let dense = m.forward(&x, &mut ctx).unwrap();
-        assert_close(&sparse, &dense, 1e-10, 1e-10);
+        let tol = atomics_tol(1e-10);
+        assert_close(&sparse, &dense, tol, tol);
         let mut inputs = trainable(&m);
         inputs.push(x.shallow_clone());
         for (a, b) in grads(&sparse, &r, &inputs)
             .iter()
             .zip(&grads(&dense, &r, &inputs))
         {
-            assert_close(a, b, 1e-10, 1e-10);
+            assert_close(a, b, tol, tol);
         }
     }
 }
@@ -228,7 +235,7 @@ fn moa_with_one_expert_is_plain_stick_breaking() {
     c.router.weight_mode = WeightMode::Hard;
     let m = moa(c, 33);
     tensor_core::tch::no_grad(|| {
-        let eye = Tensor::eye(4, (Kind::Double, Device::Cpu)).unsqueeze(0);
+        let eye = Tensor::eye(4, (Kind::Double, dev())).unsqueeze(0);
         m.w_q.shallow_clone().copy_(&eye);
         m.w_o.shallow_clone().copy_(&eye);
     });
@@ -305,7 +312,7 @@ fn block_is_causal_and_names_its_slots_like_gpt2() {
     let y = block.forward(&x, &mut ctx).unwrap();
     let losses: Vec<&str> = ctx.aux_losses().iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(losses, ["attn.mi_loss", "mlp.mi_loss"]);
-    (y.square().mean(Kind::Double) + ctx.aux_loss_total(Device::Cpu).unwrap()).backward();
+    (y.square().mean(Kind::Double) + ctx.aux_loss_total(dev()).unwrap()).backward();
     for (n, p) in block.named_parameters() {
         assert!(
             p.grad().abs().sum(Kind::Double).double_value(&[]) > 0.0,
@@ -336,26 +343,23 @@ fn moa_bad_configs_are_errors() {
     assert!(c.validate().is_err(), "4 heads do not divide 6");
     c.n_head = 2;
     c.router.capacity_factor = 1.0;
-    assert!(MixtureOfAttention::new(c.clone(), Device::Cpu).is_err());
+    assert!(MixtureOfAttention::new(c.clone(), dev()).is_err());
     c.router.capacity_factor = 0.0;
     c.kv_projection = false;
     assert!(c.validate().is_err(), "K = V = x needs att_hidden = d");
     c.kv_projection = true;
-    let m = MixtureOfAttention::new(c, Device::Cpu).unwrap();
+    let m = MixtureOfAttention::new(c, dev()).unwrap();
     assert!(
         m.forward(
-            &Tensor::zeros([2, 3, 7], (Kind::Float, Device::Cpu)),
+            &Tensor::zeros([2, 3, 7], (Kind::Float, dev())),
             &mut Context::eval()
         )
         .is_err()
     );
-    let mut ctx = Context::eval().with_mask(Tensor::ones([2, 4], (Kind::Int64, Device::Cpu)));
+    let mut ctx = Context::eval().with_mask(Tensor::ones([2, 4], (Kind::Int64, dev())));
     assert!(
-        m.forward(
-            &Tensor::zeros([2, 3, 8], (Kind::Float, Device::Cpu)),
-            &mut ctx
-        )
-        .is_err()
+        m.forward(&Tensor::zeros([2, 3, 8], (Kind::Float, dev())), &mut ctx)
+            .is_err()
     );
 }
 
@@ -376,7 +380,7 @@ fn kv_cache_decoding_equals_the_full_forward() {
                     .unwrap(),
             );
         }
-        assert_close(&Tensor::cat(&parts, 1), &full, 1e-12, 0.0);
+        assert_close(&Tensor::cat(&parts, 1), &full, atomics_tol(1e-12), 0.0);
         // The cache holds the shared K and V only: its size does not depend on E.
         assert_eq!(cache.len(), 6);
         assert_eq!(cache.k.as_ref().unwrap().size(), [2, 1, 2, 6, 3]);

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{randn64, to_vec, to_vec_i64};
+use common::{dev, randn64, to_vec, to_vec_i64};
 use moe_router::capacity::{assign_slots, capacity};
 use moe_router::config::*;
 use moe_router::losses::*;
@@ -13,8 +13,13 @@ use tensor_core::testing::{assert_close, with_seed};
 
 const D: i64 = 8;
 
+/// Initialised on the CPU (the same values on every device), then moved to the test device.
 fn router(config: RouterConfig, seed: u64) -> Router {
-    with_seed(seed, || Router::new(D, config, Device::Cpu)).unwrap()
+    let mut r = with_seed(seed, || Router::new(D, config, Device::Cpu)).unwrap();
+    for (_, p) in r.params_mut() {
+        *p = p.to_device(dev()).detach().set_requires_grad(true);
+    }
+    r
 }
 
 fn x(t: i64, seed: u64) -> Tensor {
@@ -50,7 +55,7 @@ fn bad_configs_and_inputs_are_errors() {
     }
     let mut c = RouterConfig::new(4, 2);
     c.capacity_factor = -1.0;
-    assert!(Router::new(D, c, Device::Cpu).is_err());
+    assert!(Router::new(D, c, dev()).is_err());
     let mut c = RouterConfig::new(4, 2);
     c.sample_topk = 3;
     assert!(c.validate().is_err());
@@ -58,14 +63,11 @@ fn bad_configs_and_inputs_are_errors() {
     let r = router(RouterConfig::new(4, 2), 0);
     let mut ctx = Context::eval();
     assert!(
-        r.route(
-            &Tensor::zeros([3, D + 1], (Kind::Float, Device::Cpu)),
-            &mut ctx
-        )
-        .is_err()
+        r.route(&Tensor::zeros([3, D + 1], (Kind::Float, dev())), &mut ctx)
+            .is_err()
     );
     assert!(
-        r.route(&Tensor::zeros([3, D], (Kind::Int64, Device::Cpu)), &mut ctx)
+        r.route(&Tensor::zeros([3, D], (Kind::Int64, dev())), &mut ctx)
             .is_err()
     );
     // Hash routing without ids.
@@ -94,7 +96,7 @@ fn softmax_topk_invariants_and_weight_modes() {
         // Rows of p sum to 1.
         assert_close(
             &ro.probs.sum_dim_intlist(-1, false, None),
-            &Tensor::ones([t], (Kind::Float, Device::Cpu)),
+            &Tensor::ones([t], (Kind::Float, dev())),
             1e-5,
             1e-4,
         );
@@ -120,7 +122,7 @@ fn softmax_topk_invariants_and_weight_modes() {
                 assert_close(&ro.gates, &chosen, 1e-5, 1e-4);
                 assert_close(
                     &ro.gates.sum_dim_intlist(-1, false, None),
-                    &Tensor::ones([t], (Kind::Float, Device::Cpu)),
+                    &Tensor::ones([t], (Kind::Float, dev())),
                     1e-5,
                     1e-4,
                 );
@@ -313,8 +315,8 @@ fn capacity_is_never_exceeded_and_drops_follow_the_policy() {
 fn assign_slots_small_example() {
     // 3 tokens, top-1, all to expert 0, capacity 2: tokens 0, 1 kept by position;
     // by priority the two most probable.
-    let e = Tensor::from_slice(&[0i64, 0, 0]).view([3, 1]);
-    let p = Tensor::from_slice(&[0.2f32, 0.9, 0.5]).view([3, 1]);
+    let e = on_dev(&[0i64, 0, 0]).view([3, 1]);
+    let p = on_dev(&[0.2f32, 0.9, 0.5]).view([3, 1]);
     let (k, s) = assign_slots(&e, &p, 2, 2, DropPolicy::Position).unwrap();
     assert_eq!(to_vec(&k.to_kind(Kind::Double)), [1.0, 1.0, 0.0]);
     assert_eq!(to_vec_i64(&s), [0, 1, 2]);
@@ -344,7 +346,7 @@ fn expert_choice_takes_exactly_c_tokens_each() {
 
 #[test]
 fn hash_and_fixed_routing() {
-    let ids = Tensor::from_slice(&[0i64, 1, 2, 3, 1000, 7, 7, 123456]);
+    let ids = on_dev(&[0i64, 1, 2, 3, 1000, 7, 7, 123456]);
     for (gate, seed) in [(GateType::Hash, 3u64), (GateType::Fixed, 0)] {
         let mut c = RouterConfig::new(4, 2);
         c.gate = gate;
@@ -372,7 +374,7 @@ fn hash_and_fixed_routing() {
         c.gate = GateType::Hash;
         c.seed = seed;
         let mut ctx = Context::eval();
-        ctx.insert(RouteIds(Tensor::arange(64, (Kind::Int64, Device::Cpu))));
+        ctx.insert(RouteIds(Tensor::arange(64, (Kind::Int64, dev()))));
         to_vec_i64(&router(c, 0).route(&x(64, 1), &mut ctx).unwrap().experts)
     };
     assert_ne!(route(1), route(2));
@@ -407,7 +409,7 @@ fn aux_losses_are_added_in_training_only() {
     let bal = balance_loss(&ro.probs, &ro.experts, c.balance_variant, 1).unwrap();
     assert_close(&tr.aux_losses()[0].1, &(bal * 0.01), 1e-7, 1e-5);
     // Gradient reaches the router.
-    let total = tr.aux_loss_total(Device::Cpu).unwrap();
+    let total = tr.aux_loss_total(dev()).unwrap();
     total.backward();
     assert!(
         r.params()[0]
@@ -420,10 +422,18 @@ fn aux_losses_are_added_in_training_only() {
     );
 }
 
+/// Probability rows on the test device.
 fn p(rows: &[&[f64]]) -> Tensor {
     let e = rows[0].len() as i64;
     let flat: Vec<f64> = rows.iter().flat_map(|r| r.iter().copied()).collect();
-    Tensor::from_slice(&flat).view([rows.len() as i64, e])
+    Tensor::from_slice(&flat)
+        .view([rows.len() as i64, e])
+        .to_device(dev())
+}
+
+/// Values on the test device.
+fn on_dev<T: tensor_core::tch::kind::Element>(v: &[T]) -> Tensor {
+    Tensor::from_slice(v).to_device(dev())
 }
 
 fn scalar(t: &Tensor) -> f64 {
@@ -438,8 +448,8 @@ fn balance_loss_values() {
     assert!((scalar(&l) - 1.4).abs() < 1e-12);
     // Uniform routing gives 1 in every variant; collapsed gives E (top-1).
     let e = 4;
-    let uni = Tensor::full([8, e], 0.25, (Kind::Double, Device::Cpu));
-    let spread = Tensor::from_slice(&[0i64, 1, 2, 3, 0, 1, 2, 3]).view([8, 1]);
+    let uni = Tensor::full([8, e], 0.25, (Kind::Double, dev()));
+    let spread = on_dev(&[0i64, 1, 2, 3, 0, 1, 2, 3]).view([8, 1]);
     let spread2 = Tensor::cat(&[spread.shallow_clone(), (&spread + 1).remainder(4)], 1);
     for v in [
         BalanceVariant::SwitchTop1,
@@ -454,18 +464,14 @@ fn balance_loss_values() {
             .abs()
             < 1e-12
     );
-    let onehot = Tensor::zeros([8, e], (Kind::Double, Device::Cpu)).index_fill(
-        1,
-        &Tensor::from_slice(&[0i64]),
-        1.0,
-    );
-    let all0 = Tensor::zeros([8, 1], (Kind::Int64, Device::Cpu));
+    let onehot = Tensor::zeros([8, e], (Kind::Double, dev())).index_fill(1, &on_dev(&[0i64]), 1.0);
+    let all0 = Tensor::zeros([8, 1], (Kind::Int64, dev()));
     let collapsed = balance_loss(&onehot, &all0, BalanceVariant::SwitchTop1, 1).unwrap();
     assert!((scalar(&collapsed) - e as f64).abs() < 1e-12);
     assert!(
         balance_loss(
             &uni,
-            &Tensor::zeros([3, 1], (Kind::Int64, Device::Cpu)),
+            &Tensor::zeros([3, 1], (Kind::Int64, dev())),
             BalanceVariant::SwitchTop1,
             1
         )
@@ -475,24 +481,24 @@ fn balance_loss_values() {
 
 #[test]
 fn z_loss_and_cv_values() {
-    let z = z_loss(&Tensor::zeros([3, 2], (Kind::Double, Device::Cpu))).unwrap();
+    let z = z_loss(&Tensor::zeros([3, 2], (Kind::Double, dev()))).unwrap();
     assert!((scalar(&z) - 0.480453).abs() < 1e-6);
     assert!(scalar(&z_loss(&randn64(&[5, 3], 1)).unwrap()) >= 0.0);
-    let bal = Tensor::from_slice(&[3.0f64, 3.0, 3.0, 3.0]);
+    let bal = on_dev(&[3.0f64, 3.0, 3.0, 3.0]);
     assert_eq!(
         scalar(&cv_squared(&bal, CvVariance::Unbiased).unwrap()),
         0.0
     );
-    let skew = Tensor::from_slice(&[12.0f64, 0.0, 0.0, 0.0]);
+    let skew = on_dev(&[12.0f64, 0.0, 0.0, 0.0]);
     // Biased Var = 27, Mean² = 9 → 3; unbiased 36/9 = 4.
     assert!((scalar(&cv_squared(&skew, CvVariance::Biased).unwrap()) - 3.0).abs() < 1e-9);
     assert!((scalar(&cv_squared(&skew, CvVariance::Unbiased).unwrap()) - 4.0).abs() < 1e-9);
-    let uni = Tensor::full([8, 4], 0.25, (Kind::Double, Device::Cpu));
+    let uni = Tensor::full([8, 4], 0.25, (Kind::Double, dev()));
     assert!(
         scalar(
             &importance_load_cv2(
                 &uni,
-                &Tensor::full([4], 4.0, (Kind::Double, Device::Cpu)),
+                &Tensor::full([4], 4.0, (Kind::Double, dev())),
                 CvVariance::Unbiased
             )
             .unwrap()
@@ -520,7 +526,7 @@ fn mutual_information_loss_values_and_extremes() {
     // Equal rows: 0. One-hot balanced: −log E.
     let same = p(&[&[0.5, 0.3, 0.2], &[0.5, 0.3, 0.2]]);
     assert!(scalar(&mutual_information_loss(&same, None).unwrap()).abs() < 1e-7);
-    let eye = Tensor::eye(3, (Kind::Double, Device::Cpu));
+    let eye = Tensor::eye(3, (Kind::Double, dev()));
     let m = scalar(&mutual_information_loss(&eye, None).unwrap());
     assert!((m + 3f64.ln()).abs() < 1e-6, "{m}");
     // From logits via log-softmax: always in [−log E, 0].
@@ -571,12 +577,8 @@ fn mi_accumulation_through_the_context() {
 
 #[test]
 fn load_concentration_extremes() {
-    let uni = Tensor::full([6, 4], 0.25, (Kind::Double, Device::Cpu));
+    let uni = Tensor::full([6, 4], 0.25, (Kind::Double, dev()));
     assert!((scalar(&load_concentration(&uni).unwrap()) - 4f64.ln()).abs() < 1e-6);
-    let one = Tensor::zeros([6, 4], (Kind::Double, Device::Cpu)).index_fill(
-        1,
-        &Tensor::from_slice(&[2i64]),
-        1.0,
-    );
+    let one = Tensor::zeros([6, 4], (Kind::Double, dev())).index_fill(1, &on_dev(&[2i64]), 1.0);
     assert!(scalar(&load_concentration(&one).unwrap()).abs() < 1e-6);
 }

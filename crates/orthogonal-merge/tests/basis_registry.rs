@@ -8,6 +8,7 @@ mod common;
 use orthogonal_merge::basis::{BasisSpec, basis_columns, full_basis, gaussian_values, layer_seed};
 use orthogonal_merge::{BasisKind, Error, FrozenSide, Registry};
 use tensor_core::tch::{Device, Kind, Tensor};
+use tensor_core::testing::device;
 
 fn spec(kind: BasisKind, rank: i64) -> BasisSpec {
     BasisSpec {
@@ -24,24 +25,20 @@ fn max_off(t: &Tensor) -> f64 {
 
 #[test]
 fn disjoint_bins_are_orthogonal_in_f32_and_f64() {
+    // The spec's bounds, checked with products computed on the test device.
+    let dev = device();
     for kind in [BasisKind::QrBins, BasisKind::SvdBins] {
         let (n, r) = (48, 8);
         let s = spec(kind, r);
         for (dtype, tol) in [(Kind::Float, 1e-6), (Kind::Double, 1e-12)] {
             let bins: Vec<Tensor> = (0..n / r)
                 .map(|b| {
-                    s.block(
-                        "encoder.layer.0.attention.self.query",
-                        n,
-                        b,
-                        dtype,
-                        Device::Cpu,
-                    )
-                    .unwrap()
+                    s.block("encoder.layer.0.attention.self.query", n, b, dtype, dev)
+                        .unwrap()
                 })
                 .collect();
             for (i, bi) in bins.iter().enumerate() {
-                let eye = Tensor::eye(r, (dtype, Device::Cpu));
+                let eye = Tensor::eye(r, (dtype, dev));
                 let self_err = max_off(&(bi.transpose(0, 1).mm(bi) - eye));
                 assert!(
                     self_err < tol * 10.0,
@@ -85,7 +82,8 @@ const PINNED_G0: [f64; 2] = [-1.8839083333524405, 0.8645068595575148];
 
 #[test]
 fn a_bin_is_the_same_whatever_else_is_computed() {
-    // Bin 2 from the prefix QR equals columns 16..24 of the full basis.
+    // Bin 2 from the prefix QR equals columns 16..24 of the full basis
+    // (host-side: `basis_columns` computes on the CPU).
     let s = spec(BasisKind::QrBins, 8);
     let b2 = s.block("x", 40, 2, Kind::Double, Device::Cpu).unwrap();
     let q = basis_columns(BasisKind::QrBins, 40, 40, layer_seed(42, "x")).unwrap();
@@ -97,7 +95,7 @@ fn gaussian_bins_are_near_orthogonal() {
     let (n, r) = (256, 8);
     let s = spec(BasisKind::Gaussian, r);
     let bins: Vec<Tensor> = (0..4)
-        .map(|b| s.block("l", n, b, Kind::Double, Device::Cpu).unwrap())
+        .map(|b| s.block("l", n, b, Kind::Double, device()).unwrap())
         .collect();
     let mut cos = Vec::new();
     for i in 0..4 {
@@ -198,7 +196,8 @@ fn registry_dims_must_match_the_model() {
         FrozenSide::Input,
     )
     .unwrap();
-    // A model with another width at the same path is another base model.
+    // A model with another width at the same path is another base model
+    // (refused on shapes alone: nothing is computed).
     let mut cfg = common::tiny_config();
     cfg.hidden_size = 8;
     cfg.intermediate_size = 16;

@@ -18,6 +18,7 @@ use orthogonal_merge::{
 };
 use tensor_core::module::ModuleExt;
 use tensor_core::tch::{Device, Kind};
+use tensor_core::testing::device;
 
 const TARGETS: [&str; 2] = ["query", "value"];
 const Q: &str = "bert.encoder.layer.0.attention.self.query";
@@ -69,8 +70,10 @@ fn train_two_concepts_independently_then_merge() {
     };
     // Tiny batches: one thread is faster, and a busy machine's OpenMP spin-waits cannot stall it.
     tensor_core::tch::set_num_threads(1);
+    let dev = device();
     let dir = tempfile::tempdir().unwrap();
-    // The registry is built once, on the model type that is trained.
+    // The registry is built once, on the model type that is trained (host-side
+    // bookkeeping of layer shapes: the template computes nothing).
     let template = SequenceClassifier::new(
         BertModel::from_source(&src, Device::Cpu).unwrap(),
         data.num_labels,
@@ -114,7 +117,7 @@ fn train_two_concepts_independently_then_merge() {
                 seed: i as u64,
                 ..opts.clone()
             },
-            Device::Cpu,
+            dev,
             &mut hooks,
         )
         .unwrap();
@@ -124,7 +127,8 @@ fn train_two_concepts_independently_then_merge() {
             12 * 8 * 384 + 384 * data.num_labels + data.num_labels
         );
     }
-    // Training moved the trained factor and left the basis as the registry makes it.
+    // Training moved the trained factor and left the basis as the registry makes it
+    // (the file is read to the CPU; bases are computed on the host).
     let file = read_adapter(dir.path().join("pos"), None).unwrap();
     let orthogonal_merge::Delta::Lora(l) = &file.task.layers[Q] else {
         panic!()
@@ -138,7 +142,7 @@ fn train_two_concepts_independently_then_merge() {
 
     // Merge both into a fresh classifier; each task then uses its own head.
     let mut merged = SequenceClassifier::new(
-        BertModel::from_source(&src, Device::Cpu).unwrap(),
+        BertModel::from_source(&src, dev).unwrap(),
         data.num_labels,
         Pooling::Mean,
     )

@@ -4,12 +4,14 @@
 //! (`total` / `frequency`), DARE linear / TIES on PEFT's own masks, the
 //! masks themselves from the same seed, LoRA merges (cat, factor-wise
 //! linear / TIES / magnitude pruning, SVD and `*_svd`), and reading a
-//! PEFT-written adapter folder.
+//! PEFT-written adapter folder. Fixtures are read on the CPU; the merges
+//! run on the test device.
 
 mod common;
 
 use std::path::PathBuf;
 
+use common::scaled;
 use orthogonal_merge::dare::{dare_linear, dare_masks, dare_ties};
 use orthogonal_merge::ops::task_arithmetic;
 use orthogonal_merge::prune::magnitude_prune;
@@ -20,7 +22,7 @@ use orthogonal_merge::{
 };
 use tensor_core::io::SafetensorsFile;
 use tensor_core::tch::{Device, Tensor};
-use tensor_core::testing::assert_close;
+use tensor_core::testing::{assert_close, device};
 
 const W: [f64; 3] = [1.0, 0.5, -0.7];
 
@@ -34,11 +36,16 @@ impl Fx {
     fn open() -> Self {
         Fx(SafetensorsFile::open(fixtures().join("peft_merge.safetensors")).unwrap())
     }
+    /// A fixture tensor on the CPU (expected values).
     fn get(&self, n: &str) -> Tensor {
         self.0.load(n, Device::Cpu).unwrap()
     }
+    /// A fixture tensor on the test device (inputs).
+    fn input(&self, n: &str) -> Tensor {
+        self.get(n).to_device(device())
+    }
     fn tasks(&self) -> Vec<Tensor> {
-        (0..3).map(|i| self.get(&format!("task_{i}"))).collect()
+        (0..3).map(|i| self.input(&format!("task_{i}"))).collect()
     }
 }
 
@@ -54,22 +61,23 @@ fn sign(m: &str) -> SignMethod {
 fn task_arithmetic_magnitude_prune_and_ties_equal_peft() {
     let fx = Fx::open();
     let ts = fx.tasks();
+    let tol = scaled(1e-6);
     assert_close(
         &task_arithmetic(&ts, &W).unwrap(),
         &fx.get("task_arithmetic"),
-        1e-6,
-        1e-6,
+        tol,
+        tol,
     );
     assert_close(
         &magnitude_prune(&ts, &W, 0.3).unwrap(),
         &fx.get("magnitude_prune_0.3"),
-        1e-6,
-        1e-6,
+        tol,
+        tol,
     );
     for d in ["0.4", "1.0"] {
         for m in ["total", "frequency"] {
             let ours = ties(&ts, &W, d.parse().unwrap(), sign(m)).unwrap();
-            assert_close(&ours, &fx.get(&format!("ties_{m}_{d}")), 1e-6, 1e-6);
+            assert_close(&ours, &fx.get(&format!("ties_{m}_{d}")), tol, tol);
         }
     }
 }
@@ -78,18 +86,22 @@ fn task_arithmetic_magnitude_prune_and_ties_equal_peft() {
 fn dare_equals_peft_on_its_masks_and_draws_the_same_masks() {
     let fx = Fx::open();
     let ts = fx.tasks();
-    let masks: Vec<Tensor> = (0..3).map(|i| fx.get(&format!("dare_mask_{i}"))).collect();
+    let masks: Vec<Tensor> = (0..3)
+        .map(|i| fx.input(&format!("dare_mask_{i}")))
+        .collect();
+    let tol = scaled(1e-6);
     assert_close(
         &dare_linear(&ts, &W, 0.5, &masks).unwrap(),
         &fx.get("dare_linear_0.5"),
-        1e-6,
-        1e-6,
+        tol,
+        tol,
     );
     for m in ["total", "frequency"] {
         let ours = dare_ties(&ts, &W, 0.5, &masks, sign(m)).unwrap();
-        assert_close(&ours, &fx.get(&format!("dare_ties_{m}_0.5")), 1e-6, 1e-6);
+        assert_close(&ours, &fx.get(&format!("dare_ties_{m}_0.5")), tol, tol);
     }
-    // Seeding libtorch's CPU generator as torch.manual_seed does gives PEFT's masks.
+    // Seeding libtorch's CPU generator as torch.manual_seed does gives PEFT's
+    // masks (always drawn on the CPU, whatever the device of the tasks).
     for (seed, d, key) in [(1234, 0.5, "dare_mask"), (7, 0.3, "seed7_mask")] {
         let ours = dare_masks(&[6, 10], 3, d, seed).unwrap();
         for (i, m) in ours.iter().enumerate() {
@@ -102,8 +114,8 @@ fn dare_equals_peft_on_its_masks_and_draws_the_same_masks() {
 fn ties_test_vector_of_the_spec() {
     let fx = Fx::open();
     let tv = [
-        Tensor::from_slice(&[1.0f32, -2.0, 0.5, 0.0]),
-        Tensor::from_slice(&[-3.0f32, 1.0, 0.5, 2.0]),
+        Tensor::from_slice(&[1.0f32, -2.0, 0.5, 0.0]).to_device(device()),
+        Tensor::from_slice(&[-3.0f32, 1.0, 0.5, 2.0]).to_device(device()),
     ];
     let cases = [
         (
@@ -125,6 +137,7 @@ fn ties_test_vector_of_the_spec() {
             [-3.0, -2.0, 0.0, 2.0],
         ),
     ];
+    // Exact on any device: sums and means of these values are exact in f32.
     for (key, d, m, want) in cases {
         let ours = ties(&tv, &[1.0, 1.0], d, m).unwrap();
         assert_close(&ours, &Tensor::from_slice(&want), 0.0, 0.0);
@@ -138,8 +151,8 @@ fn lora_tasks(fx: &Fx) -> Vec<TaskDelta> {
         .enumerate()
         .map(|(i, &s)| {
             let f = LoraFactors::new(
-                fx.get(&format!("lora_A_{i}")),
-                fx.get(&format!("lora_B_{i}")),
+                fx.input(&format!("lora_A_{i}")),
+                fx.input(&format!("lora_B_{i}")),
                 s,
             )
             .unwrap();
@@ -195,6 +208,7 @@ fn lora_merges_equal_add_weighted_adapter() {
             },
         ),
     ];
+    let tol = scaled(1e-5);
     for (kind, cfg) in cases {
         let cfg = cfg.with_weights(&W);
         let m = merge(&tasks, &cfg).unwrap();
@@ -209,20 +223,21 @@ fn lora_merges_equal_add_weighted_adapter() {
         );
         if matches!(kind, "cat" | "linear" | "ties" | "magnitude_prune") {
             // Factors themselves are comparable (no SVD sign freedom).
-            assert_close(&f.a, &fx.get(&format!("{kind}_A")), 1e-5, 1e-5);
-            assert_close(&f.b, &fx.get(&format!("{kind}_B")), 1e-5, 1e-5);
+            assert_close(&f.a, &fx.get(&format!("{kind}_A")), tol, tol);
+            assert_close(&f.b, &fx.get(&format!("{kind}_B")), tol, tol);
         }
         assert_close(
             &f.delta_weight().unwrap(),
             &fx.get(&format!("{kind}_delta")),
-            1e-5,
-            1e-5,
+            tol,
+            tol,
         );
     }
 }
 
 #[test]
 fn reads_a_peft_written_adapter() {
+    // Files are read to the CPU: the delta is computed there.
     let fx = Fx::open();
     let file = read_adapter(fixtures().join("peft_lora"), None).unwrap();
     assert_eq!(file.task.name, "peft_lora");
@@ -230,9 +245,11 @@ fn reads_a_peft_written_adapter() {
     let d = &file.task.layers["lin"];
     assert_eq!(d.rank(), Some(2));
     assert_close(&d.weight().unwrap(), &fx.get("peft_lora_delta"), 1e-6, 1e-6);
-    // And its delta equals adapter a1 of the merge fixture (lora_alpha 4, r 2).
+    // And its delta equals adapter a1 of the merge fixture (lora_alpha 4, r 2),
+    // whose delta is computed on the test device.
     let a1 = &lora_tasks(&fx)[1].layers["lin"];
-    assert_close(&d.weight().unwrap(), &a1.weight().unwrap(), 1e-6, 1e-6);
+    let tol = scaled(1e-6);
+    assert_close(&d.weight().unwrap(), &a1.weight().unwrap(), tol, tol);
 }
 
 #[test]
@@ -255,7 +272,9 @@ fn files_written_here_load_in_peft() {
         orthogonal_merge::save_task(task, dir.path(), &[], &Default::default()).unwrap();
         let back = read_adapter(dir.path(), None).unwrap();
         assert_eq!(back.task.meta, task.meta);
-        let want = task.layers["lin"].weight().unwrap();
+        // Bitwise on any device: the file's factors are read to the CPU, so
+        // the expected delta is computed there too.
+        let want = on_cpu(&task.layers["lin"]).weight().unwrap();
         assert_close(&back.task.layers["lin"].weight().unwrap(), &want, 0.0, 0.0);
         tensor_core::io::save(
             dir.path().join("expected.safetensors"),
@@ -265,6 +284,21 @@ fn files_written_here_load_in_peft() {
         .unwrap();
     }
     peft_check(&[dirs[0].path(), dirs[1].path()]);
+}
+
+/// `d` with its tensors on the CPU.
+fn on_cpu(d: &Delta) -> Delta {
+    match d {
+        Delta::Lora(l) => Delta::Lora(
+            LoraFactors::new(
+                l.a.to_device(Device::Cpu),
+                l.b.to_device(Device::Cpu),
+                l.scale,
+            )
+            .unwrap(),
+        ),
+        Delta::Full(t) => Delta::Full(t.to_device(Device::Cpu)),
+    }
 }
 
 /// When `MODULAR_VENV`'s Python has PEFT, load the folders in PEFT and

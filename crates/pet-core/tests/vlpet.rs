@@ -5,15 +5,15 @@
 
 mod common;
 
-use common::{Inputs, base_model, max_abs, run};
+use common::{Inputs, base_model, max_abs, run, scaled};
 use pet_core::bottleneck::{AdapterConfig, Bottleneck};
 use pet_core::gate::Gate;
 use pet_core::{
     GateConfig, Granularity, InitScheme, LoraConfig, MiddleYForm, VlPetConfig, add_adapter,
     add_lora, apply_vlpet, site_param_count,
 };
-use tensor_core::tch::{self, Device, Kind, Tensor};
-use tensor_core::testing::with_seed;
+use tensor_core::tch::{Kind, Tensor, no_grad};
+use tensor_core::testing::{device, with_seed};
 use tensor_core::{Module, ModuleExt};
 
 fn numel(params: &[(&'static str, Tensor)]) -> i64 {
@@ -28,7 +28,8 @@ fn parameter_counts_match_the_spec_on_bart_base() {
         ..AdapterConfig::default()
     };
     // Real tensors, not only the formula.
-    let bn = Bottleneck::new(&cfg, d, d, 0, Device::Cpu).unwrap();
+    let dev = device();
+    let bn = Bottleneck::new(&cfg, d, d, 0, dev).unwrap();
     assert_eq!(numel(&bn.params), 148_320);
     assert_eq!(Bottleneck::param_count(&cfg, d, d), 148_320);
     for (g, want) in [
@@ -38,7 +39,7 @@ fn parameter_counts_match_the_spec_on_bart_base() {
         (Granularity::Small, 1_537),
     ] {
         let gc = GateConfig::new(g);
-        let gate = Gate::new(&gc, d, d, 0, Device::Cpu).unwrap();
+        let gate = Gate::new(&gc, d, d, 0, dev).unwrap();
         assert_eq!(numel(&gate.params), want, "{g:?}");
         assert_eq!(gc.param_count(d, d), want, "{g:?}");
         assert_eq!(
@@ -50,9 +51,10 @@ fn parameter_counts_match_the_spec_on_bart_base() {
 
 #[test]
 fn gate_shapes_and_ranges() {
+    let dev = device();
     let (b, t, d) = (3, 5, 16);
-    let x = Tensor::randn([b, t, d], tch::kind::FLOAT_CPU);
-    let h = Tensor::randn([b, t, d], tch::kind::FLOAT_CPU);
+    let x = Tensor::randn([b, t, d], (Kind::Float, dev));
+    let h = Tensor::randn([b, t, d], (Kind::Float, dev));
     for (g, shape) in [
         (Granularity::Large, vec![b, t, d]),
         (Granularity::MiddleX, vec![b, t, 1]),
@@ -61,7 +63,7 @@ fn gate_shapes_and_ranges() {
     ] {
         let mut gc = GateConfig::new(g);
         gc.bottleneck = 8;
-        let gate = with_seed(1, || Gate::new(&gc, d, d, 7, Device::Cpu).unwrap());
+        let gate = with_seed(1, || Gate::new(&gc, d, d, 7, dev).unwrap());
         let v = gate.compute(&x, &h, None).unwrap();
         assert_eq!(v.size(), shape, "{g:?}");
         if g != Granularity::MiddleY {
@@ -78,14 +80,16 @@ fn gate_shapes_and_ranges() {
 
 #[test]
 fn t5_zero_init_gates_are_exactly_one_half() {
+    // Exact on any device: zero weights give an exact 0, and sigmoid(0) = 0.5.
+    let dev = device();
     let (b, t, d) = (2, 4, 12);
-    let x = Tensor::randn([b, t, d], tch::kind::FLOAT_CPU);
-    let h = Tensor::randn([b, t, d], tch::kind::FLOAT_CPU);
+    let x = Tensor::randn([b, t, d], (Kind::Float, dev));
+    let h = Tensor::randn([b, t, d], (Kind::Float, dev));
     for g in [Granularity::Large, Granularity::MiddleX, Granularity::Small] {
         let mut gc = GateConfig::new(g);
         gc.init = InitScheme::T5ZeroUp;
         gc.bottleneck = 6;
-        let v = Gate::new(&gc, d, d, 3, Device::Cpu)
+        let v = Gate::new(&gc, d, d, 3, dev)
             .unwrap()
             .compute(&x, &h, None)
             .unwrap();
@@ -101,7 +105,7 @@ fn t5_zero_init_gates_are_exactly_one_half() {
         target_modules: vec!["x".into()],
         ..AdapterConfig::default()
     };
-    let bn = Bottleneck::new(&cfg, d, d, 0, Device::Cpu).unwrap();
+    let bn = Bottleneck::new(&cfg, d, d, 0, dev).unwrap();
     assert!(bn.forward(&x).unwrap().abs().max().double_value(&[]) == 0.0);
 }
 
@@ -121,7 +125,7 @@ fn zero_up_zero_z_middle_y_is_the_frozen_backbone() {
     );
     m.for_each_param_mut(&mut |n, t| {
         if n.contains(".up.") || n.ends_with("gate.z") {
-            tch::no_grad(|| {
+            no_grad(|| {
                 let _ = t.zero_();
             });
         }
@@ -129,16 +133,17 @@ fn zero_up_zero_z_middle_y_is_the_frozen_backbone() {
     })
     .unwrap();
     let e = max_abs(&run(&m, &inp.ids, &inp.mask), &base);
-    assert!(e < 1e-6, "H' = H failed: {e:e}");
+    assert!(e < scaled(1e-6), "H' = H failed: {e:e}");
     // The paper's figure form 1 + σ(z) is selectable (and is not the identity at z = 0).
     let mut g = GateConfig::new(Granularity::MiddleY);
     g.middle_y_form = MiddleYForm::OnePlusSigmoid;
-    let gate = Gate::new(&g, 4, 4, 0, Device::Cpu).unwrap();
+    let dev = device();
+    let gate = Gate::new(&g, 4, 4, 0, dev).unwrap();
     let z = &gate.params[0].1;
     let v = gate
         .compute(
-            &Tensor::zeros([1, 1, 4], tch::kind::FLOAT_CPU),
-            &Tensor::zeros([1, 1, 4], tch::kind::FLOAT_CPU),
+            &Tensor::zeros([1, 1, 4], (Kind::Float, dev)),
+            &Tensor::zeros([1, 1, 4], (Kind::Float, dev)),
             None,
         )
         .unwrap();
@@ -170,30 +175,38 @@ fn trainable_set_is_adapters_gates_and_encoder_layer_norms() {
 
 #[test]
 fn small_gate_is_invariant_to_token_order() {
+    // Means over tokens summed in other orders: scaled on CUDA.
+    let tol = scaled(1e-7);
+    let dev = device();
     let (b, t, d) = (2, 6, 8);
-    let x = Tensor::randn([b, t, d], tch::kind::FLOAT_CPU);
-    let h = Tensor::randn([b, t, d], tch::kind::FLOAT_CPU);
-    let gate = Gate::new(&GateConfig::new(Granularity::Small), d, d, 5, Device::Cpu).unwrap();
-    let perm = Tensor::from_slice(&[3i64, 0, 5, 1, 4, 2]);
+    let x = Tensor::randn([b, t, d], (Kind::Float, dev));
+    let h = Tensor::randn([b, t, d], (Kind::Float, dev));
+    let gate = Gate::new(&GateConfig::new(Granularity::Small), d, d, 5, dev).unwrap();
+    let perm = Tensor::from_slice(&[3i64, 0, 5, 1, 4, 2]).to_device(dev);
     let g1 = gate.compute(&x, &h, None).unwrap();
     let g2 = gate
         .compute(&x.index_select(1, &perm), &h.index_select(1, &perm), None)
         .unwrap();
-    assert!(max_abs(&g1, &g2) < 1e-7);
+    assert!(max_abs(&g1, &g2) < tol);
     // With padding masked, padded tokens do not count.
     let mut gc = GateConfig::new(Granularity::Small);
     gc.small_gate_mask_padding = true;
-    let gate = Gate::new(&gc, d, d, 5, Device::Cpu).unwrap();
-    let mask = Tensor::from_slice(&[1i64, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1, 1]).reshape([2, 6]);
+    let gate = Gate::new(&gc, d, d, 5, dev).unwrap();
+    let mask = Tensor::from_slice(&[1i64, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1, 1])
+        .reshape([2, 6])
+        .to_device(dev);
     let full = gate.compute(&x, &h, Some(&mask)).unwrap();
     let cut = gate
         .compute(&x.narrow(1, 0, 4), &h.narrow(1, 0, 4), None)
         .unwrap();
-    assert!(max_abs(&full.get(0), &cut.get(0)) < 1e-7);
+    assert!(max_abs(&full.get(0), &cut.get(0)) < tol);
 }
 
 #[test]
 fn head_wise_down_projection_is_one_stacked_linear() {
+    // Per-head matmuls vs one: scaled on CUDA.
+    let tol = scaled(1e-6);
+    let dev = device();
     let (d, r, nh) = (16, 8, 4);
     let cfg = AdapterConfig {
         r,
@@ -201,9 +214,9 @@ fn head_wise_down_projection_is_one_stacked_linear() {
         target_modules: vec!["x".into()],
         ..AdapterConfig::default()
     };
-    let bn = Bottleneck::new(&cfg, d, d, 9, Device::Cpu).unwrap();
+    let bn = Bottleneck::new(&cfg, d, d, 9, dev).unwrap();
     let (w, b) = (&bn.params[0].1, &bn.params[1].1);
-    let x = Tensor::randn([5, d], tch::kind::FLOAT_CPU);
+    let x = Tensor::randn([5, d], (Kind::Float, dev));
     let heads: Vec<Tensor> = (0..nh)
         .map(|h| {
             let s = r / nh;
@@ -211,13 +224,13 @@ fn head_wise_down_projection_is_one_stacked_linear() {
         })
         .collect();
     let cat = Tensor::cat(&heads, 1);
-    assert!(max_abs(&cat, &x.linear(w, Some(b))) < 1e-6);
+    assert!(max_abs(&cat, &x.linear(w, Some(b))) < tol);
     // Paired heads: block-diagonal up-projection, r·d/N_h weights.
     let paired = AdapterConfig {
         adapter_heads: pet_core::AdapterHeads::Paired,
         ..cfg.clone()
     };
-    let bp = Bottleneck::new(&paired, d, d, 9, Device::Cpu).unwrap();
+    let bp = Bottleneck::new(&paired, d, d, 9, dev).unwrap();
     assert_eq!(bp.params[2].1.numel() as i64, r * d / nh);
     let y = bp.forward(&x).unwrap();
     // Head h's output slice depends only on head h's slice of D.
@@ -230,7 +243,7 @@ fn head_wise_down_projection_is_one_stacked_linear() {
         let o = d / nh;
         let want =
             dd.narrow(1, h * s, s).matmul(&up.get(h).tr()) + bp.params[3].1.narrow(0, h * o, o);
-        assert!(max_abs(&y.narrow(1, h * o, o), &want) < 1e-6);
+        assert!(max_abs(&y.narrow(1, h * o, o), &want) < tol);
     }
 }
 
@@ -310,10 +323,10 @@ fn decoder_value_adapter_is_an_ungated_parallel_bottleneck() {
         panic!("expected a bottleneck")
     };
     // V = X W_vᵀ + b_v + s·GELU_tanh(X W_downᵀ + b_down) W_upᵀ + b_up
-    let x = Tensor::randn([2, 3, 32], tch::kind::FLOAT_CPU);
+    let x = Tensor::randn([2, 3, 32], (Kind::Float, device()));
     let want = x.linear(&w, Some(&b)) + module.forward(&x).unwrap() * *scale;
     let got = h.forward(&x, &mut tensor_core::Context::eval()).unwrap();
-    assert!(max_abs(&got, &want) < 1e-6);
+    assert!(max_abs(&got, &want) < scaled(1e-6));
     // Trainable: both adapters, the encoder LayerNorms; the value projection itself stays frozen.
     for (n, t) in m.named_parameters() {
         let want = n.contains(".vl.")

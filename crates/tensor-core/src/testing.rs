@@ -1,4 +1,5 @@
-//! Closeness checks and seeded random tensors, for tests and parity checks.
+//! Closeness checks and seeded random tensors, for tests and parity checks,
+//! and the device the test suites run on ([`device`]).
 //!
 //! `close` holds element-wise when `|a - e| <= atol + rtol |e|`. NaN never
 //! passes (not even against NaN), and neither does an infinity, so a
@@ -9,7 +10,60 @@ use std::sync::Mutex;
 
 use tch::{Device, Kind, Tensor};
 
+use crate::device::{DType, parse_device};
 use crate::error::{Error, Result, TchResultExt};
+
+/// Names the device the test suites compute on: `cpu`, `cuda` or `cuda:N`.
+pub const TEST_DEVICE_VAR: &str = "MODULAR_TEST_DEVICE";
+
+/// The device the test suites run their modules and kernels on:
+/// `MODULAR_TEST_DEVICE` when set (`cargo xtask test --cuda` sets it to
+/// `cuda`), else the CPU. The same test executables thus run on a GPU
+/// machine without a rebuild.
+///
+/// # Panics
+/// On a malformed value, or a CUDA device that is not there: a suite asked
+/// to run on the GPU must never pass by quietly running on the CPU.
+pub fn device() -> Device {
+    match test_device_from(std::env::var(TEST_DEVICE_VAR).ok().as_deref()) {
+        Ok(d) => d,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// [`device`] for an explicit value of `MODULAR_TEST_DEVICE`.
+pub fn test_device_from(value: Option<&str>) -> Result<Device> {
+    let d = match value.map(str::trim) {
+        None | Some("") => return Ok(Device::Cpu),
+        Some(v) => parse_device(v).map_err(|_| {
+            Error::config(format!(
+                "{TEST_DEVICE_VAR}='{v}' is not cpu, cuda or cuda:N"
+            ))
+        })?,
+    };
+    if let Device::Cuda(i) = d {
+        let n = tch::Cuda::device_count();
+        if i as i64 >= n {
+            return Err(Error::config(format!(
+                "{TEST_DEVICE_VAR} asks for cuda:{i} but libtorch sees {n} CUDA device(s)"
+            )));
+        }
+    }
+    Ok(d)
+}
+
+/// `(atol, rtol)` for results computed in `dtype` on `device` and compared
+/// with a reference computed elsewhere (the CPU, PyTorch, a fixture):
+/// [`DType::tolerances`] on the CPU; on CUDA, f32 gets 10x the CPU bounds
+/// (cuBLAS and cuDNN sum in other orders and may pick other algorithms),
+/// half types keep theirs (already dominated by rounding).
+pub fn tolerances(dtype: DType, device: Device) -> (f64, f64) {
+    let (a, r) = dtype.tolerances();
+    match (device, dtype) {
+        (Device::Cuda(_), DType::F32) => (a * 10.0, r * 10.0),
+        _ => (a, r),
+    }
+}
 
 /// How far `actual` is from `expected`.
 #[derive(Debug, Clone, PartialEq)]

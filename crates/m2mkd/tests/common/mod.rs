@@ -1,6 +1,10 @@
 //! Small models for the tests: token embedding -> residual MLP blocks ->
 //! masked-mean + linear head, a user-written top-k MoE block, and a seeded
 //! synthetic classification task (the label is a function of the tokens).
+//!
+//! Models are initialised on the CPU under a seed (the same values on every
+//! device) and moved to the test device ([`dev`], `MODULAR_TEST_DEVICE`,
+//! the CPU by default); [`batch`] builds on the CPU, [`device_batch`] moves it.
 #![allow(dead_code)]
 
 use std::sync::Arc;
@@ -9,6 +13,19 @@ use m2mkd::{Batch, LayerStack, MetaModel, ModularModel, Stage};
 use tensor_core::layers::{Activation, Embedding, FeedForward, FfnNames, LayerNorm, Linear};
 use tensor_core::prelude::*;
 use tensor_core::testing::with_seed;
+
+/// The device the tests compute on (`tensor_core::testing::device`).
+pub fn dev() -> Device {
+    tensor_core::testing::device()
+}
+
+/// `(atol, rtol)` for f32 results: the given CPU bounds, scaled like
+/// `tensor_core::testing::tolerances` scales f32 for the test device (10x on CUDA).
+pub fn f32_tol(atol: f64, rtol: f64) -> (f64, f64) {
+    let (a, r) = tensor_core::testing::tolerances(DType::F32, dev());
+    let (a0, r0) = DType::F32.tolerances();
+    (atol * a / a0, rtol * r / r0)
+}
 
 pub const VOCAB: i64 = 24;
 pub const CLASSES: i64 = 3;
@@ -183,17 +200,20 @@ fn embed(d: i64) -> Slot {
     Box::new(Embedding::new(VOCAB, d, Device::Cpu).unwrap())
 }
 
-/// A teacher of `depth` residual blocks of width `d`, seeded.
+/// A teacher of `depth` residual blocks of width `d`, seeded, on the test device.
 pub fn teacher(depth: usize, d: i64, seed: u64) -> LayerStack {
-    with_seed(seed, || {
+    let mut t = with_seed(seed, || {
         let blocks = (0..depth)
             .map(|_| Box::new(ResBlock::new(d)) as Slot)
             .collect();
         LayerStack::new(embed(d), blocks, Box::new(MeanHead::new(d)), d).unwrap()
-    })
+    });
+    t.to_device(dev()).unwrap();
+    t
 }
 
-/// Builder of meta module `i` of `m`: one block, embeddings first, head last.
+/// Builder of meta module `i` of `m`: one block, embeddings first, head last
+/// (on the CPU; [`meta`] moves the model, and replicas share its storage).
 pub fn meta_builder(d: i64) -> Arc<m2mkd::ModuleBuilder> {
     Arc::new(move |i, m| {
         let e = (i == 0).then(|| embed(d));
@@ -202,16 +222,18 @@ pub fn meta_builder(d: i64) -> Arc<m2mkd::ModuleBuilder> {
     })
 }
 
-/// A frozen meta model of `m` modules, seeded.
+/// A frozen meta model of `m` modules, seeded, on the test device.
 pub fn meta(m: usize, d: i64, seed: u64) -> MetaModel {
     let mut meta = with_seed(seed, || MetaModel::new(m, d, meta_builder(d)).unwrap());
+    meta.model_mut().to_device(dev()).unwrap();
     meta.freeze();
     meta
 }
 
-/// A student of `m` modules of width `d`: `blocks` residual blocks each, or MoE blocks.
+/// A student of `m` modules of width `d`: `blocks` residual blocks each, or
+/// MoE blocks; on the test device.
 pub fn student(m: usize, d: i64, blocks: usize, moe: bool, seed: u64) -> ModularModel {
-    with_seed(seed, || {
+    let mut s = with_seed(seed, || {
         let stages = (0..m)
             .map(|i| {
                 let e = (i == 0).then(|| embed(d));
@@ -229,11 +251,14 @@ pub fn student(m: usize, d: i64, blocks: usize, moe: bool, seed: u64) -> Modular
             })
             .collect();
         ModularModel::from_stages(stages).unwrap()
-    })
+    });
+    s.to_device(dev()).unwrap();
+    s
 }
 
-/// A seeded batch: ids in `1..VOCAB`, padding (id 0, mask 0) at the end of
-/// some rows; label = (number of ids below VOCAB/3 among the tokens) mod 3.
+/// A seeded batch on the CPU: ids in `1..VOCAB`, padding (id 0, mask 0) at
+/// the end of some rows; label = (number of ids below VOCAB/3 among the
+/// tokens) mod 3.
 pub fn batch(step: u64) -> Batch {
     let ids =
         tensor_core::testing::randint_seeded(VOCAB - 1, &[BATCH, SEQ], 1000 + step, Device::Cpu)
@@ -253,6 +278,18 @@ pub fn batch(step: u64) -> Batch {
         .sum_dim_intlist(1, false, Kind::Int64)
         .remainder(CLASSES);
     Batch::new(ids, y).with_mask(mask)
+}
+
+/// [`batch`] on the test device.
+pub fn device_batch(step: u64) -> Batch {
+    let b = batch(step);
+    let d = dev();
+    let mask = b.mask.map(|m| m.to_device(d));
+    Batch {
+        input: b.input.to_device(d),
+        targets: b.targets.to_device(d),
+        mask,
+    }
 }
 
 /// Every parameter, deep-copied, by name.

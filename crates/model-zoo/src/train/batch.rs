@@ -248,6 +248,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use tensor_core::tch::Kind;
+    use tensor_core::testing::device;
 
     fn rows(t: &Tensor) -> Vec<Vec<i64>> {
         let (b, n) = (t.size()[0], t.size()[1]);
@@ -260,7 +261,9 @@ mod tests {
     #[test]
     fn pads_right_and_masks() {
         let seqs = vec![vec![101, 7, 8, 102], vec![101, 9, 102], vec![]];
-        let b = pad_batch(&seqs, 0, None, Device::Cpu).unwrap();
+        let b = pad_batch(&seqs, 0, None, device()).unwrap();
+        assert_eq!(b.input_ids.device(), device());
+        assert_eq!(b.attention_mask.device(), device());
         assert_eq!(b.input_ids.kind(), Kind::Int64);
         assert_eq!((b.batch_size(), b.seq_len()), (3, 4));
         assert_eq!(
@@ -277,25 +280,29 @@ mod tests {
     #[test]
     fn truncates_to_max_len_and_pads_to_longest() {
         let seqs: Vec<&[i64]> = vec![&[1, 2, 3, 4, 5, 6], &[7, 8]];
-        let b = pad_batch(&seqs, -1, Some(4), Device::Cpu).unwrap();
+        let b = pad_batch(&seqs, -1, Some(4), device()).unwrap();
         assert_eq!(
             rows(&b.input_ids),
             vec![vec![1, 2, 3, 4], vec![7, 8, -1, -1]]
         );
         // max_len larger than every sequence: padded to the longest only.
-        let b = pad_batch(&seqs, 0, Some(100), Device::Cpu).unwrap();
+        let b = pad_batch(&seqs, 0, Some(100), device()).unwrap();
         assert_eq!(b.seq_len(), 6);
-        let b = pad_batch_with_labels(&seqs, &[1, 0], 0, None, Device::Cpu).unwrap();
+        let b = pad_batch_with_labels(&seqs, &[1, 0], 0, None, device()).unwrap();
+        assert_eq!(b.labels.as_ref().unwrap().device(), device());
         assert_eq!(
             Vec::<i64>::try_from(b.labels.as_ref().unwrap()).unwrap(),
             vec![1, 0]
         );
+        // Back from the test device to the host.
         let moved = b.to_device(Device::Cpu).unwrap();
         assert_eq!(moved.batch_size(), 2);
+        assert_eq!(moved.input_ids.device(), Device::Cpu);
     }
 
     #[test]
     fn bad_batches_are_errors() {
+        // Refused before any tensor is made: the host suffices.
         let none: Vec<Vec<i64>> = vec![];
         assert!(
             pad_batch(&none, 0, None, Device::Cpu)

@@ -163,13 +163,14 @@ mod tests {
     use tensor_core::layers::Linear;
     use tensor_core::module::Sequential;
     use tensor_core::tch::{Device, Kind};
-    use tensor_core::testing::with_seed;
+    use tensor_core::testing::{device, with_seed};
 
+    /// On the test device: checkpoints are written from it and read onto it.
     fn mlp(seed: u64, hidden: i64) -> Sequential {
         with_seed(seed, || {
             Sequential::new()
-                .push(Linear::new(4, hidden, true, Device::Cpu).unwrap())
-                .push(Linear::new(hidden, 2, true, Device::Cpu).unwrap())
+                .push(Linear::new(4, hidden, true, device()).unwrap())
+                .push(Linear::new(hidden, 2, true, device()).unwrap())
         })
     }
 
@@ -194,6 +195,7 @@ mod tests {
         assert_eq!(report.metadata, meta);
         for ((na, ta), (nb, tb)) in a.named_parameters().iter().zip(b.named_parameters()) {
             assert_eq!(na, &nb);
+            assert_eq!(tb.device(), device(), "{nb} stays on the device");
             tensor_core::testing::assert_close(&tb, ta, 0.0, 0.0);
             assert!(tb.requires_grad(), "{nb} stays trainable");
         }
@@ -219,7 +221,7 @@ mod tests {
         tensor_core::testing::assert_close(&wide.named_parameters()[1].1, &before, 0.0, 0.0);
 
         // An extra layer in the module: missing names.
-        let mut deeper = mlp(2, 8).push(Linear::new(2, 2, false, Device::Cpu).unwrap());
+        let mut deeper = mlp(2, 8).push(Linear::new(2, 2, false, device()).unwrap());
         let e = load_checkpoint(&path, &mut deeper, true)
             .unwrap_err()
             .to_string();
@@ -232,7 +234,7 @@ mod tests {
 
         // A module with fewer parameters: unexpected names.
         let mut shallow = with_seed(4, || {
-            Sequential::new().push(Linear::new(4, 8, true, Device::Cpu).unwrap())
+            Sequential::new().push(Linear::new(4, 8, true, device()).unwrap())
         });
         let e = load_checkpoint(&path, &mut shallow, true)
             .unwrap_err()
@@ -241,7 +243,7 @@ mod tests {
         let r = load_checkpoint(&path, &mut shallow, false).unwrap();
         assert_eq!(r.unexpected.len(), 2);
 
-        // Integer tensors cannot fill float parameters.
+        // Integer tensors cannot fill float parameters (a file made on the host).
         let ints = dir.path().join("ints.safetensors");
         let t = Tensor::zeros([8, 4], (Kind::Int64, Device::Cpu));
         save_tensors(&ints, &[("0.weight".to_owned(), t)], HashMap::new()).unwrap();

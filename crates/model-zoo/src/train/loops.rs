@@ -314,14 +314,14 @@ mod tests {
     use crate::train::schedule::ScheduleKind;
     use tensor_core::layers::Linear;
     use tensor_core::tch::{Device, Kind, Reduction};
-    use tensor_core::testing::{randn_seeded, with_seed};
+    use tensor_core::testing::{device, randn_seeded, with_seed};
     use tensor_core::{Context, Module};
 
     /// y = x·[1.5, −2, 0.5] + 0.3, fitted by a Linear(3, 1) with AdamW, a
     /// cosine schedule with warm-up and clipping.
     #[test]
     fn fits_linear_regression() {
-        let device = tensor_core::best();
+        let device = device();
         let x = randn_seeded(&[64, 3], 1, device).unwrap();
         let w = Tensor::from_slice(&[1.5f32, -2.0, 0.5])
             .to_device(device)
@@ -375,7 +375,7 @@ mod tests {
     /// Two separable blobs, Linear(2, 2) with cross-entropy; evaluate gives accuracy 1.
     #[test]
     fn fits_classification_and_evaluates() {
-        let device = tensor_core::best();
+        let device = device();
         let n = 80i64;
         let labels: Vec<i64> = (0..n).map(|i| i % 2).collect();
         let centers = Tensor::from_slice(&labels)
@@ -417,7 +417,7 @@ mod tests {
 
     #[test]
     fn nan_loss_names_the_step() {
-        let p = Tensor::ones([2], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let p = Tensor::ones([2], (Kind::Float, device())).set_requires_grad(true);
         let mut opt = AdamW::new(
             vec![("p".into(), p.shallow_clone())],
             AdamWConfig::default(),
@@ -443,6 +443,7 @@ mod tests {
 
     #[test]
     fn bad_loops_are_errors() {
+        // Refused settings and results, checked on the host: nothing to compute.
         let p = Tensor::ones([2], (Kind::Float, Device::Cpu)).set_requires_grad(true);
         let mut opt = AdamW::new(
             vec![("p".into(), p.shallow_clone())],

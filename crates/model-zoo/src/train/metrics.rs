@@ -292,9 +292,13 @@ mod tests {
 
     #[test]
     fn class_ids_from_scores_and_ids() {
-        let scores = Tensor::from_slice(&[0.1f32, 0.9, 0.8, 0.2, 0.3, 0.7]).reshape([3, 2]);
+        // Scores and ids on the test device, the ids read back to the host.
+        let dev = tensor_core::testing::device();
+        let scores = Tensor::from_slice(&[0.1f32, 0.9, 0.8, 0.2, 0.3, 0.7])
+            .reshape([3, 2])
+            .to_device(dev);
         assert_eq!(class_ids(&scores).unwrap(), vec![1, 0, 1]);
-        let ids = Tensor::from_slice(&[3i32, 1, 2]);
+        let ids = Tensor::from_slice(&[3i32, 1, 2]).to_device(dev);
         assert_eq!(class_ids(&ids).unwrap(), vec![3, 1, 2]);
     }
 }

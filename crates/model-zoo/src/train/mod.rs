@@ -81,6 +81,7 @@ mod tests {
 
     #[test]
     fn freeze_all_but_keeps_only_matches() {
+        // Trainability flags only: nothing is computed, the host suffices.
         let mut m = Sequential::new()
             .push(Linear::new(3, 3, true, Device::Cpu).unwrap())
             .push(Linear::new(3, 2, true, Device::Cpu).unwrap());

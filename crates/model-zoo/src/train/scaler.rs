@@ -179,9 +179,14 @@ impl GradScaler {
 mod tests {
     use super::*;
     use crate::train::AdamWConfig;
+    use tensor_core::testing::device;
 
+    /// A parameter on the test device.
     fn param(v: &[f32], kind: Kind) -> Tensor {
-        Tensor::from_slice(v).to_kind(kind).set_requires_grad(true)
+        Tensor::from_slice(v)
+            .to_device(device())
+            .to_kind(kind)
+            .set_requires_grad(true)
     }
 
     #[test]
@@ -194,7 +199,7 @@ mod tests {
             init_scale: 1024.0,
             ..ScalerConfig::default()
         };
-        let mut sc = GradScaler::new(cfg, Device::Cpu).unwrap();
+        let mut sc = GradScaler::new(cfg, device()).unwrap();
         // loss = Σ 3 p: the true gradient is 3.
         let loss = p.to_kind(Kind::Float).sum(Kind::Float) * 3.0;
         sc.scale(&loss).unwrap().backward();
@@ -224,7 +229,7 @@ mod tests {
             growth_interval: 2,
             ..ScalerConfig::default()
         };
-        let mut sc = GradScaler::new(cfg, Device::Cpu).unwrap();
+        let mut sc = GradScaler::new(cfg, device()).unwrap();
         let loss = (p.get(0) * f64::INFINITY) + p.get(1);
         sc.scale(&loss).unwrap().backward();
         let before = p.copy();
@@ -247,6 +252,7 @@ mod tests {
 
     #[test]
     fn bad_settings_are_errors_and_disabled_is_a_pass_through() {
+        // A refused setting and a pass-through: nothing is computed, the host suffices.
         let bad = ScalerConfig {
             backoff_factor: 1.5,
             ..ScalerConfig::default()

@@ -1,4 +1,4 @@
-//! The user subcommands of `modular`: `split`, `merge`, `tune`, `inspect`.
+//! The user subcommands of `modular`: `split`, `merge`, `tune`, `profile`, `inspect`.
 //!
 //! Each lives in its own file and goes only through the method crates'
 //! public APIs (what a user of the libraries would write). Shared here:
@@ -12,8 +12,10 @@
 //!   and renamed into place only when complete;
 //! - progress bars (`indicatif`, on stderr, hidden when it is not a terminal).
 
+pub mod distill;
 pub mod inspect;
 pub mod merge;
+pub mod profile;
 pub mod split;
 pub mod tune;
 
@@ -62,6 +64,8 @@ pub fn run(cmd: &str, args: &[String]) -> AnyResult<()> {
         "merge" => merge::run(args),
         "tune" => tune::run(args),
         "inspect" => inspect::run(args),
+        "profile" => profile::run(args),
+        "distill" => distill::run(args),
         other => usage("--help", format!("unknown command '{other}'")),
     }
 }
@@ -71,6 +75,8 @@ pub const SUMMARY: &str = "\
   modular split   --model DIR --out DIR [--experts N] [--top-k K]   EMoE: split FFNs into experts
   modular merge   ADAPTER_DIR... --out DIR [--method ties]          merge PEFT LoRA adapters
   modular tune    --data FILE|DIR --out DIR [--method lora|vlpet]   LoRA / VL-PET on a JSONL dataset
+  modular distill --data FILE|DIR --out DIR [--modules 3]            m2mKD: distil MiniLM into a modular student
+  modular profile --data FILE|DIR --out DIR [--top-fraction X]      neuron profile, FuncScores, functional bricks
   modular inspect DIR                                             parameters, adapters, experts";
 
 /// Parsed `--flag value` pairs, boolean switches and positional arguments.

@@ -211,7 +211,10 @@ fn from_file(path: &Path, seed: u64) -> AnyResult<TextClassification> {
     })
 }
 
-fn load_data(p: &Path, seed: u64) -> AnyResult<(TextClassification, bool)> {
+/// `p` as a dataset: a folder (`train.jsonl`, `validation.jsonl`,
+/// `test_id.jsonl`, optionally `test_ood.jsonl`) or one JSONL file split
+/// 90 / 10; the flag says whether a real test split exists.
+pub fn load_data(p: &Path, seed: u64) -> AnyResult<(TextClassification, bool)> {
     if !p.exists() {
         return Err(format!("data {} does not exist", p.display()).into());
     }

@@ -5,10 +5,11 @@
 use model_zoo::bert::BertModel;
 use model_zoo::config::BertConfig;
 use orthogonal_merge::{Delta, LoraFactors, OrthoLinear, TaskDelta};
+use tensor_core::DType;
 use tensor_core::layers::Activation;
 use tensor_core::module::{Context, Module, ModuleExt};
 use tensor_core::tch::{self, Device, Kind, Tensor};
-use tensor_core::testing::{randn_seeded, with_seed};
+use tensor_core::testing::{device, randn_seeded, tolerances, with_seed};
 
 pub fn tiny_config() -> BertConfig {
     BertConfig {
@@ -27,15 +28,26 @@ pub fn tiny_config() -> BertConfig {
     }
 }
 
-/// A tiny BERT with seeded random weights.
+/// `bound`, a CPU tolerance for a comparison of two computations done
+/// differently, scaled as [`tolerances`] scales f32 on the test device
+/// (unchanged on the CPU, 10x on CUDA).
+pub fn scaled(bound: f64) -> f64 {
+    bound * tolerances(DType::F32, device()).0 / tolerances(DType::F32, Device::Cpu).0
+}
+
+/// A tiny BERT with seeded random weights, on the test device (drawn on
+/// the CPU, so the weights are the same on every device).
 pub fn tiny_bert(seed: u64) -> BertModel {
-    with_seed(seed, || BertModel::new(tiny_config(), false, Device::Cpu)).unwrap()
+    let mut m = with_seed(seed, || BertModel::new(tiny_config(), false, Device::Cpu)).unwrap();
+    m.to_device(device()).unwrap();
+    m
 }
 
 /// `[4, 8]` token ids and a mask with the last two tokens of row 0 padded.
 pub fn batch() -> (Tensor, Tensor) {
-    let ids = tensor_core::testing::randint_seeded(49, &[4, 8], 5, Device::Cpu).unwrap() + 1;
-    let mask = Tensor::ones([4, 8], (Kind::Int64, Device::Cpu));
+    let dev = device();
+    let ids = tensor_core::testing::randint_seeded(49, &[4, 8], 5, dev).unwrap() + 1;
+    let mask = Tensor::ones([4, 8], (Kind::Int64, dev));
     let _ = mask.narrow(0, 0, 1).narrow(1, 6, 2).fill_(0);
     (ids, mask)
 }
@@ -47,11 +59,12 @@ pub fn run(model: &dyn Module, ids: &Tensor, mask: &Tensor) -> Tensor {
 }
 
 pub fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
-    (a - b).abs().max().double_value(&[])
+    (a - b.to_device(a.device())).abs().max().double_value(&[])
 }
 
+/// Seeded `N(0, 1)` values (drawn on the CPU) on the test device.
 pub fn randn(shape: &[i64], seed: u64) -> Tensor {
-    randn_seeded(shape, seed, Device::Cpu).unwrap()
+    randn_seeded(shape, seed, device()).unwrap()
 }
 
 /// Fill the trained factor(s) of adapter `name` with seeded noise (a stand-in for training).

@@ -3,10 +3,13 @@ use std::collections::HashMap;
 use tch::{Device, Kind, Tensor};
 use tensor_core::Error;
 use tensor_core::io::{SafetensorsFile, load, save};
-use tensor_core::testing::randn_seeded;
+use tensor_core::testing::{device, randn_seeded};
 
+/// Files are written from host tensors; what is read back is read onto the
+/// test device only where the device path is under test (round trip).
 const CPU: Device = Device::Cpu;
 
+/// The raw bytes of `t`, copied to the host.
 fn bytes(t: &Tensor) -> Vec<u8> {
     let n = t.numel();
     let mut v = vec![0u8; n * t.kind().elt_size_in_bytes()];
@@ -41,13 +44,18 @@ fn round_trip_is_bit_exact_for_every_dtype() {
     let f = SafetensorsFile::open(&path).unwrap();
     assert_eq!(f.metadata(), Some(&meta));
     assert_eq!(f.names().len(), tensors.len());
+    // Read onto the test device: a bit-exact copy there too.
+    let dev = device();
     for (name, t) in &tensors {
-        let back = f.load(name, CPU).unwrap();
+        let back = f.load(name, dev).unwrap();
+        assert_eq!(back.device(), dev, "{name}");
         assert_eq!(back.kind(), t.kind(), "{name}");
         assert_eq!(back.size(), t.size(), "{name}");
         assert_eq!(bytes(&back), bytes(t), "{name} not bit-exact");
     }
-    assert_eq!(load(&path, CPU).unwrap().len(), tensors.len());
+    let all = load(&path, dev).unwrap();
+    assert_eq!(all.len(), tensors.len());
+    assert!(all.iter().all(|(_, t)| t.device() == dev));
     // No temporary file is left beside the result.
     let left: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()

@@ -1,9 +1,12 @@
 use proptest::prelude::*;
 use tch::{Device, Kind, Tensor};
 use tensor_core::layers::*;
-use tensor_core::testing::{assert_close, randn_seeded, with_seed};
-use tensor_core::{Context, Module, ModuleExt};
+use tensor_core::testing::{assert_close, device, randn_seeded, tolerances, with_seed};
+use tensor_core::{Context, DType, Module, ModuleExt};
 
+use crate::scaled;
+
+/// For tests of names and argument checks only: nothing is computed.
 const CPU: Device = Device::Cpu;
 
 fn ctx() -> Context {
@@ -15,29 +18,33 @@ proptest! {
 
     #[test]
     fn linear_equals_manual_matmul(batch in 1i64..4, seq in 1i64..6, din in 1i64..17, dout in 1i64..17, bias: bool, seed in 0u64..1000) {
-        let lin = with_seed(seed, || Linear::new(din, dout, bias, CPU).unwrap());
-        let x = randn_seeded(&[batch, seq, din], seed + 1, CPU).unwrap();
+        let dev = device();
+        let lin = with_seed(seed, || Linear::new(din, dout, bias, dev).unwrap());
+        let x = randn_seeded(&[batch, seq, din], seed + 1, dev).unwrap();
         let y = lin.forward(&x, &mut ctx()).unwrap();
         let mut expected = x.matmul(&lin.weight.tr());
         if let Some(b) = &lin.bias {
             expected += b;
         }
         prop_assert_eq!(y.size(), vec![batch, seq, dout]);
-        assert_close(&y, &expected, 1e-5, 1e-5);
+        let (atol, rtol) = scaled(1e-5, 1e-5);
+        assert_close(&y, &expected, atol, rtol);
     }
 
     #[test]
     fn causal_attention_never_sees_later_tokens(seq in 2i64..9, cut in 0i64..8, heads in 1i64..4, seed in 0u64..1000) {
         let cut = cut % (seq - 1) + 1; // perturb positions cut.. ; earlier ones must not move
         let d = 8 * heads;
-        let att = with_seed(seed, || Attention::new(AttentionConfig::new(d, heads).causal(true), AttentionNames::bert(), CPU).unwrap());
-        let x = randn_seeded(&[2, seq, d], seed + 1, CPU).unwrap();
-        let noise = randn_seeded(&[2, seq - cut, d], seed + 2, CPU).unwrap();
+        let dev = device();
+        let att = with_seed(seed, || Attention::new(AttentionConfig::new(d, heads).causal(true), AttentionNames::bert(), dev).unwrap());
+        let x = randn_seeded(&[2, seq, d], seed + 1, dev).unwrap();
+        let noise = randn_seeded(&[2, seq - cut, d], seed + 2, dev).unwrap();
         let x2 = x.copy();
         x2.narrow(1, cut, seq - cut).copy_(&(x.narrow(1, cut, seq - cut) + noise * 3.0));
         let y1 = att.forward(&x, &mut ctx()).unwrap();
         let y2 = att.forward(&x2, &mut ctx()).unwrap();
-        assert_close(&y2.narrow(1, 0, cut), &y1.narrow(1, 0, cut), 1e-6, 1e-5);
+        let (atol, rtol) = scaled(1e-6, 1e-5);
+        assert_close(&y2.narrow(1, 0, cut), &y1.narrow(1, 0, cut), atol, rtol);
         // ...while later positions do change.
         prop_assert!(!y2.narrow(1, cut, seq - cut).allclose(&y1.narrow(1, cut, seq - cut), 1e-5, 1e-5, false));
     }
@@ -68,38 +75,46 @@ fn linear_rejects_wrong_width_and_dtype() {
 
 #[test]
 fn layer_norm_matches_formula() {
-    let mut ln = LayerNorm::new(6, 1e-5, true, CPU).unwrap();
+    let dev = device();
+    let mut ln = LayerNorm::new(6, 1e-5, true, dev).unwrap();
     tch::no_grad(|| {
-        ln.weight.copy_(&randn_seeded(&[6], 1, CPU).unwrap());
+        ln.weight.copy_(&randn_seeded(&[6], 1, dev).unwrap());
         ln.bias
             .as_mut()
             .unwrap()
-            .copy_(&randn_seeded(&[6], 2, CPU).unwrap());
+            .copy_(&randn_seeded(&[6], 2, dev).unwrap());
     });
-    let x = randn_seeded(&[3, 4, 6], 3, CPU).unwrap();
+    let x = randn_seeded(&[3, 4, 6], 3, dev).unwrap();
     let mean = x.mean_dim(-1, true, Kind::Float);
     let var = (&x - &mean).square().mean_dim(-1, true, Kind::Float);
     let expected = (&x - &mean) / (var + 1e-5).sqrt() * &ln.weight + ln.bias.as_ref().unwrap();
-    assert_close(&ln.forward(&x, &mut ctx()).unwrap(), &expected, 1e-5, 1e-5);
+    let (atol, rtol) = scaled(1e-5, 1e-5);
+    assert_close(&ln.forward(&x, &mut ctx()).unwrap(), &expected, atol, rtol);
     assert!(
-        ln.forward(&Tensor::zeros([2, 5], (Kind::Float, CPU)), &mut ctx())
+        ln.forward(&Tensor::zeros([2, 5], (Kind::Float, dev)), &mut ctx())
             .is_err()
     );
 }
 
 #[test]
 fn embedding_looks_up_rows() {
-    let emb = Embedding::new(10, 4, CPU).unwrap();
-    let idx = Tensor::from_slice(&[3i64, 0, 9, 3]).view([2, 2]);
+    let dev = device();
+    let emb = Embedding::new(10, 4, dev).unwrap();
+    let idx = Tensor::from_slice(&[3i64, 0, 9, 3])
+        .view([2, 2])
+        .to_device(dev);
     let y = emb.forward(&idx, &mut ctx()).unwrap();
     assert_eq!(y.size(), [2, 2, 4]);
     assert!(y.get(0).get(0).equal(&emb.weight.get(3)));
     assert!(y.get(1).get(0).equal(&emb.weight.get(9)));
     let e = emb
-        .forward(&Tensor::zeros([2], (Kind::Float, CPU)), &mut ctx())
+        .forward(&Tensor::zeros([2], (Kind::Float, dev)), &mut ctx())
         .unwrap_err()
         .to_string();
     assert!(e.contains("indices"), "{e}");
+    // On the CPU: on CUDA an out-of-range index is a device-side assert,
+    // which would poison the CUDA context of every later test.
+    let emb = Embedding::new(10, 4, Device::Cpu).unwrap();
     assert!(
         emb.forward(&Tensor::from_slice(&[10i64]), &mut ctx())
             .is_err()
@@ -125,9 +140,9 @@ fn feed_forward_matches_formula_for_every_activation() {
         (Activation::Silu, Box::new(|t: &Tensor| t * t.sigmoid())),
     ] {
         let ffn = with_seed(5, || {
-            FeedForward::new(8, 32, act, FfnNames::bert(), CPU).unwrap()
+            FeedForward::new(8, 32, act, FfnNames::bert(), device()).unwrap()
         });
-        let x = randn_seeded(&[2, 3, 8], 6, CPU).unwrap();
+        let x = randn_seeded(&[2, 3, 8], 6, device()).unwrap();
         let (w1, b1, w2, b2) = (
             ffn.w1().unwrap(),
             ffn.b1().unwrap().unwrap(),
@@ -135,25 +150,28 @@ fn feed_forward_matches_formula_for_every_activation() {
             ffn.b2().unwrap().unwrap(),
         );
         let expected = reference(&(x.matmul(&w1.tr()) + b1)).matmul(&w2.tr()) + b2;
-        assert_close(&ffn.forward(&x, &mut ctx()).unwrap(), &expected, 1e-5, 1e-5);
+        let (atol, rtol) = scaled(1e-5, 1e-5);
+        assert_close(&ffn.forward(&x, &mut ctx()).unwrap(), &expected, atol, rtol);
     }
 }
 
 #[test]
 fn swiglu_matches_formula_and_names() {
+    let dev = device();
     let ffn = with_seed(9, || {
-        FeedForward::gated(8, 16, Activation::Silu, FfnNames::llama(), CPU).unwrap()
+        FeedForward::gated(8, 16, Activation::Silu, FfnNames::llama(), dev).unwrap()
     });
-    let x = randn_seeded(&[5, 8], 10, CPU).unwrap();
+    let x = randn_seeded(&[5, 8], 10, dev).unwrap();
     let g = x.matmul(&ffn.gate_weight().unwrap().tr());
     let expected = (g.silu() * x.matmul(&ffn.w1().unwrap().tr())).matmul(&ffn.w2().unwrap().tr());
-    assert_close(&ffn.forward(&x, &mut ctx()).unwrap(), &expected, 1e-5, 1e-5);
+    let (atol, rtol) = scaled(1e-5, 1e-5);
+    assert_close(&ffn.forward(&x, &mut ctx()).unwrap(), &expected, atol, rtol);
     let names: Vec<String> = ffn.named_parameters().into_iter().map(|(n, _)| n).collect();
     assert_eq!(
         names,
         ["up_proj.weight", "gate_proj.weight", "down_proj.weight"]
     );
-    assert!(FeedForward::gated(8, 16, Activation::Silu, FfnNames::bert(), CPU).is_err());
+    assert!(FeedForward::gated(8, 16, Activation::Silu, FfnNames::bert(), dev).is_err());
 }
 
 #[test]
@@ -207,7 +225,7 @@ fn manual_attention(
         scores = scores.masked_fill(&hide, f64::NEG_INFINITY);
     }
     if att.config.causal {
-        let hide = Tensor::ones([tq, tk], (Kind::Bool, CPU)).triu(1);
+        let hide = Tensor::ones([tq, tk], (Kind::Bool, x.device())).triu(1);
         scores = scores.masked_fill(&hide, f64::NEG_INFINITY);
     }
     let out = scores
@@ -222,25 +240,30 @@ use tensor_core::Slot;
 
 #[test]
 fn self_attention_matches_manual_with_padding() {
+    let dev = device();
     let att = with_seed(11, || {
-        Attention::new(AttentionConfig::new(12, 3), AttentionNames::bert(), CPU).unwrap()
+        Attention::new(AttentionConfig::new(12, 3), AttentionNames::bert(), dev).unwrap()
     });
-    let x = randn_seeded(&[2, 5, 12], 12, CPU).unwrap();
-    let mask = Tensor::from_slice(&[1i64, 1, 1, 1, 1, 1, 1, 1, 0, 0]).view([2, 5]);
+    let x = randn_seeded(&[2, 5, 12], 12, dev).unwrap();
+    let mask = Tensor::from_slice(&[1i64, 1, 1, 1, 1, 1, 1, 1, 0, 0])
+        .view([2, 5])
+        .to_device(dev);
     let mut c = Context::eval().with_mask(mask.shallow_clone());
     let y = att.forward(&x, &mut c).unwrap();
-    assert_close(&y, &manual_attention(&att, &x, &x, Some(&mask)), 1e-5, 1e-4);
+    let (atol, rtol) = tolerances(DType::F32, dev);
+    assert_close(&y, &manual_attention(&att, &x, &x, Some(&mask)), atol, rtol);
     // Perturbing padded positions leaves the real tokens' outputs unchanged.
     let x2 = x.copy();
     x2.get(1)
         .narrow(0, 3, 2)
-        .copy_(&randn_seeded(&[2, 12], 13, CPU).unwrap());
+        .copy_(&randn_seeded(&[2, 12], 13, dev).unwrap());
     let y2 = att.forward(&x2, &mut c).unwrap();
+    let (atol, rtol) = scaled(1e-6, 1e-5);
     assert_close(
         &y2.get(1).narrow(0, 0, 3),
         &y.get(1).narrow(0, 0, 3),
-        1e-6,
-        1e-5,
+        atol,
+        rtol,
     );
     assert_close(&y2.get(0), &y.get(0), 0.0, 0.0);
 }
@@ -251,13 +274,14 @@ fn causal_attention_matches_manual() {
         Attention::new(
             AttentionConfig::new(8, 2).causal(true),
             AttentionNames::proj(),
-            CPU,
+            device(),
         )
         .unwrap()
     });
-    let x = randn_seeded(&[3, 6, 8], 15, CPU).unwrap();
+    let x = randn_seeded(&[3, 6, 8], 15, device()).unwrap();
     let y = att.forward(&x, &mut ctx()).unwrap();
-    assert_close(&y, &manual_attention(&att, &x, &x, None), 1e-5, 1e-4);
+    let (atol, rtol) = tolerances(DType::F32, device());
+    assert_close(&y, &manual_attention(&att, &x, &x, None), atol, rtol);
 }
 
 #[test]
@@ -266,38 +290,42 @@ fn cross_attention_reads_memory() {
         Attention::new(
             AttentionConfig::new(8, 2).cross(true),
             AttentionNames::proj(),
-            CPU,
+            device(),
         )
         .unwrap()
     });
-    let x = randn_seeded(&[2, 3, 8], 17, CPU).unwrap();
-    let mem = randn_seeded(&[2, 7, 8], 18, CPU).unwrap();
-    let mmask = Tensor::from_slice(&[1i64, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0]).view([2, 7]);
+    let x = randn_seeded(&[2, 3, 8], 17, device()).unwrap();
+    let mem = randn_seeded(&[2, 7, 8], 18, device()).unwrap();
+    let mmask = Tensor::from_slice(&[1i64, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0])
+        .view([2, 7])
+        .to_device(device());
     let e = att.forward(&x, &mut ctx()).unwrap_err().to_string();
     assert!(e.contains("ctx.memory"), "{e}");
     let mut c = Context::eval().with_memory(mem.shallow_clone(), Some(mmask.shallow_clone()));
     let y = att.forward(&x, &mut c).unwrap();
     assert_eq!(y.size(), [2, 3, 8]);
+    let (atol, rtol) = tolerances(DType::F32, device());
     assert_close(
         &y,
         &manual_attention(&att, &x, &mem, Some(&mmask)),
-        1e-5,
-        1e-4,
+        atol,
+        rtol,
     );
 }
 
 #[test]
 fn fully_masked_rows_stay_finite_and_bad_masks_are_errors() {
-    let att = Attention::new(AttentionConfig::new(8, 2), AttentionNames::bert(), CPU).unwrap();
-    let x = randn_seeded(&[1, 4, 8], 19, CPU).unwrap();
-    let mut c = Context::eval().with_mask(Tensor::zeros([1, 4], (Kind::Int64, CPU)));
+    let dev = device();
+    let att = Attention::new(AttentionConfig::new(8, 2), AttentionNames::bert(), dev).unwrap();
+    let x = randn_seeded(&[1, 4, 8], 19, dev).unwrap();
+    let mut c = Context::eval().with_mask(Tensor::zeros([1, 4], (Kind::Int64, dev)));
     let y = att.forward(&x, &mut c).unwrap();
     assert!(bool::try_from(y.isfinite().all()).unwrap());
-    let mut c = Context::eval().with_mask(Tensor::ones([1, 5], (Kind::Int64, CPU)));
+    let mut c = Context::eval().with_mask(Tensor::ones([1, 5], (Kind::Int64, dev)));
     let e = att.forward(&x, &mut c).unwrap_err().to_string();
     assert!(e.contains("[1, 4]") && e.contains("[1, 5]"), "{e}");
     let e = att
-        .forward(&Tensor::zeros([4, 8], (Kind::Float, CPU)), &mut ctx())
+        .forward(&Tensor::zeros([4, 8], (Kind::Float, dev)), &mut ctx())
         .unwrap_err()
         .to_string();
     assert!(e.contains("[batch, seq, 8]"), "{e}");
@@ -326,13 +354,13 @@ fn attention_parameter_names_are_bert_keys() {
 #[test]
 fn bf16_forward_is_close_to_f32() {
     let mut ffn = with_seed(20, || {
-        FeedForward::new(16, 32, Activation::Gelu, FfnNames::bert(), CPU).unwrap()
+        FeedForward::new(16, 32, Activation::Gelu, FfnNames::bert(), device()).unwrap()
     });
-    let x = randn_seeded(&[4, 16], 21, CPU).unwrap();
+    let x = randn_seeded(&[4, 16], 21, device()).unwrap();
     let y32 = ffn.forward(&x, &mut ctx()).unwrap();
     ffn.to_kind(Kind::BFloat16).unwrap();
     let y16 = ffn.forward(&x.to_kind(Kind::BFloat16), &mut ctx()).unwrap();
     assert_eq!(y16.kind(), Kind::BFloat16);
-    let (atol, rtol) = tensor_core::DType::BF16.tolerances();
+    let (atol, rtol) = tolerances(DType::BF16, device());
     assert_close(&y16, &y32, atol * 5.0, rtol * 2.0);
 }

@@ -1,10 +1,8 @@
 use tch::{Device, Kind, Tensor};
 use tensor_core::layers::*;
 use tensor_core::module::*;
-use tensor_core::testing::{assert_close, randn_seeded, with_seed};
+use tensor_core::testing::{assert_close, device, randn_seeded, with_seed};
 use tensor_core::{Error, Result};
-
-const CPU: Device = Device::Cpu;
 
 /// A two-layer toy encoder with BERT's naming: `layer.N.attention.*`, the FFN
 /// labelled `(ffn)` inside the layer (its slots are `intermediate.dense`, `output.dense`).
@@ -37,16 +35,18 @@ fn toy() -> Sequential {
     toy_seeded(1)
 }
 
+/// Built on the test device.
 fn toy_seeded(seed: u64) -> Sequential {
+    let dev = device();
     with_seed(seed, || {
         let layer = || -> Slot {
             Box::new(Layer {
                 attention: Box::new(
-                    Attention::new(AttentionConfig::new(8, 2), AttentionNames::bert(), CPU)
+                    Attention::new(AttentionConfig::new(8, 2), AttentionNames::bert(), dev)
                         .unwrap(),
                 ),
                 ffn: Box::new(
-                    FeedForward::new(8, 16, Activation::Gelu, FfnNames::bert(), CPU).unwrap(),
+                    FeedForward::new(8, 16, Activation::Gelu, FfnNames::bert(), dev).unwrap(),
                 ),
             })
         };
@@ -139,13 +139,13 @@ fn get_by_path_and_by_type() {
 #[test]
 fn wrap_keeps_names_and_outputs_and_unwraps() {
     let mut m = toy();
-    let x = randn_seeded(&[2, 3, 8], 2, CPU).unwrap();
+    let x = randn_seeded(&[2, 3, 8], 2, device()).unwrap();
     let before = m.forward(&x, &mut Context::eval()).unwrap();
     let n_before = m.named_parameters().len();
     m.wrap("layer.0.attention.self.query", |base| {
         Box::new(AddScaled {
             base,
-            extra: Box::new(Linear::new(8, 8, false, CPU).unwrap()),
+            extra: Box::new(Linear::new(8, 8, false, device()).unwrap()),
         })
     })
     .unwrap();
@@ -215,9 +215,9 @@ fn try_wrap_restores_on_failure() {
 #[test]
 fn insert_after_and_remove() {
     let mut m = toy();
-    let x = randn_seeded(&[2, 3, 8], 3, CPU).unwrap();
+    let x = randn_seeded(&[2, 3, 8], 3, device()).unwrap();
     let before = m.forward(&x, &mut Context::eval()).unwrap();
-    let scale = Linear::from_weights(Tensor::eye(8, (Kind::Float, CPU)) * 2.0, None).unwrap();
+    let scale = Linear::from_weights(Tensor::eye(8, (Kind::Float, device())) * 2.0, None).unwrap();
     m.insert_after("layer.1.output.dense", "adapter", Box::new(scale))
         .unwrap();
     assert!(
@@ -266,7 +266,7 @@ fn trainability_by_pattern() {
 #[test]
 fn gradients_reach_parameters() {
     let m = toy();
-    let x = randn_seeded(&[2, 3, 8], 4, CPU).unwrap();
+    let x = randn_seeded(&[2, 3, 8], 4, device()).unwrap();
     m.forward(&x, &mut Context::train())
         .unwrap()
         .sum(Kind::Float)
@@ -285,19 +285,31 @@ fn load_named_checks_names_and_shapes() {
     for ((_, pa), (_, pb)) in a.named_parameters().iter().zip(values.iter()) {
         assert!(pa.equal(pb));
     }
+    // Host tensors: load_named moves values to each parameter's device.
     let mut wrong = b.named_parameters();
-    wrong[0].1 = Tensor::zeros([3, 3], (Kind::Float, CPU));
+    wrong[0].1 = Tensor::zeros([3, 3], (Kind::Float, Device::Cpu));
     let e = a.load_named(&wrong, true).unwrap_err().to_string();
     assert!(e.contains(&wrong[0].0) && e.contains("[3, 3]"), "{e}");
     let mut extra = b.named_parameters();
     extra.push((
         "layer.0.nonsense".into(),
-        Tensor::zeros([1], (Kind::Float, CPU)),
+        Tensor::zeros([1], (Kind::Float, Device::Cpu)),
     ));
     let e = a.load_named(&extra, true).unwrap_err().to_string();
     assert!(e.contains("layer.0.nonsense"), "{e}");
     let partial = &values[..3];
     assert!(a.load_named(partial, true).is_err());
+    // Values from the host land on the parameters' device.
+    let host: Vec<(String, Tensor)> = values
+        .iter()
+        .map(|(n, t)| (n.clone(), t.to_device(Device::Cpu)))
+        .collect();
+    assert!(a.load_named(&host, true).unwrap().is_empty());
+    assert!(
+        a.named_parameters()
+            .iter()
+            .all(|(_, p)| p.device() == device())
+    );
     assert_eq!(
         a.load_named(partial, false).unwrap().len(),
         values.len() - 3
@@ -324,11 +336,11 @@ fn errors_name_the_failing_module() {
     }
     let m = Sequential::new().push_named(
         "encoder.layer.2",
-        Box::new(Narrow(Box::new(Linear::new(8, 8, true, CPU).unwrap()))),
+        Box::new(Narrow(Box::new(Linear::new(8, 8, true, device()).unwrap()))),
     );
     let mut ctx = Context::eval();
     let e = m
-        .forward(&Tensor::zeros([2, 8], (Kind::Float, CPU)), &mut ctx)
+        .forward(&Tensor::zeros([2, 8], (Kind::Float, device())), &mut ctx)
         .unwrap_err()
         .to_string();
     assert!(e.starts_with("encoder.layer.2.proj: Linear"), "{e}");
@@ -346,11 +358,14 @@ fn context_carries_extensions_losses_and_activations() {
     assert_eq!(ctx.get::<AdapterChoice>(), Some(&AdapterChoice(vec![0, 2])));
     ctx.get_mut::<AdapterChoice>().unwrap().0.push(1);
     let m = toy();
-    let x = randn_seeded(&[2, 3, 8], 5, CPU).unwrap();
+    let dev = device();
+    let x = randn_seeded(&[2, 3, 8], 5, dev).unwrap();
     let _ = m.forward(&x, &mut ctx).unwrap();
-    ctx.add_aux_loss("balance", Tensor::from(2.0f32));
-    ctx.add_aux_loss("z", Tensor::from(0.5f32));
-    assert_eq!(ctx.aux_loss_total(CPU).unwrap().double_value(&[]), 2.5);
+    ctx.add_aux_loss("balance", Tensor::from(2.0f32).to_device(dev));
+    ctx.add_aux_loss("z", Tensor::from(0.5f32).to_device(dev));
+    let total = ctx.aux_loss_total(dev).unwrap();
+    assert_eq!(total.device(), dev);
+    assert_eq!(total.double_value(&[]), 2.5);
     let mut sink = ctx.take_sink().unwrap();
     // Downcast the sink back to read what it kept.
     let kept = (sink.as_mut() as &mut dyn std::any::Any).downcast_mut::<KeepActivations>();
@@ -373,7 +388,11 @@ fn to_kind_casts_float_parameters() {
             .iter()
             .all(|(_, p)| p.kind() == Kind::Half && p.requires_grad())
     );
-    m.to_device(CPU).unwrap();
+    // From the test device back to the host (a no-op on the CPU).
+    m.to_device(Device::Cpu).unwrap();
+    assert!(m.named_parameters().iter().all(|(_, p)| {
+        p.device() == Device::Cpu && p.kind() == Kind::Half && p.requires_grad()
+    }));
 }
 
 #[test]
