@@ -21,20 +21,27 @@ pub fn bench(a: &Args) -> Result<(), Fail> {
     let root = repo_root();
     // Benchmarks are selected by topic: `-p` names a method crate, the
     // topic files follow the crates' names with `_` (tensor-core -> tensor_core).
+    let manifest = root.join("benches").join("Cargo.toml");
+    let text = fs::read_to_string(&manifest).map_err(|e| {
+        Fail::new(
+            "bench",
+            format!("{}: {e}", manifest.display()),
+            "is the benches/ folder there?",
+        )
+    })?;
+    let all = bench_targets(&text);
     let topics: Vec<String> = if a.packages.is_empty() {
-        let mut t: Vec<String> = fs::read_dir(root.join("benches"))
-            .map_err(|e| Fail::new("bench", e.to_string(), "is the benches/ folder there?"))?
-            .filter_map(|e| {
-                let p = e.ok()?.path();
-                (p.extension()? == "rs" && p.file_stem()? != "lib")
-                    .then(|| p.file_stem()?.to_str().map(str::to_owned))?
-            })
-            .collect();
-        t.sort();
-        t
+        all.clone()
     } else {
         a.packages.iter().map(|p| p.replace('-', "_")).collect()
     };
+    if let Some(t) = topics.iter().find(|t| !all.contains(t)) {
+        return Err(Fail::new(
+            "bench",
+            format!("no benchmark '{t}' in benches/Cargo.toml"),
+            format!("pick one of: {}", all.join(", ")),
+        ));
+    }
     // Per topic: the PyTorch reference, our criterion run, the reference
     // again; the reference time is the mean of its two runs. Bracketing
     // cancels the drift of a shared machine's speed over minutes.
@@ -218,4 +225,41 @@ fn json_median(text: &str) -> Option<f64> {
     let i = text.find("\"median\":")?;
     let j = text[i..].find("\"point_estimate\":")? + i + 17;
     text[j..].split([',', '}']).next()?.trim().parse().ok()
+}
+
+/// The `[[bench]]` targets' names in the benches manifest, sorted (the
+/// `[[example]]`s there, such as `gpu-check`, are not benchmarks).
+fn bench_targets(manifest: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut in_bench = false;
+    for line in manifest.lines().map(str::trim) {
+        if line.starts_with('[') {
+            in_bench = line == "[[bench]]";
+            continue;
+        }
+        if !in_bench {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("name")
+            && let Some(v) = rest.trim_start().strip_prefix('=')
+        {
+            names.push(v.trim().trim_matches('"').to_owned());
+        }
+    }
+    names.sort();
+    names
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bench_targets;
+
+    #[test]
+    fn bench_targets_are_the_manifests_benches_not_its_examples() {
+        let t = bench_targets(include_str!("../../benches/Cargo.toml"));
+        assert!(t.contains(&"moe_router".to_owned()) && t.contains(&"m2mkd".to_owned()));
+        assert!(!t.iter().any(|n| n.contains("gpu")), "{t:?}");
+        let toy = "[package]\nname = \"x\"\n[[bench]]\nname = \"b\"\n[[example]]\nname = \"e\"\n[[bench]]\nharness = false\nname = \"a\"\n";
+        assert_eq!(bench_targets(toy), ["a", "b"]);
+    }
 }
