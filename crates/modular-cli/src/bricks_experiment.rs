@@ -31,7 +31,7 @@ use configurable_bricks::analysis::NormalisedIndicator;
 use configurable_bricks::partition::{
     Partition, PartitionConfig, coactivation_partition, within_brick_correlation,
 };
-use configurable_bricks::profile::ProfileBatch;
+use configurable_bricks::profile::{ProfileBatch, ProfileSummary};
 use configurable_bricks::sets::random_overlap_baseline;
 use configurable_bricks::{
     AttributionConfig, FuncScores, Indicator, NeuronSet, OverlapFormula, Perturbation, Profile,
@@ -267,6 +267,54 @@ fn names() -> Vec<String> {
     FUNCTIONS.iter().map(|s| s.to_string()).collect()
 }
 
+/// Profile every FFN on `batches` into `path` (streamed to safetensors),
+/// collecting the intact model's normalised sentence embeddings on the way:
+/// `(summary, labels, embeddings [n, d] on the CPU)`.
+fn profile_with_embeddings(
+    model: &dyn Module,
+    batches: &[Batch],
+    path: &Path,
+    progress: bool,
+) -> AnyResult<(ProfileSummary, Vec<usize>, Tensor)> {
+    let profiler = Profiler::new(model, ProfileConfig::default())?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let labels: Vec<usize> = batches
+        .iter()
+        .flat_map(|b| b.labels.iter().copied())
+        .collect();
+    let pb: Vec<_> = batches
+        .iter()
+        .map(|b| {
+            Ok(ProfileBatch {
+                input: b.ids.shallow_clone(),
+                attention_mask: b.mask.shallow_clone(),
+                scope: None,
+            })
+        })
+        .collect();
+    let emb = RefCell::new(Vec::new());
+    let summary = profile_corpus(
+        &profiler,
+        pb,
+        &labels,
+        &names(),
+        path,
+        progress,
+        |b, ctx| {
+            let h = model.forward(&b.input, ctx)?;
+            let e = mean_pool(&h, &b.attention_mask)
+                .and_then(|e| l2_normalize(&e))
+                .map_err(|e| tensor_core::Error::config(e.to_string()))?;
+            emb.borrow_mut().push(e);
+            Ok(h)
+        },
+    )?;
+    let emb = Tensor::cat(&emb.into_inner(), 0).to_device(Device::Cpu);
+    Ok((summary, labels, emb))
+}
+
 pub fn run(args: &[String]) -> AnyResult<()> {
     let Some(plan) = parse(args)? else {
         return Ok(());
@@ -286,41 +334,12 @@ pub fn run(args: &[String]) -> AnyResult<()> {
     let test_b = batches(&enc, &test, plan.batch)?;
 
     // 1. Profile (streamed to safetensors), collecting the intact train embeddings on the way.
-    let profiler = Profiler::new(&enc.model, ProfileConfig::default())?;
-    if let Some(dir) = plan.profile.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let labels: Vec<usize> = train_b
-        .iter()
-        .flat_map(|b| b.labels.iter().copied())
-        .collect();
-    let train_emb = RefCell::new(Vec::new());
     let t = Instant::now();
-    let pb: Vec<_> = train_b
-        .iter()
-        .map(|b| {
-            Ok(ProfileBatch {
-                input: b.ids.shallow_clone(),
-                attention_mask: b.mask.shallow_clone(),
-                scope: None,
-            })
-        })
-        .collect();
-    let summary = profile_corpus(
-        &profiler,
-        pb,
-        &labels,
-        &names(),
+    let (summary, labels, train_emb) = profile_with_embeddings(
+        &enc.model,
+        &train_b,
         &plan.profile,
         std::io::IsTerminal::is_terminal(&std::io::stderr()),
-        |b, ctx| {
-            let h = enc.model.forward(&b.input, ctx)?;
-            let e = mean_pool(&h, &b.attention_mask)
-                .and_then(|e| l2_normalize(&e))
-                .map_err(|e| tensor_core::Error::config(e.to_string()))?;
-            train_emb.borrow_mut().push(e);
-            Ok(h)
-        },
     )?;
     let profile_s = t.elapsed().as_secs_f64();
     eprintln!(
@@ -369,7 +388,6 @@ pub fn run(args: &[String]) -> AnyResult<()> {
     let raw_overlap = overlap_matrix(&raw_sets, OverlapFormula::OverSize)?;
 
     // 4. Probe on intact train embeddings; intact test embeddings.
-    let train_emb = Tensor::cat(&train_emb.into_inner(), 0).to_device(Device::Cpu);
     let probe = train_probe(&train_emb, &labels)?;
     let test_labels = Tensor::from_slice(
         &test_b
@@ -533,42 +551,8 @@ pub(crate) fn demo(
     let (train, test) = load_corpus(&plan)?;
     let train_b = batches(enc, &train, plan.batch)?;
     let test_b = batches(enc, &test, plan.batch)?;
-    let profiler = Profiler::new(&enc.model, ProfileConfig::default())?;
-    if let Some(dir) = profile_path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let labels: Vec<usize> = train_b
-        .iter()
-        .flat_map(|b| b.labels.iter().copied())
-        .collect();
-    let pb: Vec<_> = train_b
-        .iter()
-        .map(|b| {
-            Ok(ProfileBatch {
-                input: b.ids.shallow_clone(),
-                attention_mask: b.mask.shallow_clone(),
-                scope: None,
-            })
-        })
-        .collect();
-    let model = &enc.model;
-    let train_emb = RefCell::new(Vec::new());
-    let summary = profile_corpus(
-        &profiler,
-        pb,
-        &labels,
-        &names(),
-        profile_path,
-        progress,
-        |b, ctx| {
-            let h = model.forward(&b.input, ctx)?;
-            let e = mean_pool(&h, &b.attention_mask)
-                .and_then(|e| l2_normalize(&e))
-                .map_err(|e| tensor_core::Error::config(e.to_string()))?;
-            train_emb.borrow_mut().push(e);
-            Ok(h)
-        },
-    )?;
+    let (summary, labels, train_emb) =
+        profile_with_embeddings(&enc.model, &train_b, profile_path, progress)?;
     let profile = Profile::open(profile_path)?;
     let scores = func_scores(
         &profile.matrix()?,
@@ -594,7 +578,6 @@ pub(crate) fn demo(
     )?;
     // The loss: a linear functionality probe on the intact train embeddings
     // (MiniLM ships no MLM head), as in the full analysis.
-    let train_emb = Tensor::cat(&train_emb.into_inner(), 0).to_device(Device::Cpu);
     let probe = train_probe(&train_emb, &labels)?;
     let test_labels = Tensor::from_slice(
         &test_b

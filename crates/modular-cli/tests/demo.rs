@@ -2,39 +2,11 @@
 //! budgets) and `modular distill` end to end, on the packaged
 //! all-MiniLM-L6-v2 and the project's data.
 
-use std::path::Path;
-use std::process::{Command, Output};
+mod common;
 
-use serde_json::Value;
 use tensor_core::tch::Tensor;
 
-fn modular(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_modular"))
-        .args(args)
-        .env_remove("MODULAR_MODEL_DIR")
-        .env("OMP_NUM_THREADS", "1")
-        .output()
-        .expect("run modular")
-}
-
-/// Run and expect exit code `code`; returns (stdout, stderr).
-fn expect(args: &[&str], code: i32) -> (String, String) {
-    let o = modular(args);
-    let (out, err) = (
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    );
-    assert_eq!(
-        o.status.code(),
-        Some(code),
-        "modular {args:?}\nstdout:\n{out}\nstderr:\n{err}"
-    );
-    (out, err)
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use common::{expect, json, reviews, s};
 
 /// The number after `key` in `text` (e.g. `"max |err| "` -> 1.9e-6).
 fn number_after(text: &str, key: &str) -> f64 {
@@ -102,26 +74,6 @@ fn demo_fast_runs_every_step_and_writes_the_report() {
         assert!(report.contains(&format!("]({svg})")), "report links {svg}");
     }
     assert!(out.join("bricks_profile.safetensors").is_file());
-}
-
-fn reviews(n: usize, offset: usize) -> String {
-    let pos = ["good", "great", "wonderful", "superb", "fun"];
-    let neg = ["bad", "awful", "poor", "boring", "dull"];
-    (0..n)
-        .map(|i| {
-            let j = i + offset;
-            let (w, label) = if j.is_multiple_of(2) {
-                (pos[j % 5], 1)
-            } else {
-                (neg[j % 5], 0)
-            };
-            format!("{{\"text\": \"the movie was very {w}\", \"label\": {label}}}\n")
-        })
-        .collect()
-}
-
-fn json(path: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! Fixtures shared by the `modular` integration tests: running the built
 //! binary, a word-level `tokenizer.json`, and a random tiny BERT folder.
-//! (Copied from `tests/cli.rs`, which keeps its own.)
+// Each test binary uses a subset of these.
+#![allow(dead_code)]
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -107,4 +108,21 @@ pub fn tiny_model(dir: &Path, seed: u64, hidden: i64) -> BertModel {
     let refs: Vec<(&str, &Tensor)> = params.iter().map(|(n, t)| (n.as_str(), t)).collect();
     io::save(dir.join("model.safetensors"), &refs, None).unwrap();
     model
+}
+
+/// `n` lines of two-class reviews made of the tokenizer's words.
+pub fn reviews(n: usize, offset: usize) -> String {
+    let pos = ["good", "great", "fine", "nice", "fun"];
+    let neg = ["bad", "awful", "poor", "boring", "dull"];
+    (0..n)
+        .map(|i| {
+            let j = i + offset;
+            let (w, label) = if j.is_multiple_of(2) {
+                (pos[j % 5], 1)
+            } else {
+                (neg[j % 5], 0)
+            };
+            format!("{{\"text\": \"the movie was very {w}\", \"label\": {label}}}\n")
+        })
+        .collect()
 }
