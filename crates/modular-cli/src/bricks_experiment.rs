@@ -27,6 +27,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use crate::cli::{Flags, usage};
 use configurable_bricks::analysis::NormalisedIndicator;
 use configurable_bricks::partition::{
     Partition, PartitionConfig, coactivation_partition, within_brick_correlation,
@@ -72,40 +73,45 @@ struct Plan {
 }
 
 fn parse(args: &[String]) -> AnyResult<Option<Plan>> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let mut plan = Plan {
-        train_per_function: 400,
-        test_per_function: 60,
-        batch: 32,
-        top_fraction: 0.05,
-        bricks: 16,
-        profile: root.join("target/bricks/minilm_functional_profile.safetensors"),
-        out: root.join("docs/results/bricks.md"),
-    };
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut value = |name: &str| {
-            it.next()
-                .cloned()
-                .ok_or_else(|| format!("{name} needs a value\n{BRICKS_HELP}"))
-        };
-        match a.as_str() {
-            "--train-per-function" => plan.train_per_function = value(a)?.parse()?,
-            "--test-per-function" => plan.test_per_function = value(a)?.parse()?,
-            "--batch" => plan.batch = value(a)?.parse()?,
-            "--top-fraction" => plan.top_fraction = value(a)?.parse()?,
-            "--bricks" => plan.bricks = value(a)?.parse()?,
-            "--profile" => plan.profile = PathBuf::from(value(a)?),
-            "--out" => plan.out = PathBuf::from(value(a)?),
-            "--help" | "-h" => {
-                println!("{BRICKS_HELP}");
-                return Ok(None);
-            }
-            other => return Err(format!("unknown option '{other}'\n{BRICKS_HELP}").into()),
-        }
+    const CMD: &str = "experiment bricks";
+    let f = Flags::parse(
+        CMD,
+        args,
+        &[
+            "--train-per-function",
+            "--test-per-function",
+            "--batch",
+            "--top-fraction",
+            "--bricks",
+            "--profile",
+            "--out",
+        ],
+        &[],
+    )?;
+    if f.help {
+        println!("{BRICKS_HELP}");
+        return Ok(None);
     }
+    f.no_positional()?;
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let plan = Plan {
+        train_per_function: f.parsed_or("--train-per-function", 400)?,
+        test_per_function: f.parsed_or("--test-per-function", 60)?,
+        batch: f.parsed_or("--batch", 32)?,
+        top_fraction: f.parsed_or("--top-fraction", 0.05)?,
+        bricks: f.parsed_or("--bricks", 16)?,
+        profile: f
+            .path("--profile")
+            .unwrap_or_else(|| root.join("target/bricks/minilm_functional_profile.safetensors")),
+        out: f
+            .path("--out")
+            .unwrap_or_else(|| root.join("docs/results/bricks.md")),
+    };
     if plan.batch == 0 || plan.train_per_function < 2 || plan.test_per_function < 1 {
-        return Err(format!("--batch, --train-per-function (>= 2) and --test-per-function must be positive\n{BRICKS_HELP}").into());
+        return usage(
+            CMD,
+            "--batch, --train-per-function (>= 2) and --test-per-function must be positive",
+        );
     }
     Ok(Some(plan))
 }

@@ -10,6 +10,7 @@
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
+use crate::cli::{Flags, usage};
 use emergent_split::{EmoeConfig, convert, refresh_gates};
 use model_zoo::bert::SequenceClassifier;
 use model_zoo::data::TextClassification;
@@ -189,35 +190,47 @@ struct Plan {
     out: PathBuf,
 }
 
-fn parse(args: &[String], help: &str, mut plan: Plan) -> AnyResult<Option<Plan>> {
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut value = |name: &str| {
-            it.next()
-                .cloned()
-                .ok_or_else(|| format!("{name} needs a value\n{help}"))
-        };
-        match a.as_str() {
-            "--seeds" => {
-                plan.seeds = value("--seeds")?
-                    .split(',')
-                    .map(|s| s.trim().parse())
-                    .collect::<Result<_, _>>()?
-            }
-            "--train-limit" => plan.opts.train_limit = Some(value("--train-limit")?.parse()?),
-            "--eval-limit" => plan.opts.eval_limit = Some(value("--eval-limit")?.parse()?),
-            "--epochs" => plan.opts.epochs = value("--epochs")?.parse()?,
-            "--experts" => plan.setup.experts = value("--experts")?.parse()?,
-            "--top-k" => plan.setup.top_k = value("--top-k")?.parse()?,
-            "--lr" => plan.opts.lr = value("--lr")?.parse()?,
-            "--pet-lr" => plan.pet_lr = value("--pet-lr")?.parse()?,
-            "--out" => plan.out = PathBuf::from(value("--out")?),
-            "--help" | "-h" => {
-                println!("{help}");
-                return Ok(None);
-            }
-            other => return Err(format!("unknown option '{other}'\n{help}").into()),
-        }
+fn parse(
+    cmd: &'static str,
+    args: &[String],
+    help: &str,
+    mut plan: Plan,
+) -> AnyResult<Option<Plan>> {
+    let f = Flags::parse(
+        cmd,
+        args,
+        &[
+            "--seeds",
+            "--train-limit",
+            "--eval-limit",
+            "--epochs",
+            "--experts",
+            "--top-k",
+            "--lr",
+            "--pet-lr",
+            "--out",
+        ],
+        &[],
+    )?;
+    if f.help {
+        println!("{help}");
+        return Ok(None);
+    }
+    f.no_positional()?;
+    plan.seeds = f.list("--seeds")?.unwrap_or(plan.seeds);
+    plan.opts.train_limit = f.parsed("--train-limit")?.or(plan.opts.train_limit);
+    plan.opts.eval_limit = f.parsed("--eval-limit")?.or(plan.opts.eval_limit);
+    plan.opts.epochs = f.parsed_or("--epochs", plan.opts.epochs)?;
+    plan.setup.experts = f.parsed_or("--experts", plan.setup.experts)?;
+    plan.setup.top_k = f.parsed_or("--top-k", plan.setup.top_k)?;
+    plan.opts.lr = f.parsed_or("--lr", plan.opts.lr)?;
+    plan.pet_lr = f.parsed_or("--pet-lr", plan.pet_lr)?;
+    plan.out = f.path("--out").unwrap_or(plan.out);
+    if plan.seeds.is_empty() || plan.opts.epochs == 0 {
+        return usage(
+            cmd,
+            "--seeds needs at least one value and --epochs must be positive",
+        );
     }
     Ok(Some(plan))
 }
@@ -408,7 +421,13 @@ EMoE converts every other layer of the last half (layers 3 and 5 of 6) into N ex
 routing (default N=16, k=4). Writes a markdown table (default docs/results/emoe.md).";
 
 pub fn emoe(args: &[String]) -> AnyResult<()> {
-    let Some(plan) = parse(args, EMOE_HELP, default_plan("emoe.md", 2000, Some(1000)))? else {
+    let Some(plan) = parse(
+        "experiment emoe",
+        args,
+        EMOE_HELP,
+        default_plan("emoe.md", 2000, Some(1000)),
+    )?
+    else {
         return Ok(());
     };
     let kinds = [Kind::Full, Kind::Emoe, Kind::Lora, Kind::LoraEmoe];
@@ -468,7 +487,13 @@ LoRA + G on all-MiniLM-L6-v2 with data/sentiment_domains, same budget, several s
 Writes a markdown table (default docs/results/pet.md).";
 
 pub fn pet(args: &[String]) -> AnyResult<()> {
-    let Some(plan) = parse(args, PET_HELP, default_plan("pet.md", 2000, Some(1000)))? else {
+    let Some(plan) = parse(
+        "experiment pet",
+        args,
+        PET_HELP,
+        default_plan("pet.md", 2000, Some(1000)),
+    )?
+    else {
         return Ok(());
     };
     let kinds = [

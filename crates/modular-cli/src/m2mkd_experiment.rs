@@ -28,6 +28,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::cli::{Flags, usage};
 use m2mkd::{
     Batch, BatchSource, Boundaries, DistilConfig, KdConfig, LayerStack, LossRegistry, MetaModel,
     ModularModel, OptimConfig, Schedule, Stage, StitchKind, assemble, distil_all, incubate,
@@ -101,42 +102,51 @@ impl Default for Plan {
 }
 
 fn parse(args: &[String]) -> AnyResult<Option<Plan>> {
-    let mut p = Plan::default();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut value = |name: &str| {
-            it.next()
-                .cloned()
-                .ok_or_else(|| format!("{name} needs a value\n{M2MKD_HELP}"))
-        };
-        match a.as_str() {
-            "--seeds" => {
-                p.seeds = value("--seeds")?
-                    .split(',')
-                    .map(|s| s.trim().parse())
-                    .collect::<Result<_, _>>()?
-            }
-            "--steps" => p.steps = value("--steps")?.parse()?,
-            "--batch" => p.batch = value("--batch")?.parse()?,
-            "--max-len" => p.max_len = value("--max-len")?.parse()?,
-            "--train-limit" => p.train_limit = value("--train-limit")?.parse()?,
-            "--eval-limit" => p.eval_limit = value("--eval-limit")?.parse()?,
-            "--teacher-steps" => p.teacher_steps = value("--teacher-steps")?.parse()?,
-            "--meta-steps" => p.meta_steps = value("--meta-steps")?.parse()?,
-            "--incubate-steps" => p.incubate_steps = value("--incubate-steps")?.parse()?,
-            "--modules" => p.modules = value("--modules")?.parse()?,
-            "--student-width" => p.student_width = value("--student-width")?.parse()?,
-            "--experts" => p.experts = value("--experts")?.parse()?,
-            "--sequential" => p.parallel = false,
-            "--threads" => p.threads = value("--threads")?.parse()?,
-            "--out" => p.out = PathBuf::from(value("--out")?),
-            "--help" | "-h" => {
-                println!("{M2MKD_HELP}");
-                return Ok(None);
-            }
-            other => return Err(format!("unknown option '{other}'\n{M2MKD_HELP}").into()),
-        }
+    const CMD: &str = "experiment m2mkd";
+    let f = Flags::parse(
+        CMD,
+        args,
+        &[
+            "--seeds",
+            "--steps",
+            "--batch",
+            "--max-len",
+            "--train-limit",
+            "--eval-limit",
+            "--teacher-steps",
+            "--meta-steps",
+            "--incubate-steps",
+            "--modules",
+            "--student-width",
+            "--experts",
+            "--threads",
+            "--out",
+        ],
+        &["--sequential"],
+    )?;
+    if f.help {
+        println!("{M2MKD_HELP}");
+        return Ok(None);
     }
+    f.no_positional()?;
+    let d = Plan::default();
+    let p = Plan {
+        seeds: f.list("--seeds")?.unwrap_or(d.seeds),
+        steps: f.parsed_or("--steps", d.steps)?,
+        batch: f.parsed_or("--batch", d.batch)?,
+        max_len: f.parsed_or("--max-len", d.max_len)?,
+        train_limit: f.parsed_or("--train-limit", d.train_limit)?,
+        eval_limit: f.parsed_or("--eval-limit", d.eval_limit)?,
+        teacher_steps: f.parsed_or("--teacher-steps", d.teacher_steps)?,
+        meta_steps: f.parsed_or("--meta-steps", d.meta_steps)?,
+        incubate_steps: f.parsed_or("--incubate-steps", d.incubate_steps)?,
+        modules: f.parsed_or("--modules", d.modules)?,
+        student_width: f.parsed_or("--student-width", d.student_width)?,
+        experts: f.parsed_or("--experts", d.experts)?,
+        parallel: !f.switch("--sequential"),
+        threads: f.parsed_or("--threads", d.threads)?,
+        out: f.path("--out").unwrap_or(d.out),
+    };
     if p.seeds.is_empty()
         || p.steps < 2
         || p.batch == 0
@@ -147,16 +157,16 @@ fn parse(args: &[String]) -> AnyResult<Option<Plan>> {
         || p.experts < 2
         || p.modules == 0
     {
-        return Err(format!(
-            "need seeds, --steps >= 2, --max-len >= 4, --experts >= 2, --modules >= 1 and positive sizes\n{M2MKD_HELP}"
-        )
-        .into());
+        return usage(
+            CMD,
+            "need seeds, --steps >= 2, --max-len >= 4, --experts >= 2, --modules >= 1 and positive sizes",
+        );
     }
     if p.student_width <= 0 || p.student_width % 4 != 0 {
-        return Err(format!(
-            "--student-width must be a positive multiple of 4 heads\n{M2MKD_HELP}"
-        )
-        .into());
+        return usage(
+            CMD,
+            "--student-width must be a positive multiple of 4 heads",
+        );
     }
     Ok(Some(p))
 }

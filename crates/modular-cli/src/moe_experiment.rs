@@ -31,6 +31,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use crate::cli::{Flags, usage};
 use model_zoo::data::load_jsonl;
 use model_zoo::gpt::{Gpt2Config, Gpt2Model};
 use model_zoo::source::ModelSource;
@@ -114,61 +115,66 @@ impl Default for Plan {
 }
 
 fn parse(args: &[String]) -> AnyResult<Option<Plan>> {
-    let mut p = Plan::default();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut value = |name: &str| {
-            it.next()
-                .cloned()
-                .ok_or_else(|| format!("{name} needs a value\n{MOE_HELP}"))
-        };
-        match a.as_str() {
-            "--seeds" => {
-                p.seeds = value("--seeds")?
-                    .split(',')
-                    .map(|s| s.trim().parse())
-                    .collect::<Result<_, _>>()?
-            }
-            "--mi-weights" => {
-                p.mi_weights = value("--mi-weights")?
-                    .split(',')
-                    .map(|s| s.trim().parse())
-                    .collect::<Result<_, _>>()?
-            }
-            "--steps" => p.steps = value("--steps")?.parse()?,
-            "--batch" => p.batch = value("--batch")?.parse()?,
-            "--seq" => p.seq = value("--seq")?.parse()?,
-            "--vocab" => p.vocab = value("--vocab")?.parse()?,
-            "--d-model" => p.d_model = value("--d-model")?.parse()?,
-            "--layers" => p.layers = value("--layers")?.parse()?,
-            "--experts" => p.experts = value("--experts")?.parse()?,
-            "--top-k" => p.top_k = value("--top-k")?.parse()?,
-            "--d-ff" => p.d_ff = value("--d-ff")?.parse()?,
-            "--lr" => p.lr = value("--lr")?.parse()?,
-            "--eval-chunks" => p.eval_chunks = value("--eval-chunks")?.parse()?,
-            "--threads" => {
-                let n: i32 = value("--threads")?.parse()?;
-                p.threads = (n > 0).then_some(n);
-            }
-            "--out" => p.out = PathBuf::from(value("--out")?),
-            "--help" | "-h" => {
-                println!("{MOE_HELP}");
-                return Ok(None);
-            }
-            other => return Err(format!("unknown option '{other}'\n{MOE_HELP}").into()),
-        }
+    const CMD: &str = "experiment moe";
+    let f = Flags::parse(
+        CMD,
+        args,
+        &[
+            "--seeds",
+            "--mi-weights",
+            "--steps",
+            "--batch",
+            "--seq",
+            "--vocab",
+            "--d-model",
+            "--layers",
+            "--experts",
+            "--top-k",
+            "--d-ff",
+            "--lr",
+            "--eval-chunks",
+            "--threads",
+            "--out",
+        ],
+        &[],
+    )?;
+    if f.help {
+        println!("{MOE_HELP}");
+        return Ok(None);
     }
+    f.no_positional()?;
+    let d = Plan::default();
+    let threads: Option<i32> = f.parsed("--threads")?;
+    let p = Plan {
+        seeds: f.list("--seeds")?.unwrap_or(d.seeds),
+        mi_weights: f.list("--mi-weights")?.unwrap_or(d.mi_weights),
+        steps: f.parsed_or("--steps", d.steps)?,
+        batch: f.parsed_or("--batch", d.batch)?,
+        seq: f.parsed_or("--seq", d.seq)?,
+        vocab: f.parsed_or("--vocab", d.vocab)?,
+        d_model: f.parsed_or("--d-model", d.d_model)?,
+        layers: f.parsed_or("--layers", d.layers)?,
+        experts: f.parsed_or("--experts", d.experts)?,
+        top_k: f.parsed_or("--top-k", d.top_k)?,
+        d_ff: f.parsed_or("--d-ff", d.d_ff)?,
+        lr: f.parsed_or("--lr", d.lr)?,
+        eval_chunks: f.parsed_or("--eval-chunks", d.eval_chunks)?,
+        // `--threads 0`: libtorch's default pool.
+        threads: threads.map_or(d.threads, |n| (n > 0).then_some(n)),
+        out: f.path("--out").unwrap_or(d.out),
+        ..d
+    };
     if p.seeds.is_empty() || p.mi_weights.is_empty() {
-        return Err(format!("--seeds and --mi-weights need at least one value\n{MOE_HELP}").into());
+        return usage(CMD, "--seeds and --mi-weights need at least one value");
     }
     if p.steps == 0 || p.batch == 0 || p.seq < 2 || p.vocab < 2 || p.eval_chunks == 0 {
-        return Err(format!(
-            "--steps, --batch, --vocab and --eval-chunks must be positive, --seq >= 2\n{MOE_HELP}"
-        )
-        .into());
+        return usage(
+            CMD,
+            "--steps, --batch, --vocab and --eval-chunks must be positive, --seq >= 2",
+        );
     }
     if p.top_k == 0 || p.top_k > p.experts {
-        return Err(format!("--top-k must be in 1..=--experts\n{MOE_HELP}").into());
+        return usage(CMD, "--top-k must be in 1..=--experts");
     }
     Ok(Some(p))
 }
