@@ -169,7 +169,12 @@ struct Row {
     report: FinetuneReport,
 }
 
-fn mean_std(xs: &[f64]) -> (f64, f64) {
+/// Mean and sample standard deviation (0 for one value; NaN for none), as
+/// every results table reports them.
+pub(crate) fn mean_std(xs: &[f64]) -> (f64, f64) {
+    if xs.is_empty() {
+        return (f64::NAN, f64::NAN);
+    }
     let n = xs.len() as f64;
     let m = xs.iter().sum::<f64>() / n;
     let v = if xs.len() > 1 {

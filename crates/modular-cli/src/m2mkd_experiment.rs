@@ -29,6 +29,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::cli::{Flags, usage};
+use crate::experiments::mean_std;
 use m2mkd::{
     Batch, BatchSource, Boundaries, DistilConfig, KdConfig, LayerStack, LossRegistry, MetaModel,
     ModularModel, OptimConfig, Schedule, Stage, StitchKind, assemble, distil_all, incubate,
@@ -883,17 +884,6 @@ pub fn run(args: &[String]) -> AnyResult<()> {
 }
 
 // ------------------------------------------------------------ report
-
-fn mean_std(v: &[f64]) -> (f64, f64) {
-    let n = v.len() as f64;
-    let m = v.iter().sum::<f64>() / n;
-    let var = if v.len() > 1 {
-        v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0)
-    } else {
-        0.0
-    };
-    (m, var.sqrt())
-}
 
 fn pct(v: &[f64]) -> String {
     let (m, s) = mean_std(v);

@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::cli::{Flags, usage};
+use crate::experiments::mean_std;
 use model_zoo::bert::{BertModel, Pooling, SequenceClassifier};
 use model_zoo::data::{TextClassification, TextExample, load_jsonl};
 use model_zoo::finetune::{FinetuneHooks, FinetuneOptions, finetune_with};
@@ -768,7 +769,7 @@ fn report(
                     .map(|r| 100.0 * mean(r.alone.iter().zip(&r.merged[k].1).map(|(a, m)| a - m)))
                     .collect();
                 let cells: String = drops.iter().map(|d| format!(" {d:.1} |")).collect();
-                let (m, sd) = mean_sd(&drops);
+                let (m, sd) = mean_std(&drops);
                 let _ = writeln!(md, "| {name} |{cells} {m:.1} ± {sd:.1} |");
             }
             let _ = writeln!(md);
@@ -810,16 +811,6 @@ fn seeds_header(seeds: &[u64]) -> String {
         .map(|s| format!("seed {s}"))
         .collect::<Vec<_>>()
         .join(" | ")
-}
-
-/// Mean and sample standard deviation.
-fn mean_sd(x: &[f64]) -> (f64, f64) {
-    let m = mean(x.iter().copied());
-    if x.len() < 2 {
-        return (m, 0.0);
-    }
-    let v = x.iter().map(|a| (a - m) * (a - m)).sum::<f64>() / (x.len() - 1) as f64;
-    (m, v.sqrt())
 }
 
 #[cfg(test)]

@@ -32,6 +32,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::cli::{Flags, usage};
+use crate::experiments::mean_std;
 use model_zoo::data::load_jsonl;
 use model_zoo::gpt::{Gpt2Config, Gpt2Model};
 use model_zoo::source::ModelSource;
@@ -843,20 +844,6 @@ fn run_one(
 }
 
 // ---------------------------------------------------------------- report
-
-fn mean_std(v: &[f64]) -> (f64, f64) {
-    let n = v.len() as f64;
-    if v.is_empty() {
-        return (f64::NAN, f64::NAN);
-    }
-    let m = v.iter().sum::<f64>() / n;
-    let s = if v.len() > 1 {
-        (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0)).sqrt()
-    } else {
-        0.0
-    };
-    (m, s)
-}
 
 fn ms(v: &[f64], digits: usize) -> String {
     let (m, s) = mean_std(v);
