@@ -19,6 +19,16 @@
 //! - `moe_e16k2_onechunk`, `moe_e64k8_onechunk`: the default dropless
 //!   layer with `chunk_bytes = 0` (all experts in one padded buffer, the
 //!   kernel before chunking), no PyTorch pair.
+//! - `moe_e16k2_router_only`, `moe_e64k8_router_only`: the layer's router
+//!   alone (logits, softmax, top-k, balance + z losses, statistics), forward
+//!   + backward, no PyTorch pair: its share of the layer's time.
+//! - `moe_e16k2_experts_only`, `moe_e64k8_experts_only`: the expert FFNs
+//!   alone on rows already gathered in expert order (exact group sizes, no
+//!   padding, no gather, no scatter, no gates: `grouped_linear_device`, i.e.
+//!   one `mm` per expert on the CPU), forward + backward w.r.t. the rows and
+//!   both weights, no PyTorch pair. With `router_only` it bounds what any
+//!   dispatch built from libtorch's unfused ops can reach; the rest of the
+//!   layer's time is dispatch (gathers, scatter-adds, their gradients, padding).
 //! - `dense_equiv_e16k2`, `dense_equiv_e64k8`: a dense GELU FFN with the same
 //!   active FLOPs, d_ff_dense = k · 1536 / E = 192 in both cases, ours and PyTorch's.
 //! - `sb_t512`, `sb_t1024`: stick-breaking attention (SB variant, remainder
@@ -37,8 +47,10 @@
 //! on CUDA).
 
 use moe_router::{
-    DroplessKernel, MoeConfig, MoeLayer, RouterConfig, SbVariant, stick_breaking_attention,
+    DroplessKernel, MoeConfig, MoeLayer, RouterConfig, SbVariant, add_aux_losses_masked,
+    stick_breaking_attention,
 };
+use tensor_core::grouped::{Dispatch, grouped_linear_device};
 use tensor_core::prelude::*;
 use tensor_core::testing::{randn_seeded, with_seed};
 
@@ -79,6 +91,52 @@ fn moe_step(moe: &MoeLayer, x: &Tensor, r: &Tensor) -> Vec<Tensor> {
         .collect();
     inputs.push(x.shallow_clone());
     Tensor::run_backward(&[loss], &inputs, false, false)
+}
+
+/// The router alone: route, losses, forward + backward w.r.t. its weights and `x`.
+fn router_step(moe: &MoeLayer, x: &Tensor, rg: &Tensor) -> Vec<Tensor> {
+    let mut ctx = Context::train();
+    let routing = moe.router.route_masked(x, None, &mut ctx).unwrap();
+    add_aux_losses_masked(&moe.router.config, &routing, None, &mut ctx).unwrap();
+    let loss = (&routing.gates * rg).sum(Kind::Float) + ctx.aux_loss_total(Device::Cpu).unwrap();
+    let mut inputs: Vec<Tensor> = moe
+        .router
+        .params()
+        .into_iter()
+        .map(|(_, t)| t.shallow_clone())
+        .collect();
+    inputs.push(x.shallow_clone());
+    Tensor::run_backward(&[loss], &inputs, false, false)
+}
+
+/// The experts alone on `x`'s rows in expert order (this routing's exact
+/// groups): `(rows leaf [T k, d], dispatch, output weights [T k, d])`.
+fn experts_case(moe: &MoeLayer, x: &Tensor) -> (Tensor, Dispatch, Tensor) {
+    let (disp, xs) = tch::no_grad(|| {
+        let routing = moe
+            .router
+            .route_masked(x, None, &mut Context::eval())
+            .unwrap();
+        let disp = Dispatch::new(&routing.experts, moe.num_experts()).unwrap();
+        let xs = disp.permute(x).unwrap();
+        (disp, xs)
+    });
+    let r = randn_seeded(&xs.size(), 10, Device::Cpu).unwrap();
+    (xs.detach().set_requires_grad(true), disp, r)
+}
+
+fn experts_step(moe: &MoeLayer, xs: &Tensor, disp: &Dispatch, r: &Tensor) -> Vec<Tensor> {
+    let w = &moe.experts;
+    let h = grouped_linear_device(xs, disp, &w.w1, None)
+        .unwrap()
+        .gelu("none");
+    let y = grouped_linear_device(&h, disp, &w.w2, None).unwrap();
+    Tensor::run_backward(
+        &[(y * r).sum(Kind::Float)],
+        &[xs, &w.w1, &w.w2],
+        false,
+        false,
+    )
 }
 
 fn dense_case(e: usize, k: usize) -> (Tensor, Tensor, Tensor, Tensor) {
@@ -200,6 +258,16 @@ fn benches() {
             b.iter(|| moe_step(&moe, &x, &r))
         });
         if name.ends_with("_cf1") {
+            // The default (dropless) layer's router and experts, apart.
+            let (moe, x, _) = moe_case(e, k, 0.0, DroplessKernel::Padded, 0);
+            let rg = randn_seeded(&[TOKENS, k as i64], 11, Device::Cpu).unwrap();
+            g.bench_function(format!("moe_e{e}k{k}_router_only/rust"), |b| {
+                b.iter(|| router_step(&moe, &x, &rg))
+            });
+            let (xs, disp, rs) = experts_case(&moe, &x);
+            g.bench_function(format!("moe_e{e}k{k}_experts_only/rust"), |b| {
+                b.iter(|| experts_step(&moe, &xs, &disp, &rs))
+            });
             let (w1, w2, x, r) = dense_case(e, k);
             g.bench_function(format!("dense_equiv_e{e}k{k}/rust"), |b| {
                 b.iter(|| dense_step(&w1, &w2, &x, &r))

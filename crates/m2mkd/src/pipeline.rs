@@ -13,7 +13,9 @@
 //! 4. [`train_end_to_end`]: fine-tune the assembled student (also the
 //!    from-scratch and logit-KD baselines, and the meta model's own training).
 //!
-//! A job's randomness (dropout) comes from libtorch's global generator,
+//! Stitches are initialised under a seed of their own per module (held
+//! with `with_seed`, so concurrent draws elsewhere cannot interleave). A
+//! job's randomness (dropout) comes from libtorch's global generator,
 //! seeded per job with `seed + i`; jobs running in parallel draw from it
 //! in an interleaved order, so parallel runs with dropout are not
 //! bit-reproducible (sequential runs are).
@@ -25,7 +27,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use tensor_core::tch::{Device, Kind, Tensor};
-use tensor_core::testing::manual_seed;
+use tensor_core::testing::{manual_seed, with_seed};
 use tensor_core::{Context, Module, ModuleExt, Slot};
 
 use crate::data::{Batch, BatchSource};
@@ -331,7 +333,16 @@ fn check_counts(meta: &MetaModel, teacher: usize, student: usize) -> Result<()> 
     Ok(())
 }
 
+/// The seed module `i`'s stitches are initialised with: apart from the
+/// jobs' dropout seeds (`seed + i`), so the two streams never coincide.
+fn stitch_seed(seed: u64, i: usize) -> u64 {
+    seed.wrapping_add(i as u64) ^ 0x5717_c4e5_0000_0000
+}
+
 /// Distil every student module from the matching teacher module (step 3).
+/// Module `i`'s stitches are drawn under their own seed (from
+/// [`DistilConfig::seed`]), so the same config gives the same start
+/// whatever else the program draws, also from other threads.
 pub fn distil_all(
     meta: &MetaModel,
     teacher: ModularModel,
@@ -349,15 +360,21 @@ pub fn distil_all(
     let (s_modules, s_widths) = student.into_modules();
     let mut hybrids = Vec::with_capacity(meta.len());
     for (i, (t, s)) in t_modules.into_iter().zip(s_modules).enumerate() {
-        hybrids.push(Hybrid::new(
-            meta.replica()?,
-            i,
-            Some((t, t_widths[i])),
-            s,
-            s_widths[i],
-            opts,
-            device,
-        )?);
+        // Stitches (and a non-identity projection) start from their own
+        // seed, not from whatever the global generator holds: other threads
+        // of the program may be drawing from it at the same time.
+        let replica = meta.replica()?;
+        hybrids.push(with_seed(stitch_seed(cfg.seed, i), || {
+            Hybrid::new(
+                replica,
+                i,
+                Some((t, t_widths[i])),
+                s,
+                s_widths[i],
+                opts,
+                device,
+            )
+        })?);
     }
     let done = run_jobs(hybrids, data, cfg, registry, &cfg.terms())?;
     let mut modules = Vec::with_capacity(done.len());

@@ -419,6 +419,57 @@ fn parallel_and_sequential_distillation_agree() {
     }
 }
 
+/// Stitches are drawn under `DistilConfig::seed`, not from whatever state
+/// libtorch's global generator is in when `distil_all` starts: two runs
+/// entered with the generator in different states end equal (a student
+/// narrower than the meta model, so every module has random stitches), and
+/// a different config seed gives different stitches.
+#[test]
+fn stitches_start_from_the_config_seed() {
+    let registry = LossRegistry::with_builtins(&KdConfig::default());
+    let meta3 = meta(3, D, 3);
+    let run = |global: u64, seed: u64| {
+        let cfg = DistilConfig {
+            steps: 2,
+            seed,
+            ..distil_cfg(false)
+        };
+        // Held under the seed lock; `distil_all` reseeds inside it.
+        with_seed(global, || {
+            let out = distil_all(
+                &meta3,
+                split_teacher3(1),
+                student(3, 4, 1, false, 2),
+                &batch_source,
+                &cfg,
+                &registry,
+            )
+            .unwrap();
+            assert!(
+                out.modules
+                    .iter()
+                    .all(|m| m.pre.is_some() || m.post.is_some())
+            );
+            snapshot(&assemble(out.modules, true).unwrap())
+        })
+    };
+    let (a, b, other) = (run(11, 0), run(12, 0), run(11, 1));
+    assert!(
+        a.iter().any(|(n, _)| n.contains("stitch")),
+        "{:?}",
+        a.iter().map(|p| &p.0).collect::<Vec<_>>()
+    );
+    for ((n, x), (_, y)) in a.iter().zip(&b) {
+        assert!(x.equal(y), "{n} depends on the global generator's state");
+    }
+    assert!(
+        a.iter()
+            .zip(&other)
+            .any(|((n, x), (_, y))| n.contains("stitch") && !x.equal(y)),
+        "the config seed must reach the stitches"
+    );
+}
+
 #[test]
 fn moe_students_distil_with_their_balance_loss() {
     let cfg = DistilConfig {
