@@ -5,9 +5,10 @@ mod common;
 
 use common::*;
 use m2mkd::{
-    Boundaries, DistilConfig, Error, Hybrid, HybridOptions, KdConfig, LossRegistry, LossTerm,
-    ModularModel, OptimConfig, Optimizer, StitchKind, StitchPolicy, assemble, distil_all,
-    distil_step, incubate, load_module, save_module, split_into_modular, train_end_to_end,
+    Boundaries, DistilConfig, Distillation, Error, Hybrid, HybridOptions, KdConfig, LossRegistry,
+    LossTerm, MetaModel, ModularModel, OptimConfig, Optimizer, StitchKind, StitchPolicy, assemble,
+    distil_all, distil_step, incubate, load_module, save_module, split_into_modular,
+    train_end_to_end,
 };
 use tensor_core::prelude::*;
 use tensor_core::testing::{assert_close, with_seed};
@@ -31,6 +32,23 @@ fn hybrid(index: usize, student_width: i64, opts: HybridOptions) -> Hybrid {
         dev(),
     )
     .unwrap()
+}
+
+/// `distil_all` of `split_teacher3(1)` into a 3-module student of `width` on `batch_source`.
+fn distil3(
+    meta: &MetaModel,
+    width: i64,
+    cfg: &DistilConfig,
+    registry: &LossRegistry,
+) -> m2mkd::Result<Distillation> {
+    distil_all(
+        meta,
+        split_teacher3(1),
+        student(3, width, 1, false, 2),
+        &batch_source,
+        cfg,
+        registry,
+    )
 }
 
 fn small_optim() -> OptimConfig {
@@ -204,15 +222,7 @@ fn width_mismatch_without_stitches_is_a_clear_error() {
         ..DistilConfig::default()
     };
     let registry = LossRegistry::with_builtins(&cfg.kd);
-    let e = distil_all(
-        &meta(3, D, 3),
-        split_teacher3(1),
-        student(3, 4, 1, false, 2),
-        &batch_source,
-        &cfg,
-        &registry,
-    )
-    .unwrap_err();
+    let e = distil3(&meta(3, D, 3), 4, &cfg, &registry).unwrap_err();
     assert!(matches!(e, Error::WidthMismatch { .. }), "{e}");
 }
 
@@ -234,15 +244,7 @@ fn unfrozen_meta_and_mismatched_counts_are_errors() {
         ..DistilConfig::default()
     };
     let registry = LossRegistry::with_builtins(&cfg.kd);
-    let e = distil_all(
-        &m,
-        split_teacher3(1),
-        student(3, D, 1, false, 2),
-        &batch_source,
-        &cfg,
-        &registry,
-    )
-    .unwrap_err();
+    let e = distil3(&m, D, &cfg, &registry).unwrap_err();
     assert!(e.to_string().contains("frozen"), "{e}");
     m.freeze();
     let e = distil_all(
@@ -346,15 +348,7 @@ fn assembly_keeps_stitches_or_checks_widths() {
     };
     let registry = LossRegistry::with_builtins(&cfg.kd);
     let meta3 = meta(3, D, 3);
-    let out = distil_all(
-        &meta3,
-        split_teacher3(1),
-        student(3, 4, 1, false, 2),
-        &batch_source,
-        &cfg,
-        &registry,
-    )
-    .unwrap();
+    let out = distil3(&meta3, 4, &cfg, &registry).unwrap();
     // Kept stitches: every boundary at the meta width, stitch parameters present.
     let kept = assemble(out.modules, true).unwrap();
     assert_eq!(kept.width(), D);
@@ -371,15 +365,7 @@ fn assembly_keeps_stitches_or_checks_widths() {
         [BATCH, CLASSES]
     );
     // Missing or duplicated modules.
-    let out = distil_all(
-        &meta3,
-        split_teacher3(1),
-        student(3, 4, 1, false, 2),
-        &batch_source,
-        &cfg,
-        &registry,
-    )
-    .unwrap();
+    let out = distil3(&meta3, 4, &cfg, &registry).unwrap();
     let mut mods = out.modules;
     mods.remove(1);
     let e = assemble(mods, false).unwrap_err();
@@ -400,15 +386,7 @@ fn parallel_and_sequential_distillation_agree() {
             steps: 5,
             ..distil_cfg(parallel)
         };
-        let out = distil_all(
-            &meta3,
-            split_teacher3(1),
-            student(3, D, 1, false, 2),
-            &batch_source,
-            &cfg,
-            &registry,
-        )
-        .unwrap();
+        let out = distil3(&meta3, D, &cfg, &registry).unwrap();
         snapshot(&assemble(out.modules, true).unwrap())
     };
     let (seq, par) = (run(false), run(true));
@@ -436,15 +414,7 @@ fn stitches_start_from_the_config_seed() {
         };
         // Held under the seed lock; `distil_all` reseeds inside it.
         with_seed(global, || {
-            let out = distil_all(
-                &meta3,
-                split_teacher3(1),
-                student(3, 4, 1, false, 2),
-                &batch_source,
-                &cfg,
-                &registry,
-            )
-            .unwrap();
+            let out = distil3(&meta3, 4, &cfg, &registry).unwrap();
             assert!(
                 out.modules
                     .iter()
