@@ -74,7 +74,7 @@ struct Plan {
 
 fn parse(args: &[String]) -> AnyResult<Option<Plan>> {
     const CMD: &str = "experiment bricks";
-    let f = Flags::parse(
+    let Some(f) = Flags::parse_options(
         CMD,
         args,
         &[
@@ -87,12 +87,11 @@ fn parse(args: &[String]) -> AnyResult<Option<Plan>> {
             "--out",
         ],
         &[],
-    )?;
-    if f.help {
-        println!("{BRICKS_HELP}");
+        BRICKS_HELP,
+    )?
+    else {
         return Ok(None);
-    }
-    f.no_positional()?;
+    };
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     let plan = Plan {
         train_per_function: f.parsed_or("--train-per-function", 400)?,

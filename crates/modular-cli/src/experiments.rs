@@ -201,7 +201,7 @@ fn parse(
     help: &str,
     mut plan: Plan,
 ) -> AnyResult<Option<Plan>> {
-    let f = Flags::parse(
+    let Some(f) = Flags::parse_options(
         cmd,
         args,
         &[
@@ -216,12 +216,11 @@ fn parse(
             "--out",
         ],
         &[],
-    )?;
-    if f.help {
-        println!("{help}");
+        help,
+    )?
+    else {
         return Ok(None);
-    }
-    f.no_positional()?;
+    };
     plan.seeds = f.list("--seeds")?.unwrap_or(plan.seeds);
     plan.opts.train_limit = f.parsed("--train-limit")?.or(plan.opts.train_limit);
     plan.opts.eval_limit = f.parsed("--eval-limit")?.or(plan.opts.eval_limit);

@@ -104,7 +104,7 @@ impl Default for Plan {
 
 fn parse(args: &[String]) -> AnyResult<Option<Plan>> {
     const CMD: &str = "experiment m2mkd";
-    let f = Flags::parse(
+    let Some(f) = Flags::parse_options(
         CMD,
         args,
         &[
@@ -124,12 +124,11 @@ fn parse(args: &[String]) -> AnyResult<Option<Plan>> {
             "--out",
         ],
         &["--sequential"],
-    )?;
-    if f.help {
-        println!("{M2MKD_HELP}");
+        M2MKD_HELP,
+    )?
+    else {
         return Ok(None);
-    }
-    f.no_positional()?;
+    };
     let d = Plan::default();
     let p = Plan {
         seeds: f.list("--seeds")?.unwrap_or(d.seeds),

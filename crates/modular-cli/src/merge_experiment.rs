@@ -130,7 +130,7 @@ fn repo_root() -> PathBuf {
 
 fn parse(args: &[String]) -> AnyResult<Option<Settings>> {
     const CMD: &str = "experiment merge";
-    let f = Flags::parse(
+    let Some(f) = Flags::parse_options(
         CMD,
         args,
         &[
@@ -146,12 +146,11 @@ fn parse(args: &[String]) -> AnyResult<Option<Settings>> {
             "--out",
         ],
         &[],
-    )?;
-    if f.help {
-        println!("{MERGE_HELP}");
+        MERGE_HELP,
+    )?
+    else {
         return Ok(None);
-    }
-    f.no_positional()?;
+    };
     let mut s = Settings::default();
     s.seeds = f.list("--seeds")?.unwrap_or(s.seeds);
     if let Some(words) = f.list::<String>("--arms")? {

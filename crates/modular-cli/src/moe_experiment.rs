@@ -117,7 +117,7 @@ impl Default for Plan {
 
 fn parse(args: &[String]) -> AnyResult<Option<Plan>> {
     const CMD: &str = "experiment moe";
-    let f = Flags::parse(
+    let Some(f) = Flags::parse_options(
         CMD,
         args,
         &[
@@ -138,12 +138,11 @@ fn parse(args: &[String]) -> AnyResult<Option<Plan>> {
             "--out",
         ],
         &[],
-    )?;
-    if f.help {
-        println!("{MOE_HELP}");
+        MOE_HELP,
+    )?
+    else {
         return Ok(None);
-    }
-    f.no_positional()?;
+    };
     let d = Plan::default();
     let threads: Option<i32> = f.parsed("--threads")?;
     let p = Plan {

@@ -85,7 +85,7 @@ fn describe(s: &Scores) -> String {
 }
 
 pub fn run(args: &[String]) -> AnyResult<()> {
-    let f = Flags::parse(
+    let Some(f) = Flags::parse_options(
         "distill",
         args,
         &[
@@ -106,12 +106,11 @@ pub fn run(args: &[String]) -> AnyResult<()> {
             "--model",
         ],
         &["--sequential", "--baselines", "--force", "--quiet"],
-    )?;
-    if f.help {
-        println!("{HELP}");
+        HELP,
+    )?
+    else {
         return Ok(());
-    }
-    f.no_positional()?;
+    };
     let data_path = PathBuf::from(f.required("--data")?);
     let out = PathBuf::from(f.required("--out")?);
     let d = Plan::default();

@@ -155,6 +155,25 @@ impl Flags {
         Ok(f)
     }
 
+    /// [`Flags::parse`] for a subcommand that takes options only: on `-h` /
+    /// `--help` prints `help` and gives `None`; a positional argument is a
+    /// usage error.
+    pub fn parse_options(
+        cmd: &'static str,
+        args: &[String],
+        valued: &[&str],
+        switches: &[&str],
+        help: &str,
+    ) -> AnyResult<Option<Self>> {
+        let f = Self::parse(cmd, args, valued, switches)?;
+        if f.help {
+            println!("{help}");
+            return Ok(None);
+        }
+        f.no_positional()?;
+        Ok(Some(f))
+    }
+
     pub fn get(&self, name: &str) -> Option<&str> {
         self.values
             .iter()

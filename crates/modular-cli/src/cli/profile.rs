@@ -406,7 +406,7 @@ fn attribute(
 }
 
 pub fn run(args: &[String]) -> AnyResult<()> {
-    let f = Flags::parse(
+    let Some(f) = Flags::parse_options(
         "profile",
         args,
         &[
@@ -420,12 +420,11 @@ pub fn run(args: &[String]) -> AnyResult<()> {
             "--label-field",
         ],
         &["--force", "--quiet"],
-    )?;
-    if f.help {
-        println!("{HELP}");
+        HELP,
+    )?
+    else {
         return Ok(());
-    }
-    f.no_positional()?;
+    };
     let data_path = PathBuf::from(f.required("--data")?);
     let out = PathBuf::from(f.required("--out")?);
     let batch = f.positive_or("--batch", 32)?;

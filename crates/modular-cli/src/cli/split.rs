@@ -56,7 +56,7 @@ examples:
   modular split --model models/bert-base --out out/bert-emoe --experts 64 --top-k 16 --layers 7,9,11";
 
 pub fn run(args: &[String]) -> AnyResult<()> {
-    let f = Flags::parse(
+    let Some(f) = Flags::parse_options(
         "split",
         args,
         &[
@@ -69,12 +69,11 @@ pub fn run(args: &[String]) -> AnyResult<()> {
             "--n-init",
         ],
         &["--force", "--quiet"],
-    )?;
-    if f.help {
-        println!("{HELP}");
+        HELP,
+    )?
+    else {
         return Ok(());
-    }
-    f.no_positional()?;
+    };
     let out = f.required("--out")?.to_owned();
     let experts = f.positive_or("--experts", 16)?;
     let top_k = f.positive_or("--top-k", 4)?;

@@ -235,7 +235,7 @@ pub fn load_data(p: &Path, seed: u64) -> AnyResult<(TextClassification, bool)> {
 }
 
 pub fn run(args: &[String]) -> AnyResult<()> {
-    let f = Flags::parse(
+    let Some(f) = Flags::parse_options(
         "tune",
         args,
         &[
@@ -254,12 +254,11 @@ pub fn run(args: &[String]) -> AnyResult<()> {
             "--model",
         ],
         &["--force", "--quiet"],
-    )?;
-    if f.help {
-        println!("{HELP}");
+        HELP,
+    )?
+    else {
         return Ok(());
-    }
-    f.no_positional()?;
+    };
     let data_path = PathBuf::from(f.required("--data")?);
     let out = PathBuf::from(f.required("--out")?);
     let g = match f.get("--granularity") {
