@@ -110,7 +110,7 @@ fn router_step(moe: &MoeLayer, x: &Tensor, rg: &Tensor) -> Vec<Tensor> {
 }
 
 /// The experts alone on `x`'s rows in expert order (this routing's exact
-/// groups): `(rows leaf [T k, d], dispatch, output weights [T k, d])`.
+/// groups): `(rows leaf [T k, d], dispatch, loss weights [T k, d])`.
 fn experts_case(moe: &MoeLayer, x: &Tensor) -> (Tensor, Dispatch, Tensor) {
     let (disp, xs) = tch::no_grad(|| {
         let routing = moe

@@ -333,7 +333,7 @@ fn check_counts(meta: &MetaModel, teacher: usize, student: usize) -> Result<()> 
     Ok(())
 }
 
-/// The seed module `i`'s stitches are initialised with: apart from the
+/// The seed module `i`'s stitches are initialised with, kept apart from the
 /// jobs' dropout seeds (`seed + i`), so the two streams never coincide.
 fn stitch_seed(seed: u64, i: usize) -> u64 {
     seed.wrapping_add(i as u64) ^ 0x5717_c4e5_0000_0000
