@@ -46,6 +46,7 @@ if [ "$BUILD_ROOT" != "$PWD" ] && [ ! -e "$BUILD_ROOT" ]; then
 fi
 if [ -f .gpu/tests.tar.xz ]; then tar -xJf .gpu/tests.tar.xz -C .gpu; fi
 export MODULAR_TEST_DEVICE=${MODULAR_TEST_DEVICE:-cuda}
+export PROPTEST_RNG_SEED=${PROPTEST_RNG_SEED:-@PROPTEST_SEED@}
 echo "| test executable | exit | result |"
 echo "|---|---|---|"
 for t in .gpu/tests/*; do
@@ -215,8 +216,14 @@ pub fn gpu_check() -> Result<(), Fail> {
     }
     let script = dir.join("run.sh");
     let root_str = root.display().to_string();
-    fs::write(&script, RUN_SH.replace("@BUILD_ROOT@", &root_str))
-        .map_err(|e| Fail::new("gpu-check", e.to_string(), "check .gpu is writable"))?;
+    fs::write(
+        &script,
+        RUN_SH.replace("@BUILD_ROOT@", &root_str).replace(
+            "@PROPTEST_SEED@",
+            &crate::proptest_seed(std::env::var(crate::PROPTEST_SEED_VAR).ok().as_deref()),
+        ),
+    )
+    .map_err(|e| Fail::new("gpu-check", e.to_string(), "check .gpu is writable"))?;
     println!(
         "xtask: gathered {:.1} MiB in {} (gpu-check and {count} test executables in tests.tar.xz)",
         total as f64 / (1 << 20) as f64,

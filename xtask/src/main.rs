@@ -143,6 +143,19 @@ impl Timer {
     }
 }
 
+/// proptest's seed variable. `cargo xtask test` (CI) fixes it, so a run is
+/// reproducible and a red CI replays exactly; plain `cargo test`, or this
+/// variable set to another value, explores other cases.
+const PROPTEST_SEED_VAR: &str = "PROPTEST_RNG_SEED";
+
+/// The seed the property tests run under: the caller's, else a fixed one.
+fn proptest_seed(from_env: Option<&str>) -> String {
+    match from_env.map(str::trim) {
+        Some(v) if !v.is_empty() => v.to_owned(),
+        _ => "20261128".to_owned(),
+    }
+}
+
 fn test(a: &Args) -> Result<(), Fail> {
     let mut timer = Timer(Vec::new());
     timer.time("setup", || setup::ensure(true))?;
@@ -179,6 +192,9 @@ fn test(a: &Args) -> Result<(), Fail> {
         if cuda {
             c.env("MODULAR_TEST_DEVICE", "cuda");
         }
+        let seed = proptest_seed(std::env::var(PROPTEST_SEED_VAR).ok().as_deref());
+        println!("xtask: property tests draw from {PROPTEST_SEED_VAR}={seed}");
+        c.env(PROPTEST_SEED_VAR, &seed);
         if !a.rest.is_empty() {
             c.arg("--").args(&a.rest);
         }
@@ -378,5 +394,12 @@ mod tests {
         );
         assert_eq!(package_args(&[]), ["--workspace"]);
         assert!(parse(vec!["test".into(), "-p".into()]).is_err());
+    }
+
+    #[test]
+    fn property_tests_get_a_fixed_seed_unless_one_is_given() {
+        assert_eq!(proptest_seed(None), proptest_seed(Some("  ")));
+        assert!(proptest_seed(None).parse::<u64>().is_ok());
+        assert_eq!(proptest_seed(Some(" 42 ")), "42");
     }
 }

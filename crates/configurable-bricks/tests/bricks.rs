@@ -620,7 +620,7 @@ fn growing_leaves_outputs_unchanged_and_trains_only_new_neurons() {
             1e-4,
         );
     }
-    let mut model = Sequential::new().push(Linear::new(2, 2, true, dev).unwrap());
+    let mut model = Sequential::new().push(with_seed(0, || Linear::new(2, 2, true, dev)).unwrap());
     let e = grow_ffn(&mut model, "0", 3, 0).unwrap_err();
     assert!(e.to_string().contains("FeedForward"), "{e}");
     assert!(model.get_as::<Linear>("0").is_ok(), "slot restored");
@@ -784,7 +784,7 @@ fn task_arithmetic_adds_and_negates_bricks() {
             .to_string()
             .contains("sum to 1")
     );
-    let other = Sequential::new().push(Linear::new(5, 3, true, dev).unwrap());
+    let other = Sequential::new().push(with_seed(4, || Linear::new(5, 3, true, dev)).unwrap());
     assert!(BrickDelta::between("x", &base, &other).is_err());
     let mut renamed = BrickDelta::weighted_sum("r", &[&d1], &[1.0]).unwrap();
     let t = renamed.tensors.remove("0.weight").unwrap();

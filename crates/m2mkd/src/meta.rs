@@ -83,9 +83,13 @@ impl MetaModel {
     /// A second meta model whose parameters share this one's storage.
     pub fn replica(&self) -> Result<ModularModel> {
         let m = self.model.len();
-        let modules = (0..m)
-            .map(|i| (self.builder)(i, m))
-            .collect::<Result<Vec<_>>>()?;
+        // The builder's random init is overwritten below; drawing it under
+        // the seed lock keeps it out of any other thread's seeded draws.
+        let modules = tensor_core::testing::with_seed_lock(|| {
+            (0..m)
+                .map(|i| (self.builder)(i, m))
+                .collect::<Result<Vec<_>>>()
+        })?;
         let mut copy = ModularModel::new(modules, vec![self.width(); m])?;
         let shared: HashMap<String, tensor_core::tch::Tensor> =
             self.model.named_parameters().into_iter().collect();

@@ -27,7 +27,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use tensor_core::tch::{Device, Kind, Tensor};
-use tensor_core::testing::{manual_seed, with_seed};
+use tensor_core::testing::{as_seed_lock_holder, holds_seed_lock, manual_seed, with_seed};
 use tensor_core::{Context, Module, ModuleExt, Slot};
 
 use crate::data::{Batch, BatchSource};
@@ -254,25 +254,29 @@ fn run_jobs(
         let queue = Mutex::new(hybrids.into_iter().rev().collect::<Vec<_>>());
         let results = Mutex::new(Vec::new());
         let first_error: Mutex<Option<Error>> = Mutex::new(None);
+        // Called inside `with_seed`, the workers seed under its lock.
+        let held = holds_seed_lock();
         std::thread::scope(|scope| {
             for _ in 0..threads {
                 scope.spawn(|| {
-                    loop {
-                        let next = queue.lock().unwrap_or_else(|p| p.into_inner()).pop();
-                        let Some(h) = next else { break };
-                        match job(&h) {
-                            Ok(r) => results
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .push((h, r)),
-                            Err(e) => {
-                                first_error
+                    as_seed_lock_holder(held, || {
+                        loop {
+                            let next = queue.lock().unwrap_or_else(|p| p.into_inner()).pop();
+                            let Some(h) = next else { break };
+                            match job(&h) {
+                                Ok(r) => results
                                     .lock()
                                     .unwrap_or_else(|p| p.into_inner())
-                                    .get_or_insert(e);
+                                    .push((h, r)),
+                                Err(e) => {
+                                    first_error
+                                        .lock()
+                                        .unwrap_or_else(|p| p.into_inner())
+                                        .get_or_insert(e);
+                                }
                             }
                         }
-                    }
+                    })
                 });
             }
         });

@@ -70,7 +70,11 @@ impl Stitch {
     /// A `Linear` stitch that starts as the identity (`W = I`, `b = 0`);
     /// for self-distillation checks and for stitches between equal widths.
     pub fn identity(width: i64, device: Device) -> Result<Self> {
-        let mut s = Self::new(StitchKind::Linear, width, width, device)?;
+        // The random init is overwritten; drawing it under the seed lock
+        // keeps it out of any other thread's seeded draws.
+        let mut s = tensor_core::testing::with_seed_lock(|| {
+            Self::new(StitchKind::Linear, width, width, device)
+        })?;
         let lin = tensor_core::module::downcast_mut::<Linear>(s.linear.as_mut())
             .expect("Stitch::new puts a Linear in the slot");
         tch::no_grad(|| -> Result<()> {

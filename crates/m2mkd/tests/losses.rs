@@ -124,10 +124,12 @@ proptest! {
         let bm = kd_soft(&zs, &zt, tau, KlNorm::BatchMean).unwrap().double_value(&[]);
         prop_assert!(bc > 0.0 && bm > 0.0, "{bc} {bm}");
         prop_assert!((bc - bm / c as f64).abs() <= 1e-6 * (1.0 + bm.abs()));
-        // A constant shift per row does not change the distributions.
+        // A constant shift per row does not change the distributions: what
+        // is left is f32 rounding of the log-softmax, which eq. 2's τ² scales
+        // up (seen: 1.6e-5 at τ = 7.7, C = 8).
         let shifted = &zs + logits(b, 1, seed + 9, 5.0);
         let z = kd_soft(&zs, &shifted, tau, KlNorm::BatchMean).unwrap().double_value(&[]);
-        prop_assert!(z.abs() < 1e-5, "{z}");
+        prop_assert!(z.abs() < 2e-6 * tau.max(1.0).powi(2), "{z} at tau = {tau}");
     }
 }
 

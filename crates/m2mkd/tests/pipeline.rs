@@ -22,15 +22,20 @@ fn split_teacher3(seed: u64) -> ModularModel {
 fn hybrid(index: usize, student_width: i64, opts: HybridOptions) -> Hybrid {
     let (mut t, tw) = split_teacher3(1).into_modules();
     let (mut s, _) = student(3, student_width, 1, false, 2).into_modules();
-    Hybrid::new(
-        meta(3, D, 3).replica().unwrap(),
-        index,
-        Some((t.swap_remove(index), tw[index])),
-        s.swap_remove(index),
-        student_width,
-        opts,
-        dev(),
-    )
+    let replica = meta(3, D, 3).replica().unwrap();
+    // Stitches and the projection draw their initial weights: under the seed
+    // lock, so that they never interleave with another test's seeded draws.
+    with_seed(4, || {
+        Hybrid::new(
+            replica,
+            index,
+            Some((t.swap_remove(index), tw[index])),
+            s.swap_remove(index),
+            student_width,
+            opts,
+            dev(),
+        )
+    })
     .unwrap()
 }
 
@@ -275,9 +280,11 @@ fn assembly_loads_every_distilled_module() {
     let cfg = distil_cfg(true);
     let registry = LossRegistry::with_builtins(&cfg.kd);
     let meta3 = meta(3, D, 3);
+    let teacher3 = split_teacher3(1);
+    let before = snapshot(&teacher3);
     let out = distil_all(
         &meta3,
-        split_teacher3(1),
+        teacher3,
         student(3, 4, 2, false, 2),
         &fixed_source,
         &cfg,
@@ -294,8 +301,7 @@ fn assembly_loads_every_distilled_module() {
         );
     }
     // The teacher comes back unchanged.
-    let fresh = snapshot(&split_teacher3(1));
-    assert!(changed(&fresh, &snapshot(&out.teacher)).is_empty());
+    assert!(changed(&before, &snapshot(&out.teacher)).is_empty());
 
     let dir = tempfile::tempdir().unwrap();
     let paths: Vec<_> = out
@@ -373,10 +379,10 @@ fn assembly_keeps_stitches_or_checks_widths() {
 }
 
 /// The student has the meta width, so the hybrids need no stitches and the
-/// hidden projection starts as the identity: nothing is drawn from
-/// libtorch's global generator inside `distil_all`, which the other tests
-/// of this binary use from their own threads at the same time (randomly
-/// initialised stitches made this comparison flaky).
+/// hidden projection starts as the identity. What `distil_all` does draw
+/// (the replicas' discarded init, each job's seeding) happens under the seed
+/// lock, so the other tests of this binary, drawing from libtorch's global
+/// generator on their own threads, cannot change either run.
 #[test]
 fn parallel_and_sequential_distillation_agree() {
     let registry = LossRegistry::with_builtins(&KdConfig::default());
@@ -401,16 +407,17 @@ fn parallel_and_sequential_distillation_agree() {
 /// libtorch's global generator is in when `distil_all` starts: two runs
 /// entered with the generator in different states end equal (a student
 /// narrower than the meta model, so every module has random stitches), and
-/// a different config seed gives different stitches.
+/// a different config seed gives different stitches; parallel jobs inside
+/// `with_seed` finish and agree.
 #[test]
 fn stitches_start_from_the_config_seed() {
     let registry = LossRegistry::with_builtins(&KdConfig::default());
     let meta3 = meta(3, D, 3);
-    let run = |global: u64, seed: u64| {
+    let run = |global: u64, seed: u64, parallel: bool| {
         let cfg = DistilConfig {
             steps: 2,
             seed,
-            ..distil_cfg(false)
+            ..distil_cfg(parallel)
         };
         // Held under the seed lock; `distil_all` reseeds inside it.
         with_seed(global, || {
@@ -423,7 +430,7 @@ fn stitches_start_from_the_config_seed() {
             snapshot(&assemble(out.modules, true).unwrap())
         })
     };
-    let (a, b, other) = (run(11, 0), run(12, 0), run(11, 1));
+    let (a, b, other) = (run(11, 0, false), run(12, 0, false), run(11, 1, false));
     assert!(
         a.iter().any(|(n, _)| n.contains("stitch")),
         "{:?}",
@@ -438,6 +445,14 @@ fn stitches_start_from_the_config_seed() {
             .any(|((n, x), (_, y))| n.contains("stitch") && !x.equal(y)),
         "the config seed must reach the stitches"
     );
+    // Parallel jobs started inside `with_seed` seed under its lock (rather
+    // than waiting for it forever) and agree with the sequential run.
+    let par = run(13, 0, true);
+    let (atol, rtol) = f32_tol(1e-6, 1e-5);
+    for ((n, x), (_, y)) in a.iter().zip(&par) {
+        let c = tensor_core::testing::closeness(y, x, atol, rtol).unwrap();
+        assert!(c.ok, "{n}: {c:?}");
+    }
 }
 
 #[test]
@@ -450,18 +465,21 @@ fn moe_students_distil_with_their_balance_loss() {
     let meta3 = meta(3, D, 3);
     let (mut t, tw) = split_teacher3(1).into_modules();
     let (mut s, _) = student(3, D, 1, true, 5).into_modules();
-    let h = Hybrid::new(
-        meta3.replica().unwrap(),
-        1,
-        Some((t.swap_remove(1), tw[1])),
-        s.swap_remove(1),
-        D,
-        HybridOptions {
-            hidden_projection: true,
-            ..HybridOptions::default()
-        },
-        dev(),
-    )
+    let replica = meta3.replica().unwrap();
+    let h = with_seed(6, || {
+        Hybrid::new(
+            replica,
+            1,
+            Some((t.swap_remove(1), tw[1])),
+            s.swap_remove(1),
+            D,
+            HybridOptions {
+                hidden_projection: true,
+                ..HybridOptions::default()
+            },
+            dev(),
+        )
+    })
     .unwrap();
     let mut opt = Optimizer::new(h.trainable_parameters(), small_optim(), 5).unwrap();
     let out = distil_step(&h, &mut opt, &device_batch(0), &registry, &cfg.terms()).unwrap();

@@ -309,11 +309,13 @@ fn files_round_trip_and_are_checked_against_the_base() {
     c.hidden_size = 8;
     c.intermediate_size = 16;
     // Refused on shapes alone: nothing is computed.
-    let mut narrow = SequenceClassifier::new(
-        BertModel::new(c, false, Device::Cpu).unwrap(),
-        3,
-        Pooling::Mean,
-    )
+    let mut narrow = with_seed(31, || {
+        SequenceClassifier::new(
+            BertModel::new(c, false, Device::Cpu).unwrap(),
+            3,
+            Pooling::Mean,
+        )
+    })
     .unwrap();
     let e = load_adapter(&mut narrow, dir.path(), "a").unwrap_err();
     assert!(
@@ -457,7 +459,10 @@ fn a_registry_built_on_another_model_type_is_refused() {
     // fit a classifier whose layers are `bert.encoder.…`.
     let bert = tiny_bert(0);
     let reg = registry(&bert, FrozenSide::Output, &["query"], &["a"]);
-    let mut clf = SequenceClassifier::new(tiny_bert(0), 2, Pooling::Mean).unwrap();
+    let mut clf = with_seed(30, || {
+        SequenceClassifier::new(tiny_bert(0), 2, Pooling::Mean)
+    })
+    .unwrap();
     let e = add_orthogonal(&mut clf, "a", &reg, &AdapterConfig::new(&["query"])).unwrap_err();
     assert!(e.to_string().contains("not in the registry"), "{e}");
     assert!(adapter_names(&clf).is_empty());
@@ -466,7 +471,10 @@ fn a_registry_built_on_another_model_type_is_refused() {
 #[test]
 fn saved_heads_must_fit_the_model() {
     let dir = tempfile::tempdir().unwrap();
-    let mut m = SequenceClassifier::new(tiny_bert(0), 3, Pooling::Mean).unwrap();
+    let mut m = with_seed(30, || {
+        SequenceClassifier::new(tiny_bert(0), 3, Pooling::Mean)
+    })
+    .unwrap();
     let reg = registry(&m, FrozenSide::Output, &["query"], &["a"]);
     add_orthogonal(&mut m, "a", &reg, &AdapterConfig::new(&["query"])).unwrap();
     let opts = SaveOptions {
@@ -480,6 +488,9 @@ fn saved_heads_must_fit_the_model() {
     let e = load_saved_modules(&mut bare, &file).unwrap_err();
     assert!(e.to_string().contains("classifier."), "{e}");
     // A head of another size: a shape error.
-    let mut two = SequenceClassifier::new(tiny_bert(0), 2, Pooling::Mean).unwrap();
+    let mut two = with_seed(30, || {
+        SequenceClassifier::new(tiny_bert(0), 2, Pooling::Mean)
+    })
+    .unwrap();
     assert!(load_saved_modules(&mut two, &file).is_err());
 }

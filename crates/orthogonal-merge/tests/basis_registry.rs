@@ -201,7 +201,10 @@ fn registry_dims_must_match_the_model() {
     let mut cfg = common::tiny_config();
     cfg.hidden_size = 8;
     cfg.intermediate_size = 16;
-    let other = model_zoo::bert::BertModel::new(cfg, false, Device::Cpu).unwrap();
+    let other = tensor_core::testing::with_seed(0, || {
+        model_zoo::bert::BertModel::new(cfg, false, Device::Cpu)
+    })
+    .unwrap();
     let e = reg.record_dims(&other, &["query"]).unwrap_err();
     assert!(matches!(e, Error::Mismatch(_)), "{e}");
     assert!(e.to_string().contains("another base model"), "{e}");

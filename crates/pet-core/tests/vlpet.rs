@@ -13,7 +13,7 @@ use pet_core::{
     add_lora, apply_vlpet, site_param_count,
 };
 use tensor_core::tch::{Kind, Tensor, no_grad};
-use tensor_core::testing::{device, with_seed};
+use tensor_core::testing::{device, randn_seeded, with_seed};
 use tensor_core::{Module, ModuleExt};
 
 fn numel(params: &[(&'static str, Tensor)]) -> i64 {
@@ -53,8 +53,8 @@ fn parameter_counts_match_the_spec_on_bart_base() {
 fn gate_shapes_and_ranges() {
     let dev = device();
     let (b, t, d) = (3, 5, 16);
-    let x = Tensor::randn([b, t, d], (Kind::Float, dev));
-    let h = Tensor::randn([b, t, d], (Kind::Float, dev));
+    let x = randn_seeded(&[b, t, d], 101, dev).unwrap();
+    let h = randn_seeded(&[b, t, d], 102, dev).unwrap();
     for (g, shape) in [
         (Granularity::Large, vec![b, t, d]),
         (Granularity::MiddleX, vec![b, t, 1]),
@@ -83,8 +83,8 @@ fn t5_zero_init_gates_are_exactly_one_half() {
     // Exact on any device: zero weights give an exact 0, and sigmoid(0) = 0.5.
     let dev = device();
     let (b, t, d) = (2, 4, 12);
-    let x = Tensor::randn([b, t, d], (Kind::Float, dev));
-    let h = Tensor::randn([b, t, d], (Kind::Float, dev));
+    let x = randn_seeded(&[b, t, d], 103, dev).unwrap();
+    let h = randn_seeded(&[b, t, d], 104, dev).unwrap();
     for g in [Granularity::Large, Granularity::MiddleX, Granularity::Small] {
         let mut gc = GateConfig::new(g);
         gc.init = InitScheme::T5ZeroUp;
@@ -179,8 +179,8 @@ fn small_gate_is_invariant_to_token_order() {
     let tol = scaled(1e-7);
     let dev = device();
     let (b, t, d) = (2, 6, 8);
-    let x = Tensor::randn([b, t, d], (Kind::Float, dev));
-    let h = Tensor::randn([b, t, d], (Kind::Float, dev));
+    let x = randn_seeded(&[b, t, d], 105, dev).unwrap();
+    let h = randn_seeded(&[b, t, d], 106, dev).unwrap();
     let gate = Gate::new(&GateConfig::new(Granularity::Small), d, d, 5, dev).unwrap();
     let perm = Tensor::from_slice(&[3i64, 0, 5, 1, 4, 2]).to_device(dev);
     let g1 = gate.compute(&x, &h, None).unwrap();
@@ -216,7 +216,7 @@ fn head_wise_down_projection_is_one_stacked_linear() {
     };
     let bn = Bottleneck::new(&cfg, d, d, 9, dev).unwrap();
     let (w, b) = (&bn.params[0].1, &bn.params[1].1);
-    let x = Tensor::randn([5, d], (Kind::Float, dev));
+    let x = randn_seeded(&[5, d], 107, dev).unwrap();
     let heads: Vec<Tensor> = (0..nh)
         .map(|h| {
             let s = r / nh;
@@ -323,7 +323,7 @@ fn decoder_value_adapter_is_an_ungated_parallel_bottleneck() {
         panic!("expected a bottleneck")
     };
     // V = X W_vᵀ + b_v + s·GELU_tanh(X W_downᵀ + b_down) W_upᵀ + b_up
-    let x = Tensor::randn([2, 3, 32], (Kind::Float, device()));
+    let x = randn_seeded(&[2, 3, 32], 108, device()).unwrap();
     let want = x.linear(&w, Some(&b)) + module.forward(&x).unwrap() * *scale;
     let got = h.forward(&x, &mut tensor_core::Context::eval()).unwrap();
     assert!(max_abs(&got, &want) < scaled(1e-6));

@@ -52,7 +52,7 @@ proptest! {
 
 #[test]
 fn linear_rejects_wrong_width_and_dtype() {
-    let lin = Linear::new(4, 3, true, CPU).unwrap();
+    let lin = with_seed(21, || Linear::new(4, 3, true, CPU).unwrap());
     let e = lin
         .forward(&Tensor::zeros([2, 5], (Kind::Float, CPU)), &mut ctx())
         .unwrap_err()
@@ -99,7 +99,7 @@ fn layer_norm_matches_formula() {
 #[test]
 fn embedding_looks_up_rows() {
     let dev = device();
-    let emb = Embedding::new(10, 4, dev).unwrap();
+    let emb = with_seed(22, || Embedding::new(10, 4, dev).unwrap());
     let idx = Tensor::from_slice(&[3i64, 0, 9, 3])
         .view([2, 2])
         .to_device(dev);
@@ -114,7 +114,7 @@ fn embedding_looks_up_rows() {
     assert!(e.contains("indices"), "{e}");
     // On the CPU: on CUDA an out-of-range index is a device-side assert,
     // which would poison the CUDA context of every later test.
-    let emb = Embedding::new(10, 4, Device::Cpu).unwrap();
+    let emb = with_seed(23, || Embedding::new(10, 4, Device::Cpu).unwrap());
     assert!(
         emb.forward(&Tensor::from_slice(&[10i64]), &mut ctx())
             .is_err()
@@ -176,7 +176,9 @@ fn swiglu_matches_formula_and_names() {
 
 #[test]
 fn feed_forward_names_follow_the_checkpoint() {
-    let ffn = FeedForward::new(4, 8, Activation::Gelu, FfnNames::bert(), CPU).unwrap();
+    let ffn = with_seed(24, || {
+        FeedForward::new(4, 8, Activation::Gelu, FfnNames::bert(), CPU).unwrap()
+    });
     let names: Vec<String> = ffn.named_parameters().into_iter().map(|(n, _)| n).collect();
     assert_eq!(
         names,
@@ -316,7 +318,9 @@ fn cross_attention_reads_memory() {
 #[test]
 fn fully_masked_rows_stay_finite_and_bad_masks_are_errors() {
     let dev = device();
-    let att = Attention::new(AttentionConfig::new(8, 2), AttentionNames::bert(), dev).unwrap();
+    let att = with_seed(25, || {
+        Attention::new(AttentionConfig::new(8, 2), AttentionNames::bert(), dev).unwrap()
+    });
     let x = randn_seeded(&[1, 4, 8], 19, dev).unwrap();
     let mut c = Context::eval().with_mask(Tensor::zeros([1, 4], (Kind::Int64, dev)));
     let y = att.forward(&x, &mut c).unwrap();
@@ -334,7 +338,9 @@ fn fully_masked_rows_stay_finite_and_bad_masks_are_errors() {
 
 #[test]
 fn attention_parameter_names_are_bert_keys() {
-    let att = Attention::new(AttentionConfig::new(8, 2), AttentionNames::bert(), CPU).unwrap();
+    let att = with_seed(26, || {
+        Attention::new(AttentionConfig::new(8, 2), AttentionNames::bert(), CPU).unwrap()
+    });
     let names: Vec<String> = att.named_parameters().into_iter().map(|(n, _)| n).collect();
     assert_eq!(
         names,

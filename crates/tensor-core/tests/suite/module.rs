@@ -145,7 +145,7 @@ fn wrap_keeps_names_and_outputs_and_unwraps() {
     m.wrap("layer.0.attention.self.query", |base| {
         Box::new(AddScaled {
             base,
-            extra: Box::new(Linear::new(8, 8, false, device()).unwrap()),
+            extra: Box::new(with_seed(3, || Linear::new(8, 8, false, device()).unwrap())),
         })
     })
     .unwrap();
@@ -336,7 +336,9 @@ fn errors_name_the_failing_module() {
     }
     let m = Sequential::new().push_named(
         "encoder.layer.2",
-        Box::new(Narrow(Box::new(Linear::new(8, 8, true, device()).unwrap()))),
+        Box::new(Narrow(Box::new(with_seed(4, || {
+            Linear::new(8, 8, true, device()).unwrap()
+        })))),
     );
     let mut ctx = Context::eval();
     let e = m

@@ -66,6 +66,105 @@ fn nested_seeding_does_not_deadlock() {
 }
 
 #[test]
+fn reseeding_waits_for_another_threads_seeded_draw() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tensor_core::testing::{as_seed_lock_holder, holds_seed_lock, manual_seed};
+    let dev = device();
+    // Several draws in one seeded closure, like a layer's weight and bias.
+    let draws = || {
+        with_seed(5, || {
+            (0..8)
+                .map(|_| Tensor::randn([64], (Kind::Float, Device::Cpu)))
+                .collect::<Vec<_>>()
+        })
+    };
+    let expected = Tensor::cat(&draws(), 0);
+    // Another thread reseeds over and over while this one draws under the
+    // lock: what it draws must not change.
+    let (started, stop) = (AtomicBool::new(false), AtomicBool::new(false));
+    let reseeded = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                manual_seed(99);
+                started.store(true, Ordering::Relaxed);
+            }
+        });
+        while !started.load(Ordering::Relaxed) {
+            std::thread::yield_now();
+        }
+        let reseeded = (0..200)
+            .filter(|_| !Tensor::cat(&draws(), 0).equal(&expected))
+            .count();
+        // Stop the other thread before asserting: the scope joins it.
+        stop.store(true, Ordering::Relaxed);
+        reseeded
+    });
+    assert_eq!(reseeded, 0, "draws reseeded midway by another thread");
+    let expected = expected.narrow(0, 0, 64).to_device(dev);
+    // Workers spawned inside `with_seed` seed as holders instead of waiting
+    // for the lock their spawner holds.
+    let drawn = with_seed(1, || {
+        let held = holds_seed_lock();
+        std::thread::scope(|scope| {
+            scope
+                .spawn(move || {
+                    as_seed_lock_holder(held, || {
+                        assert!(holds_seed_lock());
+                        manual_seed(5);
+                        Tensor::randn([64], (Kind::Float, Device::Cpu))
+                    })
+                })
+                .join()
+                .unwrap()
+        })
+    });
+    assert!(drawn.to_device(dev).equal(&expected));
+    assert!(!holds_seed_lock());
+}
+
+#[test]
+fn workers_of_one_holder_do_not_interleave_their_seeded_draws() {
+    use tensor_core::testing::{as_seed_lock_holder, holds_seed_lock};
+    // Host values: tensors cannot be shared between threads.
+    let draws = || {
+        with_seed(5, || {
+            let t = Tensor::cat(
+                &(0..8)
+                    .map(|_| Tensor::randn([64], (Kind::Float, Device::Cpu)))
+                    .collect::<Vec<_>>(),
+                0,
+            );
+            Vec::<f32>::try_from(&t).unwrap()
+        })
+    };
+    let expected = draws();
+    // Two workers of one holder (like parallel distillation jobs drawing
+    // seeded batches): each seeded closure must still see only its own seed.
+    let changed = with_seed(1, || {
+        let held = holds_seed_lock();
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..2)
+                .map(|_| {
+                    scope.spawn(|| {
+                        as_seed_lock_holder(held, || {
+                            (0..100).filter(|_| draws() != expected).count()
+                        })
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|w| w.join().unwrap())
+                .sum::<usize>()
+        })
+    });
+    assert_eq!(
+        changed, 0,
+        "a worker's seeded draws interleaved with another's"
+    );
+}
+
+#[test]
 fn test_device_follows_the_environment_value_and_refuses_a_missing_gpu() {
     use tensor_core::DType;
     use tensor_core::testing::{test_device_from, tolerances};
