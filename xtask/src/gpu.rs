@@ -218,10 +218,9 @@ pub fn gpu_check() -> Result<(), Fail> {
     let root_str = root.display().to_string();
     fs::write(
         &script,
-        RUN_SH.replace("@BUILD_ROOT@", &root_str).replace(
-            "@PROPTEST_SEED@",
-            &crate::proptest_seed(std::env::var(crate::PROPTEST_SEED_VAR).ok().as_deref()),
-        ),
+        RUN_SH
+            .replace("@BUILD_ROOT@", &root_str)
+            .replace("@PROPTEST_SEED@", &crate::proptest_seed()),
     )
     .map_err(|e| Fail::new("gpu-check", e.to_string(), "check .gpu is writable"))?;
     println!(

@@ -148,8 +148,14 @@ impl Timer {
 /// variable set to another value, explores other cases.
 const PROPTEST_SEED_VAR: &str = "PROPTEST_RNG_SEED";
 
-/// The seed the property tests run under: the caller's, else a fixed one.
-fn proptest_seed(from_env: Option<&str>) -> String {
+/// The seed the property tests run under: `PROPTEST_RNG_SEED` when set,
+/// else a fixed one.
+fn proptest_seed() -> String {
+    proptest_seed_from(std::env::var(PROPTEST_SEED_VAR).ok().as_deref())
+}
+
+/// [`proptest_seed`] for an explicit value of the variable.
+fn proptest_seed_from(from_env: Option<&str>) -> String {
     match from_env.map(str::trim) {
         Some(v) if !v.is_empty() => v.to_owned(),
         _ => "20261128".to_owned(),
@@ -192,7 +198,7 @@ fn test(a: &Args) -> Result<(), Fail> {
         if cuda {
             c.env("MODULAR_TEST_DEVICE", "cuda");
         }
-        let seed = proptest_seed(std::env::var(PROPTEST_SEED_VAR).ok().as_deref());
+        let seed = proptest_seed();
         println!("xtask: property tests draw from {PROPTEST_SEED_VAR}={seed}");
         c.env(PROPTEST_SEED_VAR, &seed);
         if !a.rest.is_empty() {
@@ -398,8 +404,8 @@ mod tests {
 
     #[test]
     fn property_tests_get_a_fixed_seed_unless_one_is_given() {
-        assert_eq!(proptest_seed(None), proptest_seed(Some("  ")));
-        assert!(proptest_seed(None).parse::<u64>().is_ok());
-        assert_eq!(proptest_seed(Some(" 42 ")), "42");
+        assert_eq!(proptest_seed_from(None), proptest_seed_from(Some("  ")));
+        assert!(proptest_seed_from(None).parse::<u64>().is_ok());
+        assert_eq!(proptest_seed_from(Some(" 42 ")), "42");
     }
 }
