@@ -227,11 +227,12 @@ fn finetune(a: &Args) -> Result<(), Fail> {
     run("finetune", c)
 }
 
-/// A real-task experiment (not part of CI): `cargo xtask experiment emoe [...]`.
+/// A real-task experiment (not part of CI), from the `experiments` crate:
+/// `cargo xtask experiment NAME [--out DIR] [options]`.
 fn experiment(a: &Args) -> Result<(), Fail> {
     setup::ensure(false)?;
     let mut c = cargo();
-    c.args(["run", "--quiet", "-p", "modular-cli", "--", "experiment"])
+    c.args(["run", "--quiet", "-p", "experiments", "--"])
         .args(&a.raw);
     run("experiment", c)
 }

@@ -26,9 +26,9 @@ use tensor_core::module::ModuleExt;
 use tensor_core::tch::{self, Device, Kind, Tensor};
 use tensor_core::testing::closeness;
 
-use crate::experiments::{Kind as TuneKind, tune_once};
-use crate::merge_experiment::{Arm, MergeHooks, TARGETS, encode, eval_subset, score_merged, tasks};
-use crate::svg;
+use recipes::merge::{Arm, MergeHooks, TARGETS, encode, eval_subset, score_merged, tasks};
+use recipes::svg;
+use recipes::tune::{Kind as TuneKind, tune_once};
 
 type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -468,7 +468,7 @@ fn bricks_step(
     println!("  profiling functional bricks ...");
     let mut enc = SentenceEncoder::from_folder(&source.dir, device)?;
     let (train, test) = if budget.fast { (8, 4) } else { (80, 20) };
-    let b = crate::bricks_experiment::demo(
+    let b = recipes::bricks::demo(
         &mut enc,
         train,
         test,
@@ -485,7 +485,7 @@ fn bricks_step(
         / (n * (n - 1)) as f64;
     let mean_diag = diag.iter().sum::<f64>() / n as f64;
     report.notes.push(format!(
-        "Bricks: {} examples x {} FFN neurons profiled ({:.1} examples/s); top-5% bricks of different functionalities overlap {:.3} on average vs {:.3} for random sets of the same sizes; zeroing a functionality's brick raises the functionality probe's cross-entropy on that functionality by {mean_diag:+.4} nats on average vs {off:+.4} on the others, the diagonal dominating in {}/{n} columns. `modular experiment bricks` runs the full analysis (docs/results/bricks.md).",
+        "Bricks: {} examples x {} FFN neurons profiled ({:.1} examples/s); top-5% bricks of different functionalities overlap {:.3} on average vs {:.3} for random sets of the same sizes; zeroing a functionality's brick raises the functionality probe's cross-entropy on that functionality by {mean_diag:+.4} nats on average vs {off:+.4} on the others, the diagonal dominating in {}/{n} columns. `cargo xtask experiment bricks` runs the full analysis (docs/results/bricks.md).",
         b.examples, b.neurons, b.examples_per_second, b.overlap, b.random_overlap, b.diagonal_dominant
     ));
     report.perturbation = Some((
@@ -513,7 +513,7 @@ fn bricks_step(
 /// global generator in a racy order, and the demo must give the same numbers
 /// on every run (`modular distill` and the experiment run them in parallel).
 fn m2mkd_step(source: &ModelSource, budget: &Budget, report: &mut Report) -> AnyResult<Step> {
-    use crate::m2mkd_experiment::{Plan, baselines, m2mkd_arm, prepare};
+    use recipes::m2mkd::{Plan, baselines, m2mkd_arm, prepare};
     let t = Instant::now();
     println!("  distilling a modular student with m2mKD ...");
     let p = if budget.fast {
@@ -560,7 +560,7 @@ fn m2mkd_step(source: &ModelSource, budget: &Budget, report: &mut Report) -> Any
         .iter()
         .map(|(_, t)| t.numel() as i64)
         .sum();
-    let ood = |s: &crate::m2mkd_experiment::Scores| s.ood.map_or(f64::NAN, |o| o.accuracy);
+    let ood = |s: &recipes::m2mkd::Scores| s.ood.map_or(f64::NAN, |o| o.accuracy);
     report
         .accuracies
         .push(("m2mKD teacher".into(), prep.teacher_scores.id.accuracy));
@@ -571,7 +571,7 @@ fn m2mkd_step(source: &ModelSource, budget: &Budget, report: &mut Report) -> Any
         .accuracies
         .push(("m2mKD student, m2mKD".into(), m.trained.id.accuracy));
     report.notes.push(format!(
-        "m2mKD: teacher MiniLM ({} layers, {:.1}M parameters) fine-tuned {} steps, split into {} modules; student {} modules of one width-{} BERT layer with a top-2 mixture of {} experts ({:.2}M parameters); each student module distilled {} steps in its hybrid network (all modules in {:.1} s, one after the other; steps/s per module {}), then {} end-to-end steps. In-domain / Amazon OOD accuracy: teacher {:.3} / {:.3}, student from scratch ({} steps) {:.3} / {:.3}, m2mKD {:.3} / {:.3} (right after assembly {:.3}). `modular experiment m2mkd` runs the 3-seed comparison with logit KD (docs/results/m2mkd.md).",
+        "m2mKD: teacher MiniLM ({} layers, {:.1}M parameters) fine-tuned {} steps, split into {} modules; student {} modules of one width-{} BERT layer with a top-2 mixture of {} experts ({:.2}M parameters); each student module distilled {} steps in its hybrid network (all modules in {:.1} s, one after the other; steps/s per module {}), then {} end-to-end steps. In-domain / Amazon OOD accuracy: teacher {:.3} / {:.3}, student from scratch ({} steps) {:.3} / {:.3}, m2mKD {:.3} / {:.3} (right after assembly {:.3}). `cargo xtask experiment m2mkd` runs the seeded comparison with logit KD (docs/results/m2mkd.md).",
         prep.depth,
         prep.teacher_parameters() as f64 / 1e6,
         p.teacher_steps,
@@ -713,8 +713,8 @@ fn write_report(
         ));
     }
     for (file, title, text) in &plots {
-        crate::experiments::write_quiet(&out.join(file), text)?;
+        recipes::report::write_quiet(&out.join(file), text)?;
         let _ = writeln!(md, "\n## {title}\n\n![{title}]({file})");
     }
-    crate::experiments::write_quiet(&out.join("report.md"), &md)
+    recipes::report::write_quiet(&out.join("report.md"), &md)
 }

@@ -7,12 +7,8 @@
 //!   first FFN cut into 8 experts.
 //! - `modular finetune [options]`: fine-tune the encoder on the project's
 //!   sentiment data (see `modular finetune --help`).
-//! - `modular experiment emoe [options]`: the EMoE results table
-//! - `modular experiment pet [options]`: the parameter-efficient tuning results table
-//!   (`docs/results/emoe.md`).
-//! - `modular experiment moe [options]`: the moe-router real task, a small
-//!   ModuleFormer-style decoder with and without the MI loss, and pruning
-//!   (`docs/results/moe.md`).
+//! - the results tables of `docs/results/` are not here: they are the
+//!   `experiments` crate's, run by `cargo xtask experiment NAME`.
 //! - `modular split | merge | tune | profile | inspect`: the user subcommands
 //!   (EMoE split of a model folder, PEFT adapter merging, LoRA / VL-PET tuning
 //!   on a JSONL dataset, functional-brick profiling, folder summaries), in
@@ -20,14 +16,8 @@
 //!
 //! Exit codes: 0 success, 1 the work failed, 2 a malformed command line.
 
-mod bricks_experiment;
 mod cli;
 mod demo;
-mod experiments;
-mod m2mkd_experiment;
-mod merge_experiment;
-mod moe_experiment;
-mod svg;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -110,7 +100,7 @@ fn finetune_cmd(args: &[String]) -> AnyResult<()> {
 const USAGE: &str = "usage: modular <command> [options]   (modular <command> --help for each)
   modular demo [--model DIR]                                      the demo (default command)
   modular finetune [options]                                      full fine-tuning on the sentiment data
-  modular experiment emoe|pet|moe|merge|m2mkd|bricks [options]    the real-task results tables";
+  (the real-task results tables: `cargo xtask experiment NAME`, crates/experiments)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -118,31 +108,23 @@ fn main() -> ExitCode {
         Some("demo") => demo::run(&args[1..]),
         None => demo::run(&[]),
         Some("finetune") => finetune_cmd(&args[1..]),
-        Some(cmd @ ("split" | "merge" | "tune" | "inspect" | "distill" | "profile")) => cli::run(cmd, &args[1..]),
+        Some(cmd @ ("split" | "merge" | "tune" | "inspect" | "distill" | "profile")) => {
+            cli::run(cmd, &args[1..])
+        }
         Some("help" | "--help" | "-h") => {
             println!("{USAGE}\n{}", cli::SUMMARY);
             return ExitCode::SUCCESS;
         }
-        Some("experiment") => match args.get(1).map(String::as_str) {
-            Some("emoe") => experiments::emoe(&args[2..]),
-            Some("pet") => experiments::pet(&args[2..]),
-            Some("moe") => moe_experiment::run(&args[2..]),
-            Some("merge") => merge_experiment::run(&args[2..]),
-            Some("m2mkd") => m2mkd_experiment::run(&args[2..]),
-            Some("bricks") => bricks_experiment::run(&args[2..]),
-            _ => Err(format!(
-                "usage: modular experiment emoe|pet|moe|merge|m2mkd|bricks [options]\n{}\n{}\n{}\n{}\n{}\n{}",
-                experiments::EMOE_HELP,
-                experiments::PET_HELP,
-                moe_experiment::MOE_HELP,
-                merge_experiment::MERGE_HELP,
-                m2mkd_experiment::M2MKD_HELP,
-                bricks_experiment::BRICKS_HELP
-            )
-            .into()),
-        },
+        Some("experiment") => Err(Box::<dyn std::error::Error>::from(cli::UsageError(
+            "the experiments moved to their own crate: run `cargo xtask experiment NAME` \
+             (emoe, pet, moe, merge, m2mkd, bricks)"
+                .into(),
+        ))),
         Some(other) => {
-            eprintln!("modular: unknown command '{other}'\n{USAGE}\n{}", cli::SUMMARY);
+            eprintln!(
+                "modular: unknown command '{other}'\n{USAGE}\n{}",
+                cli::SUMMARY
+            );
             return ExitCode::from(2);
         }
     };

@@ -24,7 +24,7 @@ use tensor_core::tch::Tensor;
 
 use super::tune::load_data;
 use super::{AnyResult, AtomicDir, Flags, require_model_dir, spinner, usage};
-use crate::m2mkd_experiment::{Plan, Scores, baselines, m2mkd_arm, prepare};
+use recipes::m2mkd::{Plan, Scores, baselines, m2mkd_arm, prepare};
 
 pub const HELP: &str = "\
 usage: modular distill --data FILE.jsonl|DIR --out DIR [--modules 3] [--student-width 192]

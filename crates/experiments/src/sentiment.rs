@@ -1,4 +1,4 @@
-//! Real-task experiments behind `modular experiment NAME` (never run in CI).
+//! Real-task experiments behind `cargo xtask experiment NAME` (never run in CI).
 //!
 //! Each fine-tunes all-MiniLM-L6-v2 on the project's sentiment data (movie
 //! reviews; in-domain test, and Amazon product reviews out of domain) with
@@ -10,179 +10,19 @@
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
-use crate::cli::{Flags, usage};
-use emergent_split::{EmoeConfig, convert, refresh_gates};
-use model_zoo::bert::SequenceClassifier;
+use crate::stats::mean_std;
 use model_zoo::data::TextClassification;
-use model_zoo::finetune::{FinetuneHooks, FinetuneOptions, FinetuneReport, finetune_with};
+use model_zoo::finetune::{FinetuneOptions, FinetuneReport, finetune_with};
 use model_zoo::source::ModelSource;
-use pet_core::{
-    AdapterConfig, GateConfig, Granularity, LoraConfig, VlPetConfig, add_adapter, add_lora,
-    apply_vlpet, mark_only_adapters_trainable, trainable_report,
-};
-
-type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
-
-fn zoo(e: impl std::fmt::Display) -> model_zoo::Error {
-    model_zoo::Error::invalid(e.to_string())
-}
-
-/// One way of tuning the classifier.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) enum Kind {
-    Full,
-    Emoe,
-    Lora,
-    LoraEmoe,
-    Adapter,
-    VlPet(Granularity),
-    LoraGate,
-}
-
-impl Kind {
-    pub(crate) fn name(self) -> String {
-        match self {
-            Kind::Full => "full fine-tuning".into(),
-            Kind::Emoe => "EMoE (full)".into(),
-            Kind::Lora => "LoRA".into(),
-            Kind::LoraEmoe => "LoRA + EMoE".into(),
-            Kind::Adapter => "bottleneck adapter".into(),
-            Kind::VlPet(g) => format!("VL-PET {}", granularity_name(g)),
-            Kind::LoraGate => "LoRA + G (large)".into(),
-        }
-    }
-
-    fn parameter_efficient(self) -> bool {
-        !matches!(self, Kind::Full | Kind::Emoe)
-    }
-}
-
-fn granularity_name(g: Granularity) -> &'static str {
-    match g {
-        Granularity::Large => "large",
-        Granularity::MiddleX => "middle-X",
-        Granularity::MiddleY => "middle-Y",
-        Granularity::Small => "small",
-    }
-}
-
-/// Shared settings of the parameter-efficient methods on MiniLM (d = 384):
-/// LoRA r = 8, α = 16 on query/value; bottleneck r = 48 = d/8 (VL-PET's
-/// r = 96 on d = 768 scaled to MiniLM), N_h = 4, r_g = 48.
-#[derive(Debug, Clone)]
-struct Setup {
-    lora_r: i64,
-    adapter_r: i64,
-    experts: usize,
-    top_k: usize,
-}
-
-struct Hooks {
-    kind: Kind,
-    setup: Setup,
-    seed: u64,
-    trainable_percent: f64,
-}
-
-impl Hooks {
-    fn lora(&self) -> LoraConfig {
-        let mut c = LoraConfig::new(
-            self.setup.lora_r,
-            2.0 * self.setup.lora_r as f64,
-            &["query", "value"],
-        );
-        c.seed = self.seed;
-        c
-    }
-}
-
-impl FinetuneHooks for Hooks {
-    fn prepare(&mut self, model: &mut SequenceClassifier) -> model_zoo::Result<String> {
-        let d = 384;
-        let r = self.setup.adapter_r;
-        let mut note = String::new();
-        if matches!(self.kind, Kind::Emoe | Kind::LoraEmoe) {
-            let layers = emergent_split::convert::every_other_in_last_half(6);
-            let cfg = EmoeConfig::new(self.setup.experts, self.setup.top_k);
-            let rep = convert(model, &layers, &cfg).map_err(zoo)?;
-            note = format!(
-                "EMoE layers {:?}; ",
-                rep.layers.iter().map(|l| l.layer).collect::<Vec<_>>()
-            );
-        }
-        match self.kind {
-            Kind::Full | Kind::Emoe => {}
-            Kind::Lora | Kind::LoraEmoe => {
-                add_lora(model, "task", &self.lora()).map_err(zoo)?;
-            }
-            Kind::LoraGate => {
-                let mut c = self.lora();
-                c.gate = Some(GateConfig {
-                    bottleneck: r,
-                    ..GateConfig::new(Granularity::Large)
-                });
-                add_lora(model, "task", &c).map_err(zoo)?;
-            }
-            Kind::Adapter => {
-                let c = AdapterConfig {
-                    r,
-                    heads: 4,
-                    target_modules: vec!["attention".into(), "(ffn)".into()],
-                    seed: self.seed,
-                    ..AdapterConfig::default()
-                };
-                add_adapter(model, "task", &c, d).map_err(zoo)?;
-            }
-            Kind::VlPet(g) => {
-                let c = VlPetConfig {
-                    r,
-                    heads: 4,
-                    gate: Some(GateConfig {
-                        bottleneck: r,
-                        ..GateConfig::new(g)
-                    }),
-                    also_trainable: vec!["classifier.*".into()],
-                    seed: self.seed,
-                    ..VlPetConfig::default()
-                };
-                apply_vlpet(model, "task", &c, d).map_err(zoo)?;
-            }
-        }
-        if self.kind.parameter_efficient() && !matches!(self.kind, Kind::VlPet(_)) {
-            mark_only_adapters_trainable(model, &[], &["classifier.*"]);
-        }
-        let rep = trainable_report(model);
-        self.trainable_percent = rep.percent();
-        Ok(format!("{note}{rep}"))
-    }
-
-    fn after_step(&mut self, model: &mut SequenceClassifier) -> Option<model_zoo::Result<()>> {
-        matches!(self.kind, Kind::Emoe | Kind::LoraEmoe)
-            .then(|| refresh_gates(model).map(|_| ()).map_err(zoo))
-    }
-}
+use pet_core::Granularity;
+use recipes::flags::{AnyResult, Flags, usage};
+use recipes::tune::*;
 
 struct Row {
     kind: Kind,
     seed: u64,
     trainable_percent: f64,
     report: FinetuneReport,
-}
-
-/// Mean and sample standard deviation (0 for one value; NaN for none), as
-/// every results table reports them.
-pub(crate) fn mean_std(xs: &[f64]) -> (f64, f64) {
-    if xs.is_empty() {
-        return (f64::NAN, f64::NAN);
-    }
-    let n = xs.len() as f64;
-    let m = xs.iter().sum::<f64>() / n;
-    let v = if xs.len() > 1 {
-        xs.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0)
-    } else {
-        0.0
-    };
-    (m, v.sqrt())
 }
 
 /// Options shared by the experiments.
@@ -377,26 +217,6 @@ pub(crate) fn write(out: &std::path::Path, md: &str) -> AnyResult<()> {
     Ok(())
 }
 
-/// One tuning run set up as in the experiments (LoRA r = 8, α = 16 on
-/// query/value; adapters and VL-PET r = 48, 4 heads; parameter-efficient
-/// methods at `opts.lr`): the report and the trainable share in %.
-pub(crate) fn tune_once(
-    kind: Kind,
-    source: &ModelSource,
-    data: &TextClassification,
-    opts: &FinetuneOptions,
-    device: tensor_core::tch::Device,
-) -> AnyResult<(FinetuneReport, f64)> {
-    let mut hooks = Hooks {
-        kind,
-        setup: default_plan("unused.md", 0, None).setup,
-        seed: opts.seed,
-        trainable_percent: 100.0,
-    };
-    let report = finetune_with(source, data, opts, device, &mut hooks)?;
-    Ok((report, hooks.trainable_percent))
-}
-
 fn default_plan(file: &str, train_limit: usize, eval_limit: Option<usize>) -> Plan {
     Plan {
         seeds: vec![0, 1, 2],
@@ -412,6 +232,7 @@ fn default_plan(file: &str, train_limit: usize, eval_limit: Option<usize>) -> Pl
             adapter_r: 48,
             experts: 16,
             top_k: 4,
+            emoe_layers: None,
         },
         out: PathBuf::from(env!("CARGO_MANIFEST_DIR"))
             .join("../../docs/results")
@@ -419,7 +240,7 @@ fn default_plan(file: &str, train_limit: usize, eval_limit: Option<usize>) -> Pl
     }
 }
 
-pub const EMOE_HELP: &str = "usage: modular experiment emoe [--seeds 0,1,2] [--train-limit N] [--eval-limit N] [--epochs N] [--experts N] [--top-k K] [--lr X] [--pet-lr X] [--out FILE]
+pub const EMOE_HELP: &str = "usage: cargo xtask experiment emoe [--seeds 0,1,2] [--train-limit N] [--eval-limit N] [--epochs N] [--experts N] [--top-k K] [--lr X] [--pet-lr X] [--out FILE]
 Dense vs EMoE, and LoRA vs LoRA + EMoE, fine-tuning all-MiniLM-L6-v2 on data/sentiment_domains;
 EMoE converts every other layer of the last half (layers 3 and 5 of 6) into N experts with top-k
 routing (default N=16, k=4). Writes a markdown table (default docs/results/emoe.md).";
@@ -444,7 +265,7 @@ pub fn emoe(args: &[String]) -> AnyResult<()> {
     )?;
     writeln!(
         md,
-        "Command: `cargo xtask experiment emoe` (= `modular experiment emoe --seeds {} --train-limit {} --epochs {} --experts {experts} --top-k {top_k}`).\n",
+        "Command: `cargo xtask experiment emoe` (= `cargo xtask experiment emoe --seeds {} --train-limit {} --epochs {} --experts {experts} --top-k {top_k}`).\n",
         seeds_arg(&plan.seeds),
         plan.opts
             .train_limit
@@ -485,7 +306,7 @@ pub fn emoe(args: &[String]) -> AnyResult<()> {
     write(&plan.out, &md)
 }
 
-pub const PET_HELP: &str = "usage: modular experiment pet [--seeds 0,1,2] [--train-limit N] [--eval-limit N] [--epochs N] [--lr X] [--pet-lr X] [--out FILE]
+pub const PET_HELP: &str = "usage: cargo xtask experiment pet [--seeds 0,1,2] [--train-limit N] [--eval-limit N] [--epochs N] [--lr X] [--pet-lr X] [--out FILE]
 Full fine-tuning, LoRA, a bottleneck adapter, VL-PET (large / middle-X / middle-Y / small gates) and
 LoRA + G on all-MiniLM-L6-v2 with data/sentiment_domains, same budget, several seeds.
 Writes a markdown table (default docs/results/pet.md).";
@@ -518,7 +339,7 @@ pub fn pet(args: &[String]) -> AnyResult<()> {
     )?;
     writeln!(
         md,
-        "Command: `cargo xtask experiment pet` (= `modular experiment pet --seeds {} --train-limit {} --epochs {}`).\n",
+        "Command: `cargo xtask experiment pet` (= `cargo xtask experiment pet --seeds {} --train-limit {} --epochs {}`).\n",
         seeds_arg(&plan.seeds),
         plan.opts
             .train_limit

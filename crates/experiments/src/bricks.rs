@@ -1,4 +1,4 @@
-//! `modular experiment bricks`: the real analysis of issue 9
+//! `cargo xtask experiment bricks`: the real analysis of issue 9
 //! (configurable-bricks) on all-MiniLM-L6-v2 and `data/functional_corpus`
 //! (5 functionalities: code, prose, translation, math, shell).
 //!
@@ -27,30 +27,28 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::cli::{Flags, usage};
 use configurable_bricks::analysis::NormalisedIndicator;
 use configurable_bricks::partition::{
     Partition, PartitionConfig, coactivation_partition, within_brick_correlation,
 };
-use configurable_bricks::profile::{ProfileBatch, ProfileSummary};
 use configurable_bricks::sets::random_overlap_baseline;
 use configurable_bricks::{
     AttributionConfig, FuncScores, Indicator, NeuronSet, OverlapFormula, Perturbation, Profile,
-    ProfileConfig, Profiler, SetConfig, SparsityPoint, TopScope, func_scores, functional_sets,
-    overlap_matrix, perturbation_matrix, profile_corpus, sparsity_curve, svg,
+    SetConfig, SparsityPoint, TopScope, func_scores, functional_sets, overlap_matrix,
+    perturbation_matrix, sparsity_curve, svg,
 };
-use model_zoo::bert::{SentenceEncoder, l2_normalize, mean_pool};
+use model_zoo::bert::SentenceEncoder;
 use model_zoo::source::ModelSource;
+use recipes::bricks::*;
+use recipes::flags::{AnyResult, Flags, usage};
 use tensor_core::rng::SplitMix64;
 use tensor_core::tch::{self, Device, Kind, Tensor};
 use tensor_core::{Context, Module};
 
-type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
-
 /// One sparsity curve: indicator, points, per-point distortions.
 type Curve = (Indicator, Vec<SparsityPoint>, Vec<Vec<f64>>);
 
-pub const BRICKS_HELP: &str = "usage: modular experiment bricks [--train-per-function N] [--test-per-function N] [--batch N]
+pub const BRICKS_HELP: &str = "usage: cargo xtask experiment bricks [--train-per-function N] [--test-per-function N] [--batch N]
                                 [--top-fraction X] [--bricks K] [--profile FILE] [--out FILE]
 Functional bricks of all-MiniLM-L6-v2 on data/functional_corpus (code, prose, translation, math, shell):
 profiles every FFN neuron on the train split (mean |activation| per example, safetensors), FuncScore = AP,
@@ -59,18 +57,6 @@ top-5% sets and their overlap vs random, perturbation matrix and sparsity curve 
 Writes docs/results/bricks.md and docs/results/bricks/*.svg (or next to --out).
 Defaults (about 15 min on one loaded CPU thread): 400 of the 640 train and 60 of the 160 test examples\nper functionality, batch 32, top 5%, 16 bricks; sparsity at k = 0, 30, 50, 70, 90%.
 A smoke run: --train-per-function 40 --test-per-function 10 --out /tmp/bricks/bricks.md";
-
-const FUNCTIONS: [&str; 5] = ["code", "prose", "translation", "math", "shell"];
-
-struct Plan {
-    train_per_function: usize,
-    test_per_function: usize,
-    batch: usize,
-    top_fraction: f64,
-    bricks: usize,
-    profile: PathBuf,
-    out: PathBuf,
-}
 
 fn parse(args: &[String]) -> AnyResult<Option<Plan>> {
     const CMD: &str = "experiment bricks";
@@ -113,211 +99,6 @@ fn parse(args: &[String]) -> AnyResult<Option<Plan>> {
         );
     }
     Ok(Some(plan))
-}
-
-struct Example {
-    text: String,
-    label: usize,
-}
-
-/// Train and test examples, the first N per functionality of each split, in file order.
-fn load_corpus(plan: &Plan) -> AnyResult<(Vec<Example>, Vec<Example>)> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../data/functional_corpus/functional.jsonl");
-    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let (mut train, mut test) = (Vec::new(), Vec::new());
-    let mut counts = [[0usize; 5]; 2];
-    for (i, line) in text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-    {
-        let v: serde_json::Value =
-            serde_json::from_str(line).map_err(|e| format!("{}:{}: {e}", path.display(), i + 1))?;
-        let field = |k: &str| {
-            v[k].as_str()
-                .ok_or_else(|| format!("{}:{}: no string field '{k}'", path.display(), i + 1))
-        };
-        let f = field("function")?;
-        let label = FUNCTIONS
-            .iter()
-            .position(|&x| x == f)
-            .ok_or_else(|| format!("unknown function '{f}'"))?;
-        let (split, limit) = match field("split")? {
-            "train" => (0, plan.train_per_function),
-            "test" => (1, plan.test_per_function),
-            s => return Err(format!("{}:{}: unknown split '{s}'", path.display(), i + 1).into()),
-        };
-        if counts[split][label] < limit {
-            counts[split][label] += 1;
-            let ex = Example {
-                text: field("text")?.to_owned(),
-                label,
-            };
-            if split == 0 {
-                train.push(ex)
-            } else {
-                test.push(ex)
-            }
-        }
-    }
-    Ok((train, test))
-}
-
-struct Batch {
-    ids: Tensor,
-    mask: Tensor,
-    labels: Vec<usize>,
-}
-
-/// Tokenised batches, examples sorted by length (less padding); labels follow.
-fn batches(enc: &SentenceEncoder, examples: &[Example], batch: usize) -> AnyResult<Vec<Batch>> {
-    let mut order: Vec<usize> = (0..examples.len()).collect();
-    let lens: Vec<usize> = examples
-        .iter()
-        .map(|e| enc.tokenizer.encode_ids(&e.text).map(|v| v.len()))
-        .collect::<Result<_, _>>()?;
-    order.sort_by_key(|&i| (lens[i], i));
-    order
-        .chunks(batch)
-        .map(|c| {
-            let texts: Vec<&str> = c.iter().map(|&i| examples[i].text.as_str()).collect();
-            let e = enc.tokenizer.encode_batch(&texts, enc.device)?;
-            Ok(Batch {
-                ids: e.input_ids,
-                mask: e.attention_mask,
-                labels: c.iter().map(|&i| examples[i].label).collect(),
-            })
-        })
-        .collect()
-}
-
-/// Normalised sentence embeddings of every batch, concatenated `[n, d]`.
-fn embed(model: &dyn Module, batches: &[Batch]) -> tensor_core::Result<Tensor> {
-    let mut out = Vec::new();
-    for b in batches {
-        let mut ctx = Context::eval().with_mask(b.mask.shallow_clone());
-        let h = tch::no_grad(|| model.forward(&b.ids, &mut ctx))?;
-        out.push(
-            l2_normalize(
-                &mean_pool(&h, &b.mask).map_err(|e| tensor_core::Error::config(e.to_string()))?,
-            )
-            .map_err(|e| tensor_core::Error::config(e.to_string()))?,
-        );
-    }
-    Ok(Tensor::cat(&out, 0))
-}
-
-/// Linear softmax probe on embeddings, full-batch Adam, seeded.
-fn train_probe(x: &Tensor, labels: &[usize]) -> AnyResult<(Tensor, Tensor)> {
-    let (n, d) = (x.size()[0], x.size()[1]);
-    let y = Tensor::from_slice(&labels.iter().map(|&l| l as i64).collect::<Vec<_>>());
-    let w = tensor_core::testing::randn_seeded(&[5, d], 7, Device::Cpu)?
-        .f_mul_scalar(0.01)?
-        .set_requires_grad(true);
-    let b = Tensor::zeros([5], (Kind::Float, Device::Cpu)).set_requires_grad(true);
-    let mut opt_state: Vec<(Tensor, Tensor)> = [&w, &b]
-        .iter()
-        .map(|p| (p.zeros_like(), p.zeros_like()))
-        .collect();
-    let x = x.to_device(Device::Cpu).detach();
-    for t in 1..=500 {
-        let logits = x.linear(&w, Some(&b)) * 10.0;
-        let loss =
-            logits.cross_entropy_for_logits(&y) + w.square().sum(Kind::Float) * (1e-3 / n as f64);
-        let g = Tensor::run_backward(&[loss], &[&w, &b], false, false);
-        tch::no_grad(|| {
-            for ((p, g), (m, v)) in [&w, &b].iter().zip(&g).zip(opt_state.iter_mut()) {
-                *m = &*m * 0.9 + g * 0.1;
-                *v = &*v * 0.999 + g.square() * 0.001;
-                let mh = &*m / (1.0 - 0.9f64.powi(t));
-                let vh = &*v / (1.0 - 0.999f64.powi(t));
-                let _ = p.shallow_clone().f_sub_(&(mh / (vh.sqrt() + 1e-8) * 0.01));
-            }
-        });
-    }
-    Ok((w.detach(), b.detach()))
-}
-
-/// Per functionality: probe cross-entropy and embedding distortion `1 − cos`.
-fn losses(
-    emb: &Tensor,
-    clean: &Tensor,
-    labels: &Tensor,
-    probe: &(Tensor, Tensor),
-) -> (Vec<f64>, Vec<f64>) {
-    let logits = emb.linear(&probe.0, Some(&probe.1)) * 10.0;
-    let ce = logits
-        .log_softmax(-1, Kind::Float)
-        .gather(1, &labels.unsqueeze(1), false)
-        .squeeze_dim(1)
-        .neg();
-    let dist = (emb * clean).sum_dim_intlist(1, false, Kind::Float).neg() + 1.0;
-    let per = |t: &Tensor| -> Vec<f64> {
-        (0..5i64)
-            .map(|f| {
-                let m = labels.eq(f).to_kind(Kind::Float);
-                ((t * &m).sum(Kind::Double) / m.sum(Kind::Double)).double_value(&[])
-            })
-            .collect()
-    };
-    (per(&ce), per(&dist))
-}
-
-fn quantile(sorted: &[f64], q: f64) -> f64 {
-    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
-}
-
-fn names() -> Vec<String> {
-    FUNCTIONS.iter().map(|s| s.to_string()).collect()
-}
-
-/// Profile every FFN on `batches` into `path` (streamed to safetensors),
-/// collecting the intact model's normalised sentence embeddings on the way:
-/// `(summary, labels, embeddings [n, d] on the CPU)`.
-fn profile_with_embeddings(
-    model: &dyn Module,
-    batches: &[Batch],
-    path: &Path,
-    progress: bool,
-) -> AnyResult<(ProfileSummary, Vec<usize>, Tensor)> {
-    let profiler = Profiler::new(model, ProfileConfig::default())?;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let labels: Vec<usize> = batches
-        .iter()
-        .flat_map(|b| b.labels.iter().copied())
-        .collect();
-    let pb: Vec<_> = batches
-        .iter()
-        .map(|b| {
-            Ok(ProfileBatch {
-                input: b.ids.shallow_clone(),
-                attention_mask: b.mask.shallow_clone(),
-                scope: None,
-            })
-        })
-        .collect();
-    let emb = RefCell::new(Vec::new());
-    let summary = profile_corpus(
-        &profiler,
-        pb,
-        &labels,
-        &names(),
-        path,
-        progress,
-        |b, ctx| {
-            let h = model.forward(&b.input, ctx)?;
-            let e = mean_pool(&h, &b.attention_mask)
-                .and_then(|e| l2_normalize(&e))
-                .map_err(|e| tensor_core::Error::config(e.to_string()))?;
-            emb.borrow_mut().push(e);
-            Ok(h)
-        },
-    )?;
-    let emb = Tensor::cat(&emb.into_inner(), 0).to_device(Device::Cpu);
-    Ok((summary, labels, emb))
 }
 
 pub fn run(args: &[String]) -> AnyResult<()> {
@@ -503,120 +284,11 @@ pub fn run(args: &[String]) -> AnyResult<()> {
     write(&plan.out, &md)
 }
 
-/// What the demo's bricks step reports.
-pub(crate) struct BricksDemo {
-    pub examples: usize,
-    pub examples_per_second: f64,
-    pub neurons: i64,
-    /// Mean off-diagonal overlap of the top sets (resident neurons kept) and
-    /// its random baseline.
-    pub overlap: f64,
-    pub random_overlap: f64,
-    /// Probe cross-entropy on functionality g with S_f zeroed, `[f][g]`.
-    pub perturbation: Perturbation,
-    pub diagonal_dominant: usize,
-    pub functions: Vec<String>,
-}
-
-fn mean_off_diagonal(m: &[Vec<f64>]) -> f64 {
-    let n = m.len();
-    let mut sum = 0.0;
-    for (i, row) in m.iter().enumerate() {
-        for (j, v) in row.iter().enumerate() {
-            if i != j {
-                sum += v;
-            }
-        }
-    }
-    sum / (n * n.saturating_sub(1)).max(1) as f64
-}
-
-/// The demo's short version of the analysis on `enc`: profile
-/// `train_per_function` examples per functionality into `profile_path`,
-/// FuncScores, top-`top_fraction` sets, their overlap against the random
-/// baseline, and the perturbation matrix of a linear functionality probe's
-/// cross-entropy on `test_per_function` examples per functionality.
-pub(crate) fn demo(
-    enc: &mut SentenceEncoder,
-    train_per_function: usize,
-    test_per_function: usize,
-    top_fraction: f64,
-    profile_path: &Path,
-    progress: bool,
-) -> AnyResult<BricksDemo> {
-    let plan = Plan {
-        train_per_function,
-        test_per_function,
-        batch: 32,
-        top_fraction,
-        bricks: 16,
-        profile: profile_path.to_owned(),
-        out: profile_path.with_extension("md"),
-    };
-    let (train, test) = load_corpus(&plan)?;
-    let train_b = batches(enc, &train, plan.batch)?;
-    let test_b = batches(enc, &test, plan.batch)?;
-    let (summary, labels, train_emb) =
-        profile_with_embeddings(&enc.model, &train_b, profile_path, progress)?;
-    let profile = Profile::open(profile_path)?;
-    let scores = func_scores(
-        &profile.matrix()?,
-        &profile.labels,
-        &profile.functions,
-        &AttributionConfig::default(),
-    )?;
-    let sites = profile.sites.clone();
-    let set_cfg = SetConfig {
-        top_fraction,
-        resident_rule: configurable_bricks::ResidentRule::None,
-        ..SetConfig::default()
-    };
-    let sets = functional_sets(&scores, &sites, &set_cfg, None)?;
-    let overlap = overlap_matrix(&sets, OverlapFormula::OverSize)?;
-    let baseline = random_overlap_baseline(
-        &sets,
-        &sites,
-        TopScope::PerLayer,
-        OverlapFormula::OverSize,
-        50,
-        1,
-    )?;
-    // The loss: a linear functionality probe on the intact train embeddings
-    // (MiniLM ships no MLM head), as in the full analysis.
-    let probe = train_probe(&train_emb, &labels)?;
-    let test_labels = Tensor::from_slice(
-        &test_b
-            .iter()
-            .flat_map(|b| b.labels.iter().map(|&l| l as i64))
-            .collect::<Vec<_>>(),
-    );
-    let clean = embed(&enc.model, &test_b)?.to_device(Device::Cpu);
-    let eval = |m: &dyn Module| -> configurable_bricks::Result<Vec<f64>> {
-        let e = embed(m, &test_b)?.to_device(Device::Cpu);
-        Ok(losses(&e, &clean, &test_labels, &probe).0)
-    };
-    let perturbation = perturbation_matrix(&mut enc.model, &sites, &names(), &sets, eval)?;
-    Ok(BricksDemo {
-        examples: summary.examples,
-        examples_per_second: summary.examples_per_second(),
-        neurons: summary.neurons,
-        overlap: mean_off_diagonal(&overlap),
-        random_overlap: mean_off_diagonal(&baseline),
-        diagonal_dominant: perturbation
-            .diagonal_dominant_columns()
-            .iter()
-            .filter(|&&d| d)
-            .count(),
-        perturbation,
-        functions: names(),
-    })
-}
-
 fn write(out: &Path, md: &str) -> AnyResult<()> {
     if let Some(d) = out.parent() {
         std::fs::create_dir_all(d)?;
     }
-    crate::experiments::write(out, md)
+    recipes::report::write(out, md)
 }
 
 fn write_svg(dir: &Path, name: &str, body: &str) -> AnyResult<()> {
@@ -664,7 +336,7 @@ fn report(
     )?;
     writeln!(
         md,
-        "Command: `cargo run --release -p modular-cli -- experiment bricks` (with `OMP_NUM_THREADS=1`; options: `--train-per-function {} --test-per-function {} --batch {} --top-fraction {} --bricks {}`). Total {minutes:.1} min on a shared 2-core CPU.\n",
+        "Command: `cargo xtask experiment bricks` (with `OMP_NUM_THREADS=1`; options: `--train-per-function {} --test-per-function {} --batch {} --top-fraction {} --bricks {}`). Total {minutes:.1} min on a shared 2-core CPU.\n",
         plan.train_per_function, plan.test_per_function, plan.batch, plan.top_fraction, plan.bricks
     )?;
     writeln!(

@@ -1,4 +1,4 @@
-//! `modular experiment moe`: the real task of issue 5 (moe-router).
+//! `cargo xtask experiment moe`: the real task of issue 5 (moe-router).
 //!
 //! A small ModuleFormer-style decoder — model-zoo's GPT-2 decoder with every
 //! block's attention replaced by moe-router's [`MixtureOfAttention`]
@@ -31,8 +31,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::cli::{Flags, usage};
-use crate::experiments::mean_std;
+use crate::stats::mean_std;
 use model_zoo::data::load_jsonl;
 use model_zoo::gpt::{Gpt2Config, Gpt2Model};
 use model_zoo::source::ModelSource;
@@ -43,12 +42,11 @@ use moe_router::{
     ExpertWeights, MixtureOfAttention, MoaConfig, MoeConfig, MoeLayer, Router,
     attention_expert_usage, expert_usage, prune_attention_experts, prune_experts,
 };
+use recipes::flags::{AnyResult, Flags, usage};
 use tensor_core::tch::{self, Device, Kind, Tensor};
 use tensor_core::{Context, Module, ModuleExt, Slot};
 
-type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
-
-pub const MOE_HELP: &str = "usage: modular experiment moe [--seeds 0,1,2] [--mi-weights 0,0.01,0.1] [--steps N] [--batch N] [--seq N]
+pub const MOE_HELP: &str = "usage: cargo xtask experiment moe [--seeds 0,1,2] [--mi-weights 0,0.01,0.1] [--steps N] [--batch N] [--seq N]
                              [--vocab N] [--d-model N] [--layers N] [--experts N] [--top-k K] [--d-ff N]
                              [--lr X] [--eval-chunks N] [--threads N] [--out FILE]
 A small ModuleFormer-style decoder (model-zoo GPT-2 with MoA + MoE FFN from moe-router)
@@ -889,7 +887,7 @@ fn report(
     )?;
     writeln!(
         md,
-        "Command: `cargo xtask experiment moe` (= `cargo run -p modular-cli -- experiment moe`; the release binary `target/release/modular experiment moe` is the same code). Options: `modular experiment moe --help`.\n"
+        "Command: `cargo xtask experiment moe` (the binary is the `experiments` crate's: `cargo run --release -p experiments -- moe` is the same code). Options: `cargo xtask experiment moe --help`.\n"
     )?;
     writeln!(md, "## Setting\n")?;
     writeln!(
@@ -1190,7 +1188,7 @@ fn write(out: &Path, md: &str) -> AnyResult<()> {
     Ok(())
 }
 
-/// `modular experiment moe [options]`.
+/// `cargo xtask experiment moe [options]`.
 pub fn run(args: &[String]) -> AnyResult<()> {
     let Some(p) = parse(args)? else {
         return Ok(());
