@@ -33,6 +33,7 @@ use crate::gate::GateConfig;
 use crate::kmeans::{KMeansConfig, KMeansSolver, objective};
 use crate::labels::LabelFile;
 use crate::moe_ffn::{ComputePath, EmoeFfn};
+use crate::regularise::Regularisers;
 use crate::split::{
     ExpertSplit, SplitMethod, contiguous_split, key_vectors, kmeans_split, random_split,
 };
@@ -130,6 +131,11 @@ pub struct EmoeConfig {
     /// `split`; a layer missing from it is an error.
     #[serde(default)]
     pub labels_from_file: Option<PathBuf>,
+    /// The Tutel-path extras (expert dropout, CV² loss, capacity with
+    /// priority routing); absent from JSON: the reference's
+    /// [`Regularisers::tutel`].
+    #[serde(default)]
+    pub regularisers: Regularisers,
 }
 
 impl EmoeConfig {
@@ -141,6 +147,15 @@ impl EmoeConfig {
             split: SplitStrategy::default(),
             compute: ComputePath::Auto,
             labels_from_file: None,
+            regularisers: Regularisers::tutel(),
+        }
+    }
+
+    /// [`Self::new`] without the Tutel-path extras (plain avg-k).
+    pub fn plain(num_experts: usize, top_k: usize) -> Self {
+        Self {
+            regularisers: Regularisers::none(),
+            ..Self::new(num_experts, top_k)
         }
     }
 
@@ -149,6 +164,7 @@ impl EmoeConfig {
         let c: Self =
             serde_json::from_str(s).map_err(|e| Error::config(format!("EMoE config JSON: {e}")))?;
         c.gate.validate()?;
+        c.regularisers.validate()?;
         Ok(c)
     }
 }
@@ -183,8 +199,22 @@ pub fn layer_index(path: &str) -> Option<usize> {
         .and_then(|s| s.parse().ok())
 }
 
-/// EMoE's placement, every other layer of the last half, ending at the
-/// last layer: `num_layers = 12` → `[7, 9, 11]`, `6` → `[3, 5]`.
+/// The reference implementation's placement for encoder fine-tuning: one
+/// converted FFN in the upper half, never the last layer: BERT-base's layer
+/// 10 of 12 (0-based), scaled to other depths as `round(10 · L / 12)`
+/// clamped to `[L / 2, L - 2]` (`L - 2` winning when they cross): `L = 12` → `[10]`, `6` → `[4]`, `24` → `[20]`.
+/// Models of fewer than 2 layers get their last layer.
+pub fn reference_layers(num_layers: usize) -> Vec<usize> {
+    if num_layers < 2 {
+        return num_layers.checked_sub(1).into_iter().collect();
+    }
+    let scaled = (10.0 * num_layers as f64 / 12.0).round() as usize;
+    let hi = num_layers - 2;
+    vec![scaled.clamp((num_layers / 2).min(hi), hi)]
+}
+
+/// An alternative placement, every other layer of the last half, ending at
+/// the last layer: `num_layers = 12` → `[7, 9, 11]`, `6` → `[3, 5]`.
 pub fn every_other_in_last_half(num_layers: usize) -> Vec<usize> {
     let start = num_layers / 2;
     (start..num_layers)
@@ -266,6 +296,7 @@ pub fn convert_paths_with<M: ModuleExt + ?Sized>(
     split: &mut dyn FnMut(&str, &FeedForward) -> Result<ExpertSplit>,
 ) -> Result<ConvertReport> {
     cfg.gate.validate()?;
+    cfg.regularisers.validate()?;
     let mut built = Vec::with_capacity(paths.len());
     let mut report = ConvertReport::default();
     for path in paths {
@@ -278,6 +309,7 @@ pub fn convert_paths_with<M: ModuleExt + ?Sized>(
         let s = split(path, ffn)?;
         let mut e = EmoeFfn::from_ffn(ffn, &s, cfg.gate.clone())?;
         e.path = cfg.compute;
+        e.regularisers = cfg.regularisers;
         let keys = crate::kmeans::normalize_rows(&key_vectors(ffn)?)?;
         let n = s.num_experts;
         report.layers.push(LayerReport {
@@ -324,4 +356,24 @@ pub fn fold_back<M: ModuleExt + ?Sized>(model: &mut M) -> Result<Vec<String>> {
         model.replace(p, Box::new(d) as Box<dyn Module>)?;
     }
     Ok(paths)
+}
+
+#[cfg(test)]
+mod placement_tests {
+    use super::*;
+
+    #[test]
+    fn reference_placement_is_one_upper_layer_never_the_last() {
+        assert_eq!(reference_layers(12), vec![10]);
+        assert_eq!(reference_layers(6), vec![4]);
+        assert_eq!(reference_layers(24), vec![20]);
+        assert_eq!(reference_layers(2), vec![0]);
+        assert_eq!(reference_layers(1), vec![0]);
+        assert!(reference_layers(0).is_empty());
+        for l in 2..64 {
+            let r = reference_layers(l)[0];
+            assert!(r >= (l / 2).min(l - 2) && r <= l - 2, "{l}: {r}");
+        }
+        assert_eq!(every_other_in_last_half(12), vec![7, 9, 11]);
+    }
 }

@@ -222,6 +222,9 @@ pub struct Routing {
     /// `[T, k]` f32 weights (all ones in `Hard` mode).
     pub weights: Tensor,
     pub mode: WeightMode,
+    /// Whether a capacity limit may have dropped assignments (their weights
+    /// are 0, also in `Hard` mode).
+    pub dropped: bool,
 }
 
 impl Routing {
@@ -391,6 +394,7 @@ impl AvgKeyGate {
             experts,
             weights,
             mode: self.config.weight_mode,
+            dropped: false,
         })
     }
 }

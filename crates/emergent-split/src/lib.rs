@@ -35,12 +35,18 @@
 //!    shared or per expert (`fold_b2`);
 //! 6. [`convert`]: replace chosen layers' `FeedForward`s in any model by
 //!    path, refresh every gate, and fold back to dense (step 8); every open
-//!    point sits in the JSON-serialisable [`convert::EmoeConfig`].
+//!    point sits in the JSON-serialisable [`convert::EmoeConfig`]; the
+//!    default placement is [`convert::reference_layers`] (one FFN in the
+//!    upper half, BERT-base's layer 10 of 12);
+//! 7. [`regularise`]: the Tutel-path extras the reference trains with
+//!    (dropout 0.1 inside the experts, CV² loss weight 0.01, capacity factor
+//!    1.5 with priority routing), on by default in
+//!    [`convert::EmoeConfig::new`], off in [`convert::EmoeConfig::plain`].
 //!
 //! ```no_run
-//! use emergent_split::convert::{EmoeConfig, convert, every_other_in_last_half, fold_back, refresh_gates};
+//! use emergent_split::convert::{EmoeConfig, convert, reference_layers, fold_back, refresh_gates};
 //! # fn demo(model: &mut dyn tensor_core::Module) -> emergent_split::error::Result<()> {
-//! let report = convert(model, &every_other_in_last_half(12), &EmoeConfig::new(64, 16))?;
+//! let report = convert(model, &reference_layers(12), &EmoeConfig::new(64, 16))?;
 //! // ... training loop: after each optimiser step
 //! refresh_gates(model)?;
 //! // ... after tuning
@@ -55,6 +61,7 @@ mod gram;
 pub mod kmeans;
 pub mod labels;
 pub mod moe_ffn;
+pub mod regularise;
 pub mod split;
 
 pub use convert::{EmoeConfig, SplitStrategy, convert, fold_back, refresh_gates};
@@ -62,4 +69,5 @@ pub use error::{Error, Result};
 pub use gate::{AvgKeyGate, FoldB2, GateConfig, SelectSignal, WeightMode};
 pub use kmeans::{KMeansConfig, KMeansResult, KMeansSolver, SplitMix64, balanced_kmeans};
 pub use moe_ffn::{ComputePath, EmoeFfn};
+pub use regularise::Regularisers;
 pub use split::ExpertSplit;

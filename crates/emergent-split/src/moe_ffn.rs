@@ -46,11 +46,12 @@
 use tensor_core::grouped::{Dispatch, grouped_linear_device};
 use tensor_core::layers::{Activation, FeedForward, FfnNames, FfnPart, Linear};
 use tensor_core::module::{downcast_ref, is};
-use tensor_core::tch::Tensor;
+use tensor_core::tch::{Kind, Tensor};
 use tensor_core::{Context, Module, Slot, TchResultExt};
 
 use crate::error::{Error, Result, check_split};
 use crate::gate::{AvgKeyGate, FoldB2, GateConfig, Routing, SelectSignal, WeightMode};
+use crate::regularise::{Regularisers, capacity, cv2_loss, priority_keep};
 use crate::split::{ExpertSplit, FfnWeights, ffn_from, inverse_permutation, trainability};
 
 /// Which computation `forward` uses.
@@ -88,6 +89,10 @@ pub struct EmoeFfn {
     /// `[N, d_model]` per-expert output biases `b2_e` (`fold_b2 = k_mean`
     /// with a biased `W2`), a parameter named `expert_bias`.
     pub expert_bias: Option<Tensor>,
+    /// The Tutel-path extras: expert dropout, CV² loss, capacity
+    /// ([`Regularisers::none`] when built by [`EmoeFfn::from_ffn`]; `convert`
+    /// sets the config's).
+    pub regularisers: Regularisers,
     /// `π`: position `p` holds original neuron `π[p]`.
     perm: Vec<i64>,
     split: ExpertSplit,
@@ -181,6 +186,7 @@ impl EmoeFfn {
             router,
             path: ComputePath::Auto,
             expert_bias,
+            regularisers: Regularisers::none(),
             perm,
             split: split.clone(),
         })
@@ -239,9 +245,48 @@ impl EmoeFfn {
             Some(v) => self.router.scores_from_neurons(v)?,
             None => self.router.scores(x2)?,
         };
-        let r = self.router.route_scores(scores, ctx.train)?;
+        let reg = self.regularisers;
+        let needs_probs = reg.capacity_factor.is_some() || (ctx.train && reg.cv2_weight > 0.0);
+        let probs = if needs_probs {
+            Some(scores.f_to_kind(Kind::Float)?.f_softmax(-1, Kind::Float)?)
+        } else {
+            None
+        };
+        let mut r = self.router.route_scores(scores, ctx.train)?;
         let n = self.num_experts() as i64;
-        let load = r.experts.f_reshape([-1])?.f_bincount::<Tensor>(None, n)?;
+        let keep = match (reg.capacity_factor, &probs) {
+            (Some(f), Some(p)) => {
+                let t = r.experts.size()[0];
+                let cap = capacity(t, self.top_k(), self.num_experts(), f);
+                let priority = p
+                    .f_gather(1, &r.experts.f_narrow(1, 0, 1)?, false)?
+                    .f_squeeze_dim(1)?;
+                let keep = priority_keep(&r.experts, &priority, n, cap)?;
+                r.weights = r.weights.f_mul(&keep)?;
+                r.dropped = true;
+                Some(keep)
+            }
+            _ => None,
+        };
+        if ctx.train
+            && reg.cv2_weight > 0.0
+            && let Some(p) = &probs
+        {
+            let keep = match &keep {
+                Some(k) => k.shallow_clone(),
+                None => r.experts.f_ones_like()?.f_to_kind(Kind::Float)?,
+            };
+            let loss = cv2_loss(p, &r.experts, &keep)?.f_mul_scalar(reg.cv2_weight)?;
+            ctx.add_aux_loss("cv2", loss);
+        }
+        let load = match &keep {
+            Some(k) => Tensor::f_zeros([n], (Kind::Float, r.experts.device()))?.f_scatter_add(
+                0,
+                &r.experts.f_reshape([-1])?,
+                &k.f_reshape([-1])?,
+            )?,
+            None => r.experts.f_reshape([-1])?.f_bincount::<Tensor>(None, n)?,
+        };
         ctx.add_stat("expert_load", load);
         Ok(r)
     }
@@ -300,7 +345,10 @@ impl EmoeFfn {
             .neuron_mask(self.num_experts(), self.expert_size())?
             .f_to_kind(h.kind())?
             .f_view(h.size().as_slice())?;
-        let h = h.f_mul(&mask)?;
+        let mut h = h.f_mul(&mask)?;
+        if ctx.train && self.regularisers.expert_dropout > 0.0 {
+            h = h.f_dropout(self.regularisers.expert_dropout, true)?;
+        }
         ctx.record("act", &h)?;
         let mut y = ctx.call(&self.names.down, self.down.as_ref(), &h)?;
         if let Some(b) = self.expert_bias_term(&routing)? {
@@ -368,7 +416,7 @@ impl EmoeFfn {
         }
         let counts = dispatch.counts_host()?;
         let gates = match routing.mode {
-            WeightMode::Hard => None,
+            WeightMode::Hard if !routing.dropped => None,
             _ => Some(
                 routing
                     .weights
@@ -465,7 +513,7 @@ impl EmoeFfn {
             .f_contiguous()?;
         let ye = grouped_linear_device(&h, dispatch, &w2, self.expert_bias.as_ref())?;
         let gates = match routing.mode {
-            WeightMode::Hard => None,
+            WeightMode::Hard if !routing.dropped => None,
             _ => Some(&routing.weights),
         };
         let mut y = dispatch.unpermute(&ye, gates)?;
@@ -645,6 +693,40 @@ mod tests {
 
     fn err(a: &Tensor, b: &Tensor) -> f64 {
         closeness(a, b, 0.0, 0.0).unwrap().max_abs
+    }
+
+    #[test]
+    fn capacity_drops_agree_across_paths_and_training_adds_the_cv2_loss() {
+        use crate::regularise::Regularisers;
+        let f = ffn(false, Activation::Gelu, 3);
+        let s = random_split(48, 4, 0).unwrap();
+        let mut e = EmoeFfn::from_ffn(&f, &s, GateConfig::without_noise(4, 2)).unwrap();
+        // A tight capacity (f = 0.5: C = ⌈0.5 · 2 · 24 / 4⌉ = 6) forces drops.
+        e.regularisers = Regularisers {
+            capacity_factor: Some(0.5),
+            ..Regularisers::tutel()
+        };
+        let x = randn_seeded(&[2, 12, 16], 9, device()).unwrap();
+        let masked = e.forward_masked(&x, &mut Context::eval()).unwrap();
+        let sparse = e.forward_per_expert(&x, &mut Context::eval()).unwrap();
+        assert!(
+            err(&masked, &sparse) < scaled(1e-5),
+            "{}",
+            err(&masked, &sparse)
+        );
+        let mut ctx = Context::eval();
+        let _ = e.forward_masked(&x, &mut ctx).unwrap();
+        let load = &ctx.stats()[0].1;
+        assert!(load.max().double_value(&[]) <= 6.0, "{load}");
+        assert!(ctx.aux_losses().is_empty(), "no CV² loss in evaluation");
+        e.regularisers.capacity_factor = None;
+        let free = e.forward_masked(&x, &mut Context::eval()).unwrap();
+        assert!(err(&masked, &free) > 1e-4, "the capacity dropped nothing");
+        let mut ctx = Context::train();
+        let _ = e.forward_masked(&x, &mut ctx).unwrap();
+        let (name, cv2) = &ctx.aux_losses()[0];
+        assert!(name.ends_with("cv2"), "{name}");
+        assert!(cv2.double_value(&[]) > 0.0);
     }
 
     #[test]

@@ -582,6 +582,29 @@ impl SequenceClassifier {
     ) -> Result<Tensor> {
         forward_masked(self, input_ids, attention_mask, train)
     }
+
+    /// [`Self::logits`] and the sum of the auxiliary losses the modules added
+    /// to the forward context (`None` when they added none).
+    pub fn logits_with_aux(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        train: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let mut ctx = if train {
+            Context::train()
+        } else {
+            Context::eval()
+        };
+        ctx.attention_mask = Some(attention_mask.shallow_clone());
+        let logits = self.forward(input_ids, &mut ctx)?;
+        let aux = if ctx.aux_losses().is_empty() {
+            None
+        } else {
+            Some(ctx.aux_loss_total(input_ids.device())?)
+        };
+        Ok((logits, aux))
+    }
 }
 
 impl Module for SequenceClassifier {

@@ -38,6 +38,10 @@ pub struct FinetuneOptions {
     pub eval_limit: Option<usize>,
     pub seed: u64,
     pub progress: bool,
+    /// Further test sets scored after training, by name (e.g. a second
+    /// out-of-domain set); each gets metrics and per-example correctness in
+    /// [`FinetuneReport::extra_tests`].
+    pub extra_tests: Vec<(String, Vec<TextExample>)>,
 }
 
 impl Default for FinetuneOptions {
@@ -53,6 +57,7 @@ impl Default for FinetuneOptions {
             eval_limit: None,
             seed: 0,
             progress: true,
+            extra_tests: Vec::new(),
         }
     }
 }
@@ -97,6 +102,14 @@ pub struct FinetuneReport {
     /// Share of the majority class in the test set: the accuracy to beat.
     pub test_majority: f64,
     pub trainable_params: i64,
+    /// Whether each scored test example (file order; the subset under
+    /// `eval_limit`) was classified correctly: what a paired test over
+    /// examples needs.
+    pub test_correct: Vec<bool>,
+    /// The same for the out-of-domain test set.
+    pub test_ood_correct: Option<Vec<bool>>,
+    /// `FinetuneOptions::extra_tests`: name, metrics, per-example correctness.
+    pub extra_tests: Vec<(String, ClassificationMetrics, Vec<bool>)>,
 }
 
 fn encode(tok: &TextTokenizer, examples: &[TextExample]) -> Result<Vec<Vec<i64>>> {
@@ -170,19 +183,26 @@ pub fn finetune_with(
         let labels: Vec<i64> = idx.iter().map(|&i| train_labels[i]).collect();
         pad_batch_with_labels(&seqs, &labels, pad, None, device)
     };
+    // Cross-entropy plus whatever auxiliary losses the model's modules added
+    // to the forward context (already weighted by the modules: a MoE layer's
+    // balance loss, EMoE's CV² loss).
     let loss_of = |model: &SequenceClassifier, b: &crate::train::Batch| -> Result<Tensor> {
-        let logits = model.logits(&b.input_ids, &b.attention_mask, true)?;
+        let (logits, aux) = model.logits_with_aux(&b.input_ids, &b.attention_mask, true)?;
         let y = b
             .labels
             .as_ref()
             .ok_or_else(|| Error::invalid("finetune: a training batch without labels"))?;
-        Ok(logits.f_cross_entropy_loss::<Tensor>(
+        let ce = logits.f_cross_entropy_loss::<Tensor>(
             y,
             None,
             tensor_core::tch::Reduction::Mean,
             -100,
             0.0,
-        )?)
+        )?;
+        Ok(match aux {
+            Some(a) => ce.f_add(&a)?,
+            None => ce,
+        })
     };
     for epoch in 0..opts.epochs {
         // Dropout masks are drawn from libtorch's global generator: seed it per epoch.
@@ -224,7 +244,7 @@ pub fn finetune_with(
 
     notes.push(hooks.before_eval(&mut model)?);
     notes.retain(|n| !n.is_empty());
-    let eval = |examples: &[TextExample]| -> Result<ClassificationMetrics> {
+    let eval = |examples: &[TextExample]| -> Result<(ClassificationMetrics, Vec<bool>)> {
         let subset: Vec<TextExample>;
         let examples = match opts.eval_limit {
             Some(n) if n < examples.len() => {
@@ -244,11 +264,23 @@ pub fn finetune_with(
             let b = pad_batch_with_labels(&seqs, &vec![0; idx.len()], pad, None, device)?;
             model.logits(&b.input_ids, &b.attention_mask, false)
         })?;
-        out.metrics(&labels)
+        let mut correct = vec![false; labels.len()];
+        for (&i, &p) in out.indices.iter().zip(&out.predictions) {
+            correct[i] = p == labels[i];
+        }
+        Ok((out.metrics(&labels)?, correct))
     };
-    let validation = eval(&data.validation)?;
-    let test = eval(&data.test)?;
-    let test_ood = data.test_ood.as_deref().map(eval).transpose()?;
+    let (validation, _) = eval(&data.validation)?;
+    let (test, test_correct) = eval(&data.test)?;
+    let (test_ood, test_ood_correct) = match data.test_ood.as_deref().map(eval).transpose()? {
+        Some((m, c)) => (Some(m), Some(c)),
+        None => (None, None),
+    };
+    let extra_tests = opts
+        .extra_tests
+        .iter()
+        .map(|(name, set)| eval(set).map(|(m, c)| (name.clone(), m, c)))
+        .collect::<Result<Vec<_>>>()?;
     Ok(FinetuneReport {
         train_examples: train.len(),
         epochs: opts.epochs,
@@ -261,5 +293,8 @@ pub fn finetune_with(
         test_majority: majority_rate(&data.test),
         // (over the full test set, also when evaluation is subsampled)
         trainable_params: model.param_count().trainable,
+        test_correct,
+        test_ood_correct,
+        extra_tests,
     })
 }

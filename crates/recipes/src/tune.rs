@@ -28,7 +28,12 @@ pub enum Kind {
     Lora,
     LoraEmoe,
     Adapter,
+    /// VL-PET as the paper sets it: `s = 1`, so the sigmoid gates start at 0.5.
     VlPet(Granularity),
+    /// VL-PET with `s = 2` for the sigmoid gates (large, middle-X, small), so
+    /// `s · G` starts at 1 and the frozen encoder's output is untouched at
+    /// step 0; middle-Y (`1 + z`) starts at 1 anyway and keeps `s = 1`.
+    VlPetAtOne(Granularity),
     LoraGate,
 }
 
@@ -41,6 +46,7 @@ impl Kind {
             Kind::LoraEmoe => "LoRA + EMoE".into(),
             Kind::Adapter => "bottleneck adapter".into(),
             Kind::VlPet(g) => format!("VL-PET {}", granularity_name(g)),
+            Kind::VlPetAtOne(g) => format!("VL-PET {} (s·G starts at 1)", granularity_name(g)),
             Kind::LoraGate => "LoRA + G (large)".into(),
         }
     }
@@ -77,6 +83,12 @@ pub struct Setup {
     /// EMoE: the converted layers; `None` takes the library's default
     /// placement for the model's depth.
     pub emoe_layers: Option<Vec<usize>>,
+    /// EMoE: train with the reference's Tutel-path regularisers (expert
+    /// dropout 0.1, CV² loss 0.01, capacity factor 1.5); `false` is plain avg-k.
+    pub emoe_regularisers: bool,
+    /// Bottleneck adapter: also train the encoder LayerNorms, as VL-PET
+    /// does, so the two differ only by the gate.
+    pub adapter_trains_layer_norms: bool,
 }
 
 impl Default for Setup {
@@ -87,6 +99,8 @@ impl Default for Setup {
             experts: 16,
             top_k: 4,
             emoe_layers: None,
+            emoe_regularisers: true,
+            adapter_trains_layer_norms: true,
         }
     }
 }
@@ -131,13 +145,20 @@ impl FinetuneHooks for Hooks {
             let depth = emergent_split::convert::ffn_paths(model).len();
             let layers = match &self.setup.emoe_layers {
                 Some(l) => l.clone(),
-                None => emergent_split::convert::every_other_in_last_half(depth),
+                None => emergent_split::convert::reference_layers(depth),
             };
-            let cfg = EmoeConfig::new(self.setup.experts, self.setup.top_k);
+            let cfg = if self.setup.emoe_regularisers {
+                EmoeConfig::new(self.setup.experts, self.setup.top_k)
+            } else {
+                EmoeConfig::plain(self.setup.experts, self.setup.top_k)
+            };
             let rep = convert(model, &layers, &cfg).map_err(zoo)?;
             note = format!(
                 "EMoE layers {:?}; ",
-                rep.layers.iter().map(|l| l.layer).collect::<Vec<_>>()
+                rep.layers
+                    .iter()
+                    .filter_map(|l| l.layer)
+                    .collect::<Vec<_>>()
             );
         }
         match self.kind {
@@ -163,12 +184,19 @@ impl FinetuneHooks for Hooks {
                 };
                 add_adapter(model, "task", &c, d).map_err(zoo)?;
             }
-            Kind::VlPet(g) => {
+            Kind::VlPet(g) | Kind::VlPetAtOne(g) => {
+                let at_one = matches!(self.kind, Kind::VlPetAtOne(_));
+                let scale = if at_one && g != Granularity::MiddleY {
+                    2.0
+                } else {
+                    1.0
+                };
                 let c = VlPetConfig {
                     r,
                     heads: 4,
                     gate: Some(GateConfig {
                         bottleneck: r,
+                        scale,
                         ..GateConfig::new(g)
                     }),
                     also_trainable: vec!["classifier.*".into()],
@@ -178,8 +206,15 @@ impl FinetuneHooks for Hooks {
                 apply_vlpet(model, "task", &c, d).map_err(zoo)?;
             }
         }
-        if self.kind.parameter_efficient() && !matches!(self.kind, Kind::VlPet(_)) {
-            mark_only_adapters_trainable(model, &[], &["classifier.*"]);
+        if self.kind.parameter_efficient()
+            && !matches!(self.kind, Kind::VlPet(_) | Kind::VlPetAtOne(_))
+        {
+            let layer_norms = VlPetConfig::default().encoder_layer_norms;
+            let mut also = vec!["classifier.*"];
+            if self.kind == Kind::Adapter && self.setup.adapter_trains_layer_norms {
+                also.extend(layer_norms.iter().map(String::as_str));
+            }
+            mark_only_adapters_trainable(model, &[], &also);
         }
         let rep = trainable_report(model);
         self.trainable_percent = rep.percent();
