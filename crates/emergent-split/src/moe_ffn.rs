@@ -258,9 +258,8 @@ impl EmoeFfn {
             (Some(f), Some(p)) => {
                 let t = r.experts.size()[0];
                 let cap = capacity(t, self.top_k(), self.num_experts(), f);
-                let priority = p
-                    .f_gather(1, &r.experts.f_narrow(1, 0, 1)?, false)?
-                    .f_squeeze_dim(1)?;
+                // Importance: each token's largest gate probability.
+                let (priority, _) = p.f_max_dim(1, false)?;
                 let keep = priority_keep(&r.experts, &priority, n, cap)?;
                 r.weights = r.weights.f_mul(&keep)?;
                 r.dropped = true;
@@ -701,7 +700,7 @@ mod tests {
         let f = ffn(false, Activation::Gelu, 3);
         let s = random_split(48, 4, 0).unwrap();
         let mut e = EmoeFfn::from_ffn(&f, &s, GateConfig::without_noise(4, 2)).unwrap();
-        // A tight capacity (f = 0.5: C = ⌈0.5 · 2 · 24 / 4⌉ = 6) forces drops.
+        // A tight capacity (f = 0.5: C = 2 · ⌊0.5 · ⌈24 / 4⌉⌋ = 6) forces drops.
         e.regularisers = Regularisers {
             capacity_factor: Some(0.5),
             ..Regularisers::tutel()

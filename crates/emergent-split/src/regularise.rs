@@ -9,7 +9,8 @@
 //!   gate scores) and `Load_e` the number of kept assignments to `e`, where
 //!   `CV²(v) = Var(v) / (mean(v)² + 1e-10)` (unbiased variance). The gate is
 //!   frozen, so its gradient reaches the layers below through `x`;
-//! - a **capacity** of `C = ⌈f · k · T / N⌉` assignments per expert, `f = 1.5`,
+//! - a **capacity** of `C = k · ⌊f · ⌈T / N⌉⌋` assignments per expert, `f = 1.5`
+//!   (Tutel's rounding),
 //!   with batch-prioritised routing: tokens are ordered by their top-1 gate
 //!   probability, then assignments are placed slot by slot (every token's
 //!   first choice before any second choice), and an assignment beyond an
@@ -34,7 +35,7 @@ pub struct Regularisers {
     /// Weight of the CV² loss added to the forward context in training (0: none).
     #[serde(default)]
     pub cv2_weight: f64,
-    /// `f` in `C = ⌈f · k · T / N⌉` (`None`: no capacity limit).
+    /// `f` in `C = k · ⌊f · ⌈T / N⌉⌋` (`None`: no capacity limit).
     #[serde(default)]
     pub capacity_factor: Option<f64>,
 }
@@ -90,9 +91,10 @@ impl Regularisers {
     }
 }
 
-/// `C = ⌈f · k · T / N⌉`, at least 1.
+/// `C = k · ⌊f · ⌈T / N⌉⌋` (Tutel's rounding), at least 1.
 pub fn capacity(tokens: i64, top_k: usize, num_experts: usize, factor: f64) -> i64 {
-    ((factor * top_k as f64 * tokens as f64 / num_experts as f64).ceil() as i64).max(1)
+    let per_expert = (tokens + num_experts as i64 - 1) / num_experts as i64;
+    (top_k as i64 * (factor * per_expert as f64).floor() as i64).max(1)
 }
 
 /// `Var(v) / (mean(v)² + 1e-10)` of a 1-D float tensor (unbiased variance).
@@ -164,8 +166,11 @@ mod tests {
 
     #[test]
     fn capacity_rounds_up() {
+        // ⌈10 / 4⌉ = 3, ⌊1.5 · 3⌋ = 4, times k = 2.
         assert_eq!(capacity(10, 2, 4, 1.5), 8);
+        assert_eq!(capacity(1280, 4, 16, 1.5), 480);
         assert_eq!(capacity(1, 1, 64, 1.0), 1);
+        assert_eq!(capacity(3, 1, 4, 0.5), 1);
     }
 
     #[test]
