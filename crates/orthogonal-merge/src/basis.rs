@@ -47,11 +47,14 @@ pub enum BasisKind {
 #[serde(rename_all = "snake_case")]
 pub enum FrozenSide {
     /// `A = B_iᵀ ∈ R^{r×in}` frozen, `B ∈ R^{out×r}` trained: concept `j`
-    /// ignores inputs in `span(B_i)` (`ΔW_j B_i = 0`).
+    /// ignores inputs in `span(B_i)` (`ΔW_j B_i = 0`). The paper's
+    /// definition (`ΔW_i = A_i B_iᵀ` with `B_i` fixed, in its notation) and
+    /// the default.
+    #[default]
     Input,
     /// `B = B_i ∈ R^{out×r}` frozen, `A ∈ R^{r×in}` trained: concepts write
-    /// into orthogonal output subspaces. The third-party default.
-    #[default]
+    /// into orthogonal output subspaces. The convention of third-party
+    /// re-implementations; an option.
     Output,
 }
 

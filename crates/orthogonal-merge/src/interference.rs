@@ -12,14 +12,19 @@
 //! directions below `1e-6·σ_max`. Overlap 0 means orthogonal subspaces
 //! (`B_iᵀ B_j = 0` for orthogonal adapters' frozen side), 1 means one
 //! contains the other. Full deltas get the cosine only (an overlap would
-//! need a rank choice). Cosines are computed in f64.
+//! need a rank choice). Cosines are computed in f64. With each task's
+//! recorded inputs, [`interference_with_features`] adds the crosstalk of
+//! [`crate::crosstalk`]: what the cosines cannot see, since two deltas with
+//! cosine 0 can still act on each other's inputs.
 
 use std::fmt;
 
 use tensor_core::tch::{Kind, Tensor};
 
+use crate::crosstalk::{CrosstalkReport, crosstalk};
 use crate::delta::{Delta, TaskDelta};
 use crate::error::Result;
+use crate::lsq::Features;
 
 /// One pair of tasks on one layer.
 #[derive(Debug, Clone, PartialEq)]
@@ -45,6 +50,8 @@ pub struct LayerInterference {
 pub struct InterferenceReport {
     pub tasks: Vec<String>,
     pub layers: Vec<LayerInterference>,
+    /// Crosstalk on each task's recorded inputs ([`interference_with_features`]).
+    pub crosstalk: Option<CrosstalkReport>,
 }
 
 fn mean(xs: impl Iterator<Item = f64>) -> Option<f64> {
@@ -126,6 +133,9 @@ impl fmt::Display for InterferenceReport {
                 "  {:>12} vs {:<12} mean |cos| {m:.4}",
                 self.tasks[i], self.tasks[j]
             )?;
+        }
+        if let Some(c) = &self.crosstalk {
+            write!(f, "{c}")?;
         }
         Ok(())
     }
@@ -249,5 +259,17 @@ pub fn interference(tasks: &[TaskDelta]) -> Result<InterferenceReport> {
     Ok(InterferenceReport {
         tasks: tasks.iter().map(|t| t.name.clone()).collect(),
         layers: out,
+        crosstalk: None,
     })
+}
+
+/// [`interference`] plus the crosstalk `‖ΔW_j X_i‖ / ‖ΔW_i X_i‖` on each
+/// task's recorded inputs (`features[i]` from [`crate::lsq::record_features`]).
+pub fn interference_with_features(
+    tasks: &[TaskDelta],
+    features: &[Features],
+) -> Result<InterferenceReport> {
+    let mut r = interference(tasks)?;
+    r.crosstalk = Some(crosstalk(tasks, features)?);
+    Ok(r)
 }

@@ -14,7 +14,8 @@
 //!   compute them, and the closed-form least-squares merge of Mix-of-Show's
 //!   gradient fusion (arXiv 2305.18292);
 //! - an **interference report**: pairwise Frobenius cosines of the deltas and
-//!   overlaps of their subspaces, per layer.
+//!   overlaps of their subspaces, per layer, and, given each task's recorded
+//!   inputs, the crosstalk `‖ΔW_j X_i‖ / ‖ΔW_i X_i‖`.
 //!
 //! Specification: `shared/docs/METHODS.md` §5. Reading order:
 //! 1. [`error`]: what can be wrong (full registry, bins claimed twice, mismatched shapes, ranks, bases, base models);
@@ -23,7 +24,7 @@
 //! 4. [`delta`]: what merges consume ([`TaskDelta`]: LoRA pairs or full deltas per layer);
 //! 5. the operators: [`ops`] (task arithmetic), [`prune`], [`ties`], [`dare`], [`svd`], [`lsq`];
 //! 6. [`mod@merge`]: [`MergeConfig`], [`merge()`], applying the result to a model;
-//! 7. [`mod@interference`]: the report;
+//! 7. [`mod@interference`]: the report; [`mod@crosstalk`]: each delta on the other tasks' inputs;
 //! 8. [`peft_io`]: PEFT-style `adapter_config.json` + `adapter_model.safetensors`.
 //!
 //! ```no_run
@@ -31,7 +32,7 @@
 //! # fn demo(model: &mut dyn tensor_core::Module, other: &mut dyn tensor_core::Module) -> orthogonal_merge::Result<()> {
 //! // Once, before any training: the shared registry.
 //! let targets = ["query", "value"];
-//! let mut reg = Registry::for_model(&*model, &targets, BasisKind::QrBins, 42, 8, FrozenSide::Output)?;
+//! let mut reg = Registry::for_model(&*model, &targets, BasisKind::QrBins, 42, 8, FrozenSide::default())?;
 //! reg.claim("sst2")?;
 //! reg.claim("agnews")?;
 //! reg.save("registry.json")?;
@@ -49,6 +50,7 @@
 
 pub mod adapter;
 pub mod basis;
+pub mod crosstalk;
 pub mod dare;
 pub mod delta;
 pub mod error;
@@ -69,9 +71,10 @@ pub use adapter::{
     trained_parameter_names,
 };
 pub use basis::{BasisKind, BasisSpec, FrozenSide};
+pub use crosstalk::{CrosstalkReport, CrosstalkStat, crosstalk};
 pub use delta::{AdapterMeta, Delta, LoraFactors, OrthoInfo, TaskDelta};
 pub use error::{Error, Result};
-pub use interference::{InterferenceReport, interference};
+pub use interference::{InterferenceReport, interference, interference_with_features};
 pub use lsq::{Features, record_features};
 pub use merge::{
     MergeConfig, MergeReport, Merged, MergedDelta, Method, apply_merged, check_against_model,
