@@ -27,7 +27,7 @@ use model_zoo::tokenizer::TextTokenizer;
 use model_zoo::train::{BatchPlan, SplitMix64, evaluate, pad_batch_with_labels};
 use orthogonal_merge::{
     BasisKind, Features, FrozenSide, MergeConfig, Method, Registry, TaskDelta, apply_merged,
-    interference, merge, merge_with_features, record_features,
+    interference_with_features, merge, merge_with_features, record_features,
 };
 use recipes::flags::{AnyResult, Flags, usage};
 use recipes::merge::*;
@@ -211,6 +211,8 @@ struct ArmResult {
     alone: Vec<f64>,
     merged: Vec<(String, Vec<f64>)>,
     mean_abs_cosine: f64,
+    /// Mean crosstalk `‖ΔW_j X_i‖ / ‖ΔW_i X_i‖` on the tasks' recorded inputs.
+    mean_crosstalk: f64,
     trainable: i64,
 }
 
@@ -278,7 +280,7 @@ pub fn run(args: &[String]) -> AnyResult<()> {
                 trained.push(hooks.out.ok_or("the training run kept no adapter")?);
             }
             let deltas: Vec<TaskDelta> = trained.iter().map(|t| t.delta.shallow_clone()).collect();
-            let inter = interference(&deltas)?;
+            let inter = interference_with_features(&deltas, &features)?;
             let mut alone = Vec::new();
             for (i, set) in sets.iter().enumerate() {
                 let m = merge(
@@ -308,6 +310,11 @@ pub fn run(args: &[String]) -> AnyResult<()> {
                     alone,
                     merged,
                     mean_abs_cosine: inter.mean_abs_cosine(),
+                    mean_crosstalk: inter
+                        .crosstalk
+                        .as_ref()
+                        .and_then(|c| c.mean())
+                        .unwrap_or(f64::NAN),
                     trainable,
                 },
             );
@@ -396,9 +403,10 @@ fn report(
         let _ = writeln!(md, "## {}\n", arm.name());
         let _ = writeln!(
             md,
-            "Trainable parameters per adapter (encoder factors + head): {}. Mean |Frobenius cosine| between the tasks' deltas, over layers and pairs: {:.4}.\n",
+            "Trainable parameters per adapter (encoder factors + head): {}. Mean |Frobenius cosine| between the tasks' deltas, over layers and pairs: {:.4}. Mean crosstalk ‖ΔW_j X_i‖ / ‖ΔW_i X_i‖ (another task's delta on task i's inputs at the base encoder, relative to task i's own), over layers and ordered pairs: {:.4}.\n",
             first.trainable / tasks.len() as i64,
-            mean(runs.iter().map(|r| r.mean_abs_cosine))
+            mean(runs.iter().map(|r| r.mean_abs_cosine)),
+            mean(runs.iter().map(|r| r.mean_crosstalk))
         );
         let mut header = "| method |".to_owned();
         let mut rule = "|---|".to_owned();
@@ -554,6 +562,7 @@ mod tests {
             alone: alone.to_vec(),
             merged: vec![("sum (= cat, exact)".into(), sum.to_vec())],
             mean_abs_cosine: 0.0,
+            mean_crosstalk: 0.0,
             trainable: 20,
         }
     }
