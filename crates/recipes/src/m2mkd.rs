@@ -46,8 +46,13 @@ use tensor_core::{Context, Module, ModuleExt, Slot};
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub seeds: Vec<u64>,
-    /// Optimiser steps per arm (m2mKD: half distillation, half end to end).
+    /// `N`: end-to-end optimiser steps of the scratch and logit-KD arms, and
+    /// of m2mKD's end-to-end phase after distillation (the paper runs the
+    /// baseline's full schedule there).
     pub steps: u64,
+    /// `D`: distillation steps per module before m2mKD's end-to-end phase;
+    /// the "scratch, equal total" arm trains `N + D` steps.
+    pub distil_steps: u64,
     pub batch: usize,
     pub max_len: usize,
     pub train_limit: usize,
@@ -69,6 +74,7 @@ impl Default for Plan {
         Self {
             seeds: vec![0, 1, 2],
             steps: 100,
+            distil_steps: 100,
             batch: 32,
             max_len: 32,
             train_limit: 3200,
@@ -214,7 +220,12 @@ impl BatchSource for Batches<'_> {
     }
 }
 
-fn evaluate(model: &dyn Module, data: &Encoded, pad: i64) -> AnyResult<ClassificationMetrics> {
+/// Metrics and per-example correctness of `model` on `data`.
+fn evaluate(
+    model: &dyn Module,
+    data: &Encoded,
+    pad: i64,
+) -> AnyResult<(ClassificationMetrics, Vec<bool>)> {
     let mut preds = Vec::with_capacity(data.ids.len());
     let idx: Vec<usize> = (0..data.ids.len()).collect();
     for chunk in idx.chunks(64) {
@@ -222,7 +233,12 @@ fn evaluate(model: &dyn Module, data: &Encoded, pad: i64) -> AnyResult<Classific
         let z = predict(model, &b.input, b.mask.as_ref())?;
         preds.extend(class_ids(&z)?);
     }
-    Ok(ClassificationMetrics::new(&preds, &data.labels)?)
+    let correct = preds
+        .iter()
+        .zip(&data.labels)
+        .map(|(p, y)| p == y)
+        .collect();
+    Ok((ClassificationMetrics::new(&preds, &data.labels)?, correct))
 }
 
 fn subset(examples: &[TextExample], n: usize) -> Vec<TextExample> {
@@ -236,12 +252,16 @@ fn subset(examples: &[TextExample], n: usize) -> Vec<TextExample> {
 
 // ------------------------------------------------------------ runs
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Scores {
     pub id: ClassificationMetrics,
     /// `None` when the data has no out-of-domain split.
     pub ood: Option<ClassificationMetrics>,
     pub seconds: f64,
+    /// Whether each in-domain test example was classified correctly (file order).
+    pub id_correct: Vec<bool>,
+    /// The same for the out-of-domain test set.
+    pub ood_correct: Option<Vec<bool>>,
 }
 
 impl Scores {
@@ -355,13 +375,20 @@ fn optim(lr: f64, steps_warmup: f64) -> OptimConfig {
 }
 
 fn score(model: &dyn Module, s: &Setup, seconds: f64) -> AnyResult<Scores> {
+    let (id, id_correct) = evaluate(model, &s.test_id, s.pad)?;
+    let (ood, ood_correct) = match &s.test_ood {
+        Some(o) => {
+            let (m, c) = evaluate(model, o, s.pad)?;
+            (Some(m), Some(c))
+        }
+        None => (None, None),
+    };
     Ok(Scores {
-        id: evaluate(model, &s.test_id, s.pad)?,
-        ood: match &s.test_ood {
-            Some(o) => Some(evaluate(model, o, s.pad)?),
-            None => None,
-        },
+        id,
+        ood,
         seconds,
+        id_correct,
+        ood_correct,
     })
 }
 
@@ -403,6 +430,12 @@ impl Prepared {
 pub struct M2mRun {
     /// The assembled student after end-to-end training.
     pub model: ModularModel,
+    /// The distilled modules assembled with their stitches kept (each
+    /// boundary `post_i ∘ pre_{i+1}`, the widths of the meta model's
+    /// interface), before end-to-end training.
+    pub stitched: Scores,
+    /// The distilled modules loaded into the student (stitches dropped, the
+    /// paper's non-strict load), before end-to-end training.
     pub assembled: Scores,
     pub trained: Scores,
     /// Wall time of distilling all modules (in parallel when `p.parallel`).
@@ -555,9 +588,11 @@ pub fn prepare(p: &Plan, source: &ModelSource, data: &TextClassification) -> Any
 }
 
 /// Steps 4-5 for one seed: distil every student module in its hybrid
-/// network for `steps / 2` steps (LayerNorm + Linear stitches), save the
-/// distilled modules into `save_dir` when given, assemble (stitches
-/// dropped) and train end to end for the remaining steps.
+/// network for `p.distil_steps` steps (LayerNorm + Linear stitches), save
+/// the distilled modules (into `save_dir` when given, else a scratch folder
+/// removed afterwards), score them assembled with their stitches, load them
+/// into the student (stitches dropped) and train it end to end for the
+/// baseline's full `p.steps`.
 pub fn m2mkd_arm(
     prep: &mut Prepared,
     p: &Plan,
@@ -567,7 +602,7 @@ pub fn m2mkd_arm(
     let s = &prep.setup;
     let kd = KdConfig::default();
     let t0 = Instant::now();
-    let distil_steps = p.steps / 2;
+    let distil_steps = p.distil_steps;
     let cfg = DistilConfig {
         kd,
         steps: distil_steps,
@@ -603,14 +638,26 @@ pub fn m2mkd_arm(
         .iter()
         .map(|m| (m.report.seconds, m.report.steps, m.report.trainable_params))
         .collect();
-    if let Some(dir) = save_dir {
-        for m in &d.modules {
-            m2mkd::save_module(m, dir.join(format!("module_{}.safetensors", m.index)))?;
-        }
+    let scratch_dir = ScratchDir::new(seed)?;
+    let dir = save_dir.unwrap_or(&scratch_dir.0);
+    let files: Vec<PathBuf> = d
+        .modules
+        .iter()
+        .map(|m| dir.join(format!("module_{}.safetensors", m.index)))
+        .collect();
+    for (m, f) in d.modules.iter().zip(&files) {
+        m2mkd::save_module(m, f)?;
     }
-    let model = assemble(d.modules, false)?;
+    let stitched_model = assemble(d.modules, true)?;
+    let stitched = score(&stitched_model, s, t0.elapsed().as_secs_f64())?;
+    drop(stitched_model);
+    let mut model = student(s, p, seed)?;
+    for (i, f) in files.iter().enumerate() {
+        m2mkd::load_module(&mut model, i, f)?;
+    }
+    drop(scratch_dir);
     let assembled = score(&model, s, t0.elapsed().as_secs_f64())?;
-    let e2e = p.steps - distil_steps;
+    let e2e = p.steps;
     let e2e_data = Batches::new(&s.train, p.batch, e2e, seed.wrapping_add(200), s.pad);
     train_end_to_end(
         &model,
@@ -624,11 +671,44 @@ pub fn m2mkd_arm(
     let trained = score(&model, s, t0.elapsed().as_secs_f64())?;
     Ok(M2mRun {
         model,
+        stitched,
         assembled,
         trained,
         distil_wall: d.wall_seconds,
         modules,
     })
+}
+
+/// A folder for the distilled modules of one run, removed when dropped
+/// (also when the run fails).
+struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    fn new(seed: u64) -> AnyResult<Self> {
+        let dir =
+            std::env::temp_dir().join(format!(".m2mkd-modules.tmp-{}-{seed}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        Ok(Self(dir))
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The student trained end to end from scratch for `steps` steps.
+pub fn scratch(prep: &Prepared, p: &Plan, seed: u64, steps: u64) -> AnyResult<Scores> {
+    let s = &prep.setup;
+    let kd = KdConfig::default();
+    let data = Batches::new(&s.train, p.batch, steps, seed, s.pad);
+    let t0 = Instant::now();
+    let m = student(s, p, seed)?;
+    train_end_to_end(&m, None, &data, steps, &optim(STUDENT_LR, 0.1), &kd, seed)?;
+    let scores = score(&m, s, t0.elapsed().as_secs_f64())?;
+    log_scores(&format!("seed {seed}: scratch, {steps} steps"), &scores);
+    Ok(scores)
 }
 
 /// The baselines at the same budget: the student trained end to end from
@@ -642,11 +722,7 @@ pub fn baselines(
     let s = &prep.setup;
     let kd = KdConfig::default();
     let data = Batches::new(&s.train, p.batch, p.steps, seed, s.pad);
-    let t0 = Instant::now();
-    let m = student(s, p, seed)?;
-    train_end_to_end(&m, None, &data, p.steps, &optim(STUDENT_LR, 0.1), &kd, seed)?;
-    let scratch = score(&m, s, t0.elapsed().as_secs_f64())?;
-    log_scores(&format!("seed {seed}: scratch"), &scratch);
+    let scratch = scratch(prep, p, seed, p.steps)?;
     if !with_kd {
         return Ok((scratch, None));
     }

@@ -118,6 +118,8 @@ pub fn run(args: &[String]) -> AnyResult<()> {
     let p = Plan {
         seeds: vec![seed],
         steps: f.positive_or("--steps", d.steps as usize)? as u64,
+        // Set below: `--steps N` is split N/2 distillation + the rest end to end.
+        distil_steps: 0,
         batch: f.positive_or("--batch", d.batch)?,
         max_len: f.positive_or("--max-len", d.max_len)?,
         train_limit: f.positive_or("--train-limit", d.train_limit)?,
@@ -138,6 +140,11 @@ pub fn run(args: &[String]) -> AnyResult<()> {
             "--steps must be at least 2 (distillation + end to end)",
         );
     }
+    // The baselines train all N steps end to end; m2mKD splits them.
+    let baseline_plan = p.clone();
+    let mut p = p;
+    p.distil_steps = p.steps / 2;
+    p.steps -= p.distil_steps;
     if p.student_width % 4 != 0 {
         return usage(
             "distill",
@@ -196,8 +203,8 @@ pub fn run(args: &[String]) -> AnyResult<()> {
         p.modules,
         p.student_width,
         p.experts,
-        p.steps,
-        p.steps / 2,
+        baseline_plan.steps,
+        p.distil_steps,
         if p.parallel { "parallel" } else { "sequential" }
     );
     let start = Instant::now();
@@ -214,7 +221,7 @@ pub fn run(args: &[String]) -> AnyResult<()> {
     println!("  meta     {}", describe(&prep.meta_scores));
     let base = if f.switch("--baselines") {
         sp.set_message("baselines");
-        Some(baselines(&prep, &p, seed, true)?)
+        Some(baselines(&prep, &baseline_plan, seed, true)?)
     } else {
         None
     };
@@ -250,7 +257,7 @@ pub fn run(args: &[String]) -> AnyResult<()> {
             "experts": p.experts, "top_k": 2, "params": student_params,
         },
         "options": {
-            "steps": p.steps, "distil_steps": p.steps / 2, "end_to_end_steps": p.steps - p.steps / 2,
+            "steps": baseline_plan.steps, "distil_steps": p.distil_steps, "end_to_end_steps": p.steps,
             "teacher_steps": p.teacher_steps, "meta_steps": p.meta_steps,
             "incubate_steps": p.incubate_steps, "batch": p.batch, "max_len": p.max_len,
             "train_limit": p.train_limit, "eval_limit": p.eval_limit, "seed": seed,
