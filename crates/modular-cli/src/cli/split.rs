@@ -18,7 +18,7 @@
 use std::path::Path;
 use std::time::Instant;
 
-use emergent_split::convert::{convert, emoe_paths, every_other_in_last_half};
+use emergent_split::convert::{convert, emoe_paths, reference_layers};
 use emergent_split::{EmoeConfig, EmoeFfn, SplitStrategy};
 use model_zoo::bert::BertModel;
 use serde_json::json;
@@ -28,7 +28,7 @@ use tensor_core::tch::{Device, Tensor};
 use super::{AnyResult, AtomicDir, Flags, human_count, progress, require_model_dir, usage};
 
 pub const HELP: &str = "\
-usage: modular split --model DIR --out DIR [--experts N] [--top-k K] [--layers 3,5|all]
+usage: modular split --model DIR --out DIR [--experts N] [--top-k K] [--layers 4|3,5|all]
                      [--seed S] [--n-init N] [--force] [--quiet]
 
 Split the feed-forward layers of a Hugging Face BERT-style model folder into
@@ -46,7 +46,8 @@ options:
   --experts N     experts per layer, must divide intermediate_size [16]
   --top-k K       experts selected per token [4]
   --layers L      comma-separated layer indices, or 'all'
-                  [every other layer of the last half: 3,5 for 6 layers]
+                  [the reference's one upper-half layer, never the last:
+                   4 for 6 layers, 10 for 12]
   --seed S        k-means seed [0]
   --n-init N      k-means restarts [10]
   --quiet         no progress bar
@@ -101,7 +102,7 @@ pub fn run(args: &[String]) -> AnyResult<()> {
     let mut model = BertModel::from_folder(&dir, Device::Cpu)?;
     let num_layers = model.config.num_hidden_layers as usize;
     let layers = match layers_flag {
-        None => every_other_in_last_half(num_layers),
+        None => reference_layers(num_layers),
         Some(v) if v.is_empty() => (0..num_layers).collect(),
         Some(v) => v,
     };
