@@ -154,9 +154,13 @@ fn distill_writes_modules_student_and_report() {
     let student = Tensor::read_safetensors(out.join("student.safetensors")).unwrap();
     let total: i64 = student.iter().map(|(_, t)| t.numel() as i64).sum();
     assert_eq!(doc["student_model"]["params"].as_i64(), Some(total));
+    // moe-router's MoeLayer keeps its experts stacked: `experts.w1` is [E, ...].
     assert!(
-        student.iter().any(|(n, _)| n.contains("experts.1")),
-        "MoE experts saved"
+        student
+            .iter()
+            .any(|(n, t)| n.ends_with("experts.w1") && t.size()[0] == 2),
+        "MoE experts saved: {:?}",
+        student.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>()
     );
     let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
         .unwrap()
