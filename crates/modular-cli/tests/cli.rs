@@ -219,10 +219,10 @@ fn split_writes_the_same_dense_model_and_rebuildable_experts() {
         0,
     );
     assert_eq!(json(&out.join("emoe.json"))["num_experts"], 8);
-    // Default layers for 2 layers: every other of the last half = [1].
+    // Default layers for 2 layers: the reference placement, never the last = [0].
     assert_eq!(
         json(&out.join("emoe.json"))["layers_split"],
-        serde_json::json!([1])
+        serde_json::json!([0])
     );
     no_temp_left(tmp.path());
 }
