@@ -125,6 +125,41 @@ pub fn perturbation_matrix(
     })
 }
 
+/// `eval` once with each set zeroed in turn (masks restored between sets
+/// and removed afterwards, also on error). Unlike [`perturbation_matrix`],
+/// `eval` may return any number of losses (one per example, say), the same
+/// number every time; they must be finite. Used for controls and for
+/// per-example intervals.
+pub fn zeroed_losses(
+    model: &mut dyn Module,
+    sites: &[FfnSite],
+    sets: &[NeuronSet],
+    mut eval: impl FnMut(&dyn Module) -> Result<Vec<f64>>,
+) -> Result<Vec<Vec<f64>>> {
+    run_with_masks(model, sites, |model| {
+        let mut out: Vec<Vec<f64>> = Vec::with_capacity(sets.len());
+        for (i, s) in sets.iter().enumerate() {
+            zero_set(model, sites, s)?;
+            let l = eval(model);
+            clear_masks(model, sites)?;
+            let l = l?;
+            let what = format!("losses with set {i} zeroed");
+            if let Some(first) = out.first()
+                && first.len() != l.len()
+            {
+                return Err(Error::mismatch(
+                    &what,
+                    format!("{} losses", first.len()),
+                    l.len(),
+                ));
+            }
+            check_finite_slice(&what, &l)?;
+            out.push(l);
+        }
+        Ok(out)
+    })
+}
+
 /// One point of the sparsity curve.
 #[derive(Debug, Clone, Serialize)]
 pub struct SparsityPoint {

@@ -27,6 +27,7 @@
 pub mod analysis;
 pub mod attribution;
 pub mod combine;
+pub mod controls;
 pub mod edit;
 pub mod error;
 pub mod grow;
@@ -37,8 +38,11 @@ pub mod route;
 pub mod sets;
 pub mod svg;
 
-pub use analysis::{Perturbation, SparsityPoint, perturbation_matrix, sparsity_curve};
+pub use analysis::{
+    Perturbation, SparsityPoint, perturbation_matrix, sparsity_curve, zeroed_losses,
+};
 pub use attribution::{AttributionConfig, FuncScores, average_precision, func_scores};
+pub use controls::{NullDistribution, func_score_null, matched_random_sets, matched_top_sets};
 pub use error::{Error, Result};
 pub use profile::{
     FfnSite, Indicator, Profile, ProfileConfig, Profiler, TokenScope, profile_corpus,

@@ -228,36 +228,11 @@ pub fn random_overlap_baseline(
             "random_overlap_baseline needs at least one trial",
         ));
     }
-    let total: usize = sites.iter().map(|s| s.d_ff as usize).sum();
     let mut rng = SplitMix64::new(seed);
     let nf = sets.len();
     let mut acc = vec![vec![0.0; nf]; nf];
-    let groups: Vec<(usize, usize)> = match scope {
-        TopScope::Global => vec![(0, total)],
-        TopScope::PerLayer => sites
-            .iter()
-            .map(|s| (s.offset as usize, (s.offset + s.d_ff) as usize))
-            .collect(),
-    };
     for _ in 0..trials {
-        let random: Vec<NeuronSet> = sets
-            .iter()
-            .map(|s| {
-                let mut out = Vec::new();
-                for &(a, b) in &groups {
-                    let k = s.iter().filter(|&&n| n >= a && n < b).count();
-                    let mut pool: Vec<usize> = (a..b).collect();
-                    // Partial Fisher–Yates: the first k are a uniform k-subset.
-                    for i in 0..k {
-                        let j = i + rng.below((pool.len() - i) as u64) as usize;
-                        pool.swap(i, j);
-                    }
-                    out.extend_from_slice(&pool[..k]);
-                }
-                out.sort_unstable();
-                out
-            })
-            .collect();
+        let random = crate::controls::matched_random_sets(sets, sites, scope, &mut rng)?;
         let o = overlap_matrix(&random, formula)?;
         for f in 0..nf {
             for g in 0..nf {

@@ -480,6 +480,25 @@ fn masks_zero_nothing_everything_and_empty_bricks_change_nothing() {
             .to_string()
             .contains("999")
     );
+    // zeroed_losses: the empty set reproduces the intact losses, any length of losses.
+    let per = zeroed_losses(&mut model, &sites, &[vec![], vec![0, 1, 2, 3]], eval).unwrap();
+    assert_eq!(per[0], p.base);
+    assert_eq!(per[1], p.pruned[1]);
+    assert!(model.get_as::<FeedForward>("1").is_ok(), "masks removed");
+    let mut calls = 0;
+    let ragged = zeroed_losses(&mut model, &sites, &[vec![], vec![0]], |_m: &dyn Module| {
+        calls += 1;
+        Ok(vec![1.0; calls])
+    });
+    assert!(ragged.unwrap_err().to_string().contains("set 1"));
+    let nan = zeroed_losses(&mut model, &sites, &[vec![]], |_m: &dyn Module| {
+        Ok(vec![f64::NAN])
+    });
+    assert!(nan.is_err());
+    assert!(
+        model.get_as::<FeedForward>("1").is_ok(),
+        "masks removed after an error"
+    );
 }
 
 // ---------------------------------------------------------------- ROME

@@ -1,11 +1,12 @@
-//! `cargo xtask experiment bricks`: the real analysis of issue 9
+//! `cargo xtask experiment bricks`: the survey's functional-brick analysis
 //! (configurable-bricks) on all-MiniLM-L6-v2 and `data/functional_corpus`
-//! (5 functionalities: code, prose, translation, math, shell).
+//! (5 functionalities: code, prose, translation, math, shell), with controls.
 //!
 //! 1. Profile every FFN (6 × 1536 neurons) on the train split: per example,
 //!    the mean |activation| over non-padding tokens, streamed to a
 //!    safetensors file (`--profile`).
-//! 2. FuncScore = AP per neuron and functionality; distribution per layer.
+//! 2. FuncScore = AP per neuron and functionality; distribution per layer;
+//!    a label-permutation null for the mean FuncScore of each top set.
 //! 3. Top-5% functional sets per layer (resident neurons removed), overlap
 //!    matrix vs the random baseline.
 //! 4. Losses on the test split. MiniLM has no masked-LM head (the packaged
@@ -15,7 +16,10 @@
 //!      trained on the intact model's sentence embeddings (train split);
 //!    - **embedding distortion**: `1 − cos(e_masked, e_intact)` of the
 //!      normalised mean-pooled sentence embedding (0 for the intact model).
-//! 5. Perturbation matrix (zero S_f, loss on every g), sparsity curve (mask
+//! 5. Perturbation matrix (zero S_f, absolute loss change on every g with a
+//!    bootstrap interval over g's examples); each S_f against two controls
+//!    with its per-layer counts (random sets, ≥ 10 draws; the busiest
+//!    neurons by mean activation), decided per functionality; sparsity curve (mask
 //!    the lowest k% per token, by |a| and by |a|·‖W_O[:, n]‖), the share of
 //!    neurons whose normalised indicator is below 0.2.
 //! 6. Balanced co-activation bricks (16 per layer) vs a random partition.
@@ -33,9 +37,10 @@ use configurable_bricks::partition::{
 };
 use configurable_bricks::sets::random_overlap_baseline;
 use configurable_bricks::{
-    AttributionConfig, FuncScores, Indicator, NeuronSet, OverlapFormula, Perturbation, Profile,
-    SetConfig, SparsityPoint, TopScope, func_scores, functional_sets, overlap_matrix,
-    perturbation_matrix, sparsity_curve, svg,
+    AttributionConfig, FuncScores, Indicator, NeuronSet, NullDistribution, OverlapFormula,
+    Perturbation, Profile, SetConfig, SparsityPoint, TopScope, func_score_null, func_scores,
+    functional_sets, matched_random_sets, matched_top_sets, overlap_matrix, perturbation_matrix,
+    sparsity_curve, svg, zeroed_losses,
 };
 use model_zoo::bert::SentenceEncoder;
 use model_zoo::source::ModelSource;
@@ -45,20 +50,32 @@ use tensor_core::rng::SplitMix64;
 use tensor_core::tch::{self, Device, Kind, Tensor};
 use tensor_core::{Context, Module};
 
+use crate::stats::{Bootstrap, bootstrap_mean_diff, fmt_p, paired_t};
+
 /// One sparsity curve: indicator, points, per-point distortions.
 type Curve = (Indicator, Vec<SparsityPoint>, Vec<Vec<f64>>);
 
 pub const BRICKS_HELP: &str = "usage: cargo xtask experiment bricks [--train-per-function N] [--test-per-function N] [--batch N]
-                                [--top-fraction X] [--bricks K] [--profile FILE] [--out FILE]
+                                [--top-fraction X] [--bricks K] [--random-draws R] [--permutations K]
+                                [--profile FILE] [--out FILE]
 Functional bricks of all-MiniLM-L6-v2 on data/functional_corpus (code, prose, translation, math, shell):
-profiles every FFN neuron on the train split (mean |activation| per example, safetensors), FuncScore = AP,
-top-5% sets and their overlap vs random, perturbation matrix and sparsity curve on the test split
-(probe cross-entropy and embedding distortion, as MiniLM has no MLM head), co-activation bricks.
+profiles every FFN neuron on the train split (mean |activation| per example, safetensors), FuncScore = AP
+against a label-permutation null, top-5% sets and their overlap vs random, perturbation matrix (absolute
+probe-CE changes with bootstrap intervals) and two controls per set (R random sets with the same per-layer
+counts, the busiest neurons by mean activation), sparsity curve, co-activation bricks. Loss: probe
+cross-entropy and embedding distortion, as MiniLM has no MLM head.
 Writes docs/results/bricks.md and docs/results/bricks/*.svg (or next to --out).
-Defaults (about 15 min on one loaded CPU thread): 400 of the 640 train and 60 of the 160 test examples\nper functionality, batch 32, top 5%, 16 bricks; sparsity at k = 0, 30, 50, 70, 90%.
-A smoke run: --train-per-function 40 --test-per-function 10 --out /tmp/bricks/bricks.md";
+Defaults (about 25 min on 2 cores): every train (640) and test (160) example per functionality, batch 32,
+top 5%, 16 bricks, 10 random draws, 50 permutations; sparsity at k = 0, 30, 50, 70, 90%.
+A smoke run: --train-per-function 40 --test-per-function 10 --random-draws 2 --permutations 3 --out /tmp/bricks";
 
-fn parse(args: &[String]) -> AnyResult<Option<Plan>> {
+/// The controls' sizes: random draws per set and label permutations.
+struct Controls {
+    random_draws: usize,
+    permutations: usize,
+}
+
+fn parse(args: &[String]) -> AnyResult<Option<(Plan, Controls)>> {
     const CMD: &str = "experiment bricks";
     let Some(f) = Flags::parse_options(
         CMD,
@@ -69,6 +86,8 @@ fn parse(args: &[String]) -> AnyResult<Option<Plan>> {
             "--batch",
             "--top-fraction",
             "--bricks",
+            "--random-draws",
+            "--permutations",
             "--profile",
             "--out",
         ],
@@ -80,8 +99,8 @@ fn parse(args: &[String]) -> AnyResult<Option<Plan>> {
     };
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     let plan = Plan {
-        train_per_function: f.parsed_or("--train-per-function", 400)?,
-        test_per_function: f.parsed_or("--test-per-function", 60)?,
+        train_per_function: f.parsed_or("--train-per-function", 640)?,
+        test_per_function: f.parsed_or("--test-per-function", 160)?,
         batch: f.parsed_or("--batch", 32)?,
         top_fraction: f.parsed_or("--top-fraction", 0.05)?,
         bricks: f.parsed_or("--bricks", 16)?,
@@ -98,11 +117,21 @@ fn parse(args: &[String]) -> AnyResult<Option<Plan>> {
             "--batch, --train-per-function (>= 2) and --test-per-function must be positive",
         );
     }
-    Ok(Some(plan))
+    let controls = Controls {
+        random_draws: f.parsed_or("--random-draws", 10)?,
+        permutations: f.parsed_or("--permutations", 50)?,
+    };
+    if controls.random_draws < 2 || controls.permutations < 1 {
+        return usage(
+            CMD,
+            "--random-draws must be at least 2 and --permutations at least 1",
+        );
+    }
+    Ok(Some((plan, controls)))
 }
 
 pub fn run(args: &[String]) -> AnyResult<()> {
-    let Some(plan) = parse(args)? else {
+    let Some((plan, controls)) = parse(args)? else {
         return Ok(());
     };
     let start = Instant::now();
@@ -146,6 +175,21 @@ pub fn run(args: &[String]) -> AnyResult<()> {
         &AttributionConfig::default(),
     )?;
     let sites = profile.sites.clone();
+    let t = Instant::now();
+    let null = func_score_null(
+        &p,
+        &profile.labels,
+        &profile.functions,
+        &AttributionConfig::default(),
+        controls.permutations,
+        17,
+        |s| Ok(top_set_mean(s, &sites, plan.top_fraction)),
+    )?;
+    eprintln!(
+        "label-permutation null: {} permutations in {:.0} s",
+        controls.permutations,
+        t.elapsed().as_secs_f64()
+    );
 
     // 3. Sets and overlap.
     let set_cfg = SetConfig {
@@ -190,12 +234,17 @@ pub fn run(args: &[String]) -> AnyResult<()> {
             .to_kind(Kind::Float)
             .mean(Kind::Float),
     )?;
+    let test_label_v: Vec<usize> = test_b.iter().flat_map(|b| b.labels.clone()).collect();
     let distortion_log = RefCell::new(Vec::new());
+    let ce_log: RefCell<Vec<Vec<f64>>> = RefCell::new(Vec::new());
     let mut evals = 0;
     let mut eval = |m: &dyn Module| -> configurable_bricks::Result<Vec<f64>> {
         let e = embed(m, &test_b)?.to_device(Device::Cpu);
         let (ce, dist) = losses(&e, &clean, &test_labels, &probe);
         distortion_log.borrow_mut().push(dist);
+        ce_log.borrow_mut().push(Vec::<f64>::try_from(
+            probe_ce(&e, &test_labels, &probe).to_kind(Kind::Double),
+        )?);
         evals += 1;
         eprintln!(
             "  eval {evals} ({:.0} s): probe CE {:?}",
@@ -210,6 +259,44 @@ pub fn run(args: &[String]) -> AnyResult<()> {
     // 5. Perturbation and sparsity.
     let pert = perturbation_matrix(&mut enc.model, &sites, &names(), &sets, &mut eval)?;
     let pert_dist: Vec<Vec<f64>> = distortion_log.borrow_mut().drain(..).collect();
+    let pert_ce: Vec<Vec<f64>> = ce_log.borrow_mut().drain(..).collect();
+    let matrix = absolute_matrix(&pert_ce, &test_label_v)?;
+
+    // Controls: per functionality, S_f against random sets with its per-layer
+    // counts and against the busiest neurons, on that functionality's test examples.
+    let mean_act = Vec::<f64>::try_from(p.mean_dim(0, false, Kind::Double))?;
+    let top_sets = matched_top_sets(&sets, &sites, TopScope::PerLayer, &mean_act)?;
+    let mut rng = SplitMix64::new(29);
+    let draws: Vec<Vec<NeuronSet>> = (0..controls.random_draws)
+        .map(|_| matched_random_sets(&sets, &sites, TopScope::PerLayer, &mut rng))
+        .collect::<configurable_bricks::Result<_>>()?;
+    let mut control_rows = Vec::new();
+    for (fi, name) in names().iter().enumerate() {
+        let own: Vec<Example> = test
+            .iter()
+            .filter(|e| e.label == fi)
+            .map(|e| Example {
+                text: e.text.clone(),
+                label: e.label,
+            })
+            .collect();
+        let fb = batches(&enc, &own, plan.batch)?;
+        let labels_f = Tensor::full([own.len() as i64], fi as i64, (Kind::Int64, Device::Cpu));
+        let mut candidates = vec![Vec::new(), sets[fi].clone()];
+        candidates.extend(draws.iter().map(|d| d[fi].clone()));
+        candidates.push(top_sets[fi].clone());
+        let per = zeroed_losses(&mut enc.model, &sites, &candidates, |m| {
+            let e = embed(m, &fb)?.to_device(Device::Cpu);
+            Ok(Vec::<f64>::try_from(
+                probe_ce(&e, &labels_f, &probe).to_kind(Kind::Double),
+            )?)
+        })?;
+        eprintln!(
+            "  controls for {name} ({:.0} s)",
+            start.elapsed().as_secs_f64()
+        );
+        control_rows.push(ControlRow::new(name, &per, controls.random_draws)?);
+    }
     let fractions = [0.0, 0.3, 0.5, 0.7, 0.9];
     let mut curves: Vec<Curve> = Vec::new();
     for ind in [Indicator::Activation, Indicator::OutputMagnitude] {
@@ -274,7 +361,11 @@ pub fn run(args: &[String]) -> AnyResult<()> {
         &raw_overlap,
         &baseline,
         &pert,
+        &matrix,
         &pert_dist,
+        &null,
+        &control_rows,
+        &controls,
         &curves,
         &norm_ind,
         &part_rows,
@@ -282,6 +373,137 @@ pub fn run(args: &[String]) -> AnyResult<()> {
         minutes,
     )?;
     write(&plan.out, &md)
+}
+
+/// Per functionality: the mean FuncScore of its top `fraction` of neurons in
+/// every layer (the raw top set, before residents are removed).
+fn top_set_mean(s: &FuncScores, sites: &[configurable_bricks::FfnSite], fraction: f64) -> Vec<f64> {
+    (0..s.functions.len())
+        .map(|f| {
+            let col = s.column(f);
+            let (mut sum, mut n) = (0.0, 0usize);
+            for site in sites {
+                let mut v = col[site.offset as usize..(site.offset + site.d_ff) as usize].to_vec();
+                v.sort_by(|a, b| b.total_cmp(a));
+                let k = ((v.len() as f64 * fraction).round() as usize).clamp(1, v.len());
+                sum += v[..k].iter().sum::<f64>();
+                n += k;
+            }
+            sum / n as f64
+        })
+        .collect()
+}
+
+const RESAMPLES: usize = 2000;
+
+/// `Δ(f → g)`: probe CE with `S_f` zeroed minus intact, on `g`'s test
+/// examples, with a bootstrap interval. `per[0]` is the intact model's
+/// per-example CE, `per[1 + f]` the model with `S_f` zeroed.
+fn absolute_matrix(per: &[Vec<f64>], labels: &[usize]) -> AnyResult<Vec<Vec<Bootstrap>>> {
+    let nf = names().len();
+    if per.len() != nf + 1 {
+        return Err(format!(
+            "perturbation: {} evaluations, expected {}",
+            per.len(),
+            nf + 1
+        )
+        .into());
+    }
+    let pick = |v: &[f64], g: usize| -> Vec<f64> {
+        v.iter()
+            .zip(labels)
+            .filter(|(_, l)| **l == g)
+            .map(|(x, _)| *x)
+            .collect()
+    };
+    (0..nf)
+        .map(|f| {
+            (0..nf)
+                .map(|g| {
+                    bootstrap_mean_diff(
+                        &pick(&per[1 + f], g),
+                        &pick(&per[0], g),
+                        RESAMPLES,
+                        (10 * f + g) as u64,
+                    )
+                    .map_err(Into::into)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// One functionality's set against its two controls, on its own test examples.
+struct ControlRow {
+    name: String,
+    examples: usize,
+    /// `S_f` zeroed minus intact.
+    own: Bootstrap,
+    /// Random sets zeroed (per example, the mean over draws) minus intact.
+    random: Bootstrap,
+    /// The busiest neurons zeroed minus intact.
+    top: Bootstrap,
+    vs_random: Bootstrap,
+    vs_random_p: f64,
+    vs_top: Bootstrap,
+    vs_top_p: f64,
+    /// Random draws whose mean change is at least `S_f`'s.
+    draws_at_least: usize,
+    draws: usize,
+}
+
+impl ControlRow {
+    /// `per`: intact, `S_f`, the random draws, the busiest neurons.
+    fn new(name: &str, per: &[Vec<f64>], draws: usize) -> AnyResult<Self> {
+        if per.len() != draws + 3 {
+            return Err(format!("controls for {name}: {} evaluations", per.len()).into());
+        }
+        let (intact, own, top) = (&per[0], &per[1], &per[draws + 2]);
+        let random_sets = &per[2..draws + 2];
+        let n = intact.len();
+        let random: Vec<f64> = (0..n)
+            .map(|i| random_sets.iter().map(|r| r[i]).sum::<f64>() / draws as f64)
+            .collect();
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+        let own_mean = mean(own);
+        let b = |a: &[f64], c: &[f64], seed: u64| bootstrap_mean_diff(a, c, RESAMPLES, seed);
+        Ok(Self {
+            name: name.to_owned(),
+            examples: n,
+            own: b(own, intact, 1)?,
+            random: b(&random, intact, 2)?,
+            top: b(top, intact, 3)?,
+            vs_random: b(own, &random, 4)?,
+            vs_random_p: paired_t(own, &random)?.p,
+            vs_top: b(own, top, 5)?,
+            vs_top_p: paired_t(own, top)?.p,
+            draws_at_least: random_sets.iter().filter(|r| mean(r) >= own_mean).count(),
+            draws,
+        })
+    }
+
+    fn specific(&self) -> bool {
+        verdict(&self.vs_random, self.vs_random_p) == HURTS_MORE
+            && verdict(&self.vs_top, self.vs_top_p) == HURTS_MORE
+    }
+}
+
+const HURTS_MORE: &str = "hurts more";
+
+/// `hurts more` / `hurts less` when the bootstrap interval excludes 0 and
+/// the paired t-test over examples rejects at 5%; otherwise no significant difference.
+fn verdict(b: &Bootstrap, p: f64) -> &'static str {
+    if b.low > 0.0 && p < 0.05 {
+        HURTS_MORE
+    } else if b.high < 0.0 && p < 0.05 {
+        "hurts less"
+    } else {
+        "no significant difference"
+    }
+}
+
+fn fmt_b(b: &Bootstrap) -> String {
+    format!("{:+.3} [{:+.3}, {:+.3}]", b.diff, b.low, b.high)
 }
 
 fn write(out: &Path, md: &str) -> AnyResult<()> {
@@ -315,7 +537,11 @@ fn report(
     raw_overlap: &[Vec<f64>],
     baseline: &[Vec<f64>],
     pert: &Perturbation,
+    matrix: &[Vec<Bootstrap>],
     pert_dist: &[Vec<f64>],
+    null: &NullDistribution,
+    control_rows: &[ControlRow],
+    controls: &Controls,
     curves: &[Curve],
     norm_ind: &NormalisedIndicator,
     part_rows: &[(f64, f64, usize)],
@@ -329,28 +555,71 @@ fn report(
         .unwrap_or_default();
     let f = names();
     let layers: Vec<String> = (0..sites.len()).map(|i| format!("layer {i}")).collect();
-    let mut md = String::new();
+    let specific: Vec<&ControlRow> = control_rows.iter().filter(|r| r.specific()).collect();
+    let above_null: Vec<usize> = (0..f.len()).filter(|&i| null.p_value(i) < 0.05).collect();
+    let command = "cargo xtask experiment bricks";
+    let budget = format!(
+        "{} train / {} test examples per functionality, {} random draws, {} permutations, {minutes:.1} min on a 2-core CPU",
+        plan.train_per_function.min(640),
+        plan.test_per_function.min(160),
+        controls.random_draws,
+        controls.permutations
+    );
+    let headline = format!(
+        "zeroing a functionality's top-{:.0}% FFN neurons hurts it significantly more than both controls (same-shape random sets, the busiest neurons) for {}/{} functionalities{}; Δ probe CE against the random sets: {}; FuncScore of the top sets above the label-permutation null for {}/{}",
+        plan.top_fraction * 100.0,
+        specific.len(),
+        f.len(),
+        if specific.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " ({})",
+                specific
+                    .iter()
+                    .map(|r| r.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        },
+        control_rows
+            .iter()
+            .map(|r| format!("{} {}", r.name, fmt_b(&r.vs_random)))
+            .collect::<Vec<_>>()
+            .join(", "),
+        above_null.len(),
+        f.len()
+    );
+    let mut md = crate::index::block(command, &budget, &headline);
     writeln!(
         md,
-        "# Functional bricks in all-MiniLM-L6-v2 (configurable-bricks, issue 9)\n"
+        "# Functional bricks in all-MiniLM-L6-v2 (configurable-bricks)\n"
     )?;
     writeln!(
         md,
-        "Command: `cargo xtask experiment bricks` (with `OMP_NUM_THREADS=1`; options: `--train-per-function {} --test-per-function {} --batch {} --top-fraction {} --bricks {}`). Total {minutes:.1} min on a shared 2-core CPU.\n",
-        plan.train_per_function, plan.test_per_function, plan.batch, plan.top_fraction, plan.bricks
-    )?;
-    writeln!(
-        md,
-        "Data: `data/functional_corpus` (5 functionalities × {} train / {} test examples). Model: all-MiniLM-L6-v2, 6 FFNs × 1536 GELU neurons = {} neurons. Indicator: |activation|, averaged over each example's non-padding tokens. Profile: {} examples in {profile_s:.0} s ({:.1} examples/s, one CPU thread), streamed to safetensors.\n",
+        "Command: `{command}` (options: `--train-per-function {} --test-per-function {} --batch {} --top-fraction {} --bricks {} --random-draws {} --permutations {}`).\n\nBudget: {budget}; {} intra-op threads, the machine shared with builds at times, so times are upper bounds.\n",
         plan.train_per_function,
         plan.test_per_function,
+        plan.batch,
+        plan.top_fraction,
+        plan.bricks,
+        controls.random_draws,
+        controls.permutations,
+        tch::get_num_threads()
+    )?;
+    writeln!(md, "**Headline.** {headline}.\n")?;
+    writeln!(
+        md,
+        "Data: `data/functional_corpus` (5 functionalities; {} train examples profiled, {} test examples scored). Model: all-MiniLM-L6-v2, 6 FFNs × 1536 GELU neurons = {} neurons. Indicator: |activation|, averaged over each example's non-padding tokens. Profile: {} examples in {profile_s:.0} s ({:.1} examples/s), streamed to safetensors.\n",
+        summary.examples,
+        control_rows.iter().map(|r| r.examples).sum::<usize>(),
         summary.neurons,
         summary.examples,
         summary.examples_per_second()
     )?;
     writeln!(
         md,
-        "**Loss.** The packaged MiniLM has no masked-LM head, so the survey's perplexity is replaced by two stated alternatives measured on the test split: (a) *probe CE*, the cross-entropy of a linear 5-way functionality probe trained on the intact model's normalised sentence embeddings (train split; intact test accuracy {:.1}%), and (b) *embedding distortion*, `1 − cos(e_masked, e_intact)` of the sentence embedding (0 when intact).\n",
+        "**Loss.** The packaged MiniLM has no masked-LM head, so the survey's perplexity is replaced by two stated alternatives measured on the test split: (a) *probe CE*, the cross-entropy (nats) of a linear 5-way functionality probe trained on the intact model's normalised sentence embeddings (train split; intact test accuracy {:.1}%), and (b) *embedding distortion*, `1 − cos(e_masked, e_intact)` of the sentence embedding (0 when intact). Changes are absolute (pruned − intact), averaged over the measured functionality's test examples, with a 95% percentile-bootstrap interval over those examples ({RESAMPLES} resamples); the survey's percentages are not used because the intact probe CE is close to 0.\n",
         100.0 * probe_acc
     )?;
 
@@ -406,6 +675,36 @@ fn report(
         md,
         "![best FuncScore per layer]({fig_rel}/funcscore_best.svg)\n"
     )?;
+
+    // Label-permutation null.
+    writeln!(md, "## FuncScore against the label-permutation null\n")?;
+    writeln!(
+        md,
+        "The statistic: mean FuncScore of the functionality's top {:.0}% of neurons in every layer. The null: the same statistic after shuffling the functionality labels across the profiled examples ({} permutations, seeded; the profile is kept). p = (1 + #null ≥ observed) / (1 + permutations).\n",
+        plan.top_fraction * 100.0,
+        null.null.len()
+    )?;
+    writeln!(
+        md,
+        "| functionality | observed | null mean | null 95th percentile | p | verdict |\n|---|---|---|---|---|---|"
+    )?;
+    for (i, name) in f.iter().enumerate() {
+        let pv = null.p_value(i);
+        writeln!(
+            md,
+            "| {name} | {:.3} | {:.3} | {:.3} | {} | {} |",
+            null.observed[i],
+            null.null_mean(i),
+            null.quantile(i, 0.95),
+            fmt_p(pv),
+            if pv < 0.05 {
+                "above the null"
+            } else {
+                "not distinguishable from the null"
+            }
+        )?;
+    }
+    writeln!(md)?;
 
     // Overlap.
     writeln!(
@@ -472,22 +771,22 @@ fn report(
             .collect::<Vec<_>>()
             .join(", ")
     )?;
-    writeln!(md, "**Probe CE change, %** ((L_pruned − L) / L):\n")?;
+    writeln!(
+        md,
+        "**Probe CE change** (nats, L_pruned − L on the measured functionality's test examples, 95% bootstrap interval):\n"
+    )?;
     writeln!(md, "| zeroed \\ measured | {} |", f.join(" | "))?;
     writeln!(md, "|---|{}", "---|".repeat(f.len()))?;
-    let mut pct = vec![vec![0.0; f.len()]; f.len()];
-    for (i, row) in pct.iter_mut().enumerate() {
-        for (j, cell) in row.iter_mut().enumerate() {
-            *cell = pert.delta_percent(i, j);
-        }
+    let abs: Vec<Vec<f64>> = matrix
+        .iter()
+        .map(|r| r.iter().map(|b| b.diff).collect())
+        .collect();
+    for (i, row) in matrix.iter().enumerate() {
         writeln!(
             md,
             "| {} | {} |",
             f[i],
-            row.iter()
-                .map(|v| format!("{v:+.1}"))
-                .collect::<Vec<_>>()
-                .join(" | ")
+            row.iter().map(fmt_b).collect::<Vec<_>>().join(" | ")
         )?;
     }
     // pert_dist[0] is the intact eval; rows 1.. are the zeroed sets.
@@ -536,12 +835,12 @@ fn report(
         &fig_dir,
         "perturbation_ce.svg",
         &svg::heatmap(
-            "Probe CE change % (row: zeroed set, column: measured)",
+            "Probe CE change, nats (row: zeroed set, column: measured)",
             &f,
             &f,
-            &pct,
+            &abs,
             true,
-            |v| format!("{v:+.0}"),
+            |v| format!("{v:+.2}"),
         ),
     )?;
     write_svg(
@@ -560,6 +859,40 @@ fn report(
         md,
         "![perturbation CE]({fig_rel}/perturbation_ce.svg) ![perturbation distortion]({fig_rel}/perturbation_distortion.svg)\n"
     )?;
+
+    // Controls.
+    writeln!(md, "## Each set against two controls\n")?;
+    writeln!(
+        md,
+        "For each functionality f, on f's {} test examples: zero S_f; zero {} random sets with S_f's count in every layer (per example, the mean over draws); zero the busiest neurons (highest mean |activation| over all training examples) with S_f's count in every layer. Δ = probe CE change (nats) with a 95% bootstrap interval; the paired t-test runs over examples. `hurts more` needs the interval to exclude 0 and p < 0.05. *Draws ≥* counts the random draws whose mean change reaches S_f's.\n",
+        control_rows.first().map_or(0, |r| r.examples),
+        controls.random_draws
+    )?;
+    writeln!(
+        md,
+        "| f | Δ zero S_f | Δ random (mean) | Δ busiest | S_f − random | p | verdict | draws ≥ | S_f − busiest | p | verdict | specific |"
+    )?;
+    writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|")?;
+    for r in control_rows {
+        writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} | {}/{} | {} | {} | {} | {} |",
+            r.name,
+            fmt_b(&r.own),
+            fmt_b(&r.random),
+            fmt_b(&r.top),
+            fmt_b(&r.vs_random),
+            fmt_p(r.vs_random_p),
+            verdict(&r.vs_random, r.vs_random_p),
+            r.draws_at_least,
+            r.draws,
+            fmt_b(&r.vs_top),
+            fmt_p(r.vs_top_p),
+            verdict(&r.vs_top, r.vs_top_p),
+            if r.specific() { "yes" } else { "no" }
+        )?;
+    }
+    writeln!(md)?;
 
     // Sparsity.
     writeln!(md, "## Sparsity\n")?;
@@ -659,9 +992,77 @@ fn report(
     )?;
     writeln!(
         md,
-        "| perturbation | diagonal dominant (Coding +112%, Math +147%, Translation +444% ΔPPL; off-diagonal 3–26%) | probe CE: {}/5 columns diagonal-dominant; distortion: {}/5 |",
+        "| perturbation | diagonal dominant (Coding +112%, Math +147%, Translation +444% ΔPPL; off-diagonal 3–26%); no control sets reported | probe CE: {}/5 columns diagonal-dominant; distortion: {}/5; hurts its functionality more than both controls: {}/5 |",
         dom.iter().filter(|&&d| d).count(),
-        dom_d.iter().filter(|&&d| d).count()
+        dom_d.iter().filter(|&&d| d).count(),
+        specific.len()
+    )?;
+    writeln!(
+        md,
+        "| attribution | FuncScore (AP) picks specialised neurons; no null reported | top sets above the label-permutation null: {}/5 |",
+        above_null.len()
     )?;
     Ok(md)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use recipes::flags::exit_code;
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn defaults_score_every_example_and_bad_flags_are_usage_errors() {
+        let (plan, c) = parse(&[]).unwrap().unwrap();
+        assert_eq!(
+            (plan.train_per_function, plan.test_per_function),
+            (640, 160)
+        );
+        assert_eq!((c.random_draws, c.permutations), (10, 50));
+        for bad in [
+            &["--random-draws", "1"][..],
+            &["--permutations", "0"],
+            &["--batch", "0"],
+            &["--random-draws", "ten"],
+        ] {
+            let e = parse(&args(bad)).err().expect("an error");
+            assert_eq!(exit_code(e.as_ref()), 2, "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn verdicts_need_the_interval_and_the_test() {
+        let b = |low, high| Bootstrap {
+            diff: (low + high) / 2.0,
+            low,
+            high,
+        };
+        assert_eq!(verdict(&b(0.1, 0.3), 0.01), HURTS_MORE);
+        assert_eq!(verdict(&b(0.1, 0.3), 0.2), "no significant difference");
+        assert_eq!(verdict(&b(-0.1, 0.3), 0.01), "no significant difference");
+        assert_eq!(verdict(&b(-0.3, -0.1), 0.01), "hurts less");
+    }
+
+    #[test]
+    fn control_rows_average_the_draws_per_example() {
+        // intact, S_f, two random draws, busiest; four examples.
+        let per = vec![
+            vec![0.0; 4],
+            vec![1.0, 1.2, 0.8, 1.0],
+            vec![0.1; 4],
+            vec![0.3; 4],
+            vec![0.0, 0.1, 0.0, 0.1],
+        ];
+        let r = ControlRow::new("code", &per, 2).unwrap();
+        assert!((r.own.diff - 1.0).abs() < 1e-12);
+        assert!((r.random.diff - 0.2).abs() < 1e-12);
+        assert!((r.vs_random.diff - 0.8).abs() < 1e-12);
+        assert!((r.top.diff - 0.05).abs() < 1e-12);
+        assert_eq!((r.draws_at_least, r.draws), (0, 2));
+        assert!(r.specific());
+        assert!(ControlRow::new("code", &per[..4], 2).is_err());
+    }
 }

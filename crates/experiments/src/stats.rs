@@ -337,15 +337,22 @@ pub fn discordant(a: &[bool], b: &[bool]) -> Result<(u64, u64), StatsError> {
     Ok(out)
 }
 
-/// A percentile interval from a paired bootstrap over examples.
+/// A percentile interval from a paired bootstrap over examples (in points
+/// for [`paired_bootstrap`], in the data's units for [`bootstrap_mean_diff`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Bootstrap {
-    /// Observed accuracy difference `acc(a) - acc(b)`, in points (×100).
+    /// Observed difference, e.g. `acc(a) - acc(b)` in points (×100).
     pub diff: f64,
-    /// 2.5th percentile of the resampled differences, in points.
+    /// 2.5th percentile of the resampled differences.
     pub low: f64,
-    /// 97.5th percentile, in points.
+    /// 97.5th percentile.
     pub high: f64,
+}
+
+impl Bootstrap {
+    pub fn excludes_zero(&self) -> bool {
+        self.low > 0.0 || self.high < 0.0
+    }
 }
 
 /// The paired bootstrap of the accuracy difference between two arms scored on
@@ -390,6 +397,47 @@ pub fn paired_bootstrap(
     draws.sort_by(f64::total_cmp);
     Ok(Bootstrap {
         diff,
+        low: percentile(&draws, 2.5),
+        high: percentile(&draws, 97.5),
+    })
+}
+
+/// The mean of real-valued paired differences `a_i − b_i` (same examples,
+/// same order) with a percentile-bootstrap 95% interval: `resamples` seeded
+/// draws of `n` indices with replacement. In the units of `a` and `b`.
+pub fn bootstrap_mean_diff(
+    a: &[f64],
+    b: &[f64],
+    resamples: usize,
+    seed: u64,
+) -> Result<Bootstrap, StatsError> {
+    if a.len() != b.len() {
+        return bad(format!(
+            "bootstrap_mean_diff: {} and {} values; pairs need the same examples",
+            a.len(),
+            b.len()
+        ));
+    }
+    if a.is_empty() {
+        return bad("bootstrap_mean_diff: no examples");
+    }
+    if resamples < 2 {
+        return bad(format!(
+            "bootstrap_mean_diff: resamples = {resamples} (need at least 2)"
+        ));
+    }
+    let d: Vec<f64> = a.iter().zip(b).map(|(x, y)| x - y).collect();
+    if d.iter().any(|x| !x.is_finite()) {
+        return bad("bootstrap_mean_diff: a difference is NaN or infinite");
+    }
+    let n = d.len();
+    let mut rng = SplitMix64::new(seed);
+    let mut draws: Vec<f64> = (0..resamples)
+        .map(|_| (0..n).map(|_| d[rng.below(n as u64) as usize]).sum::<f64>() / n as f64)
+        .collect();
+    draws.sort_by(f64::total_cmp);
+    Ok(Bootstrap {
+        diff: d.iter().sum::<f64>() / n as f64,
         low: percentile(&draws, 2.5),
         high: percentile(&draws, 97.5),
     })
@@ -644,5 +692,30 @@ mod tests {
         assert!(x.low <= x.diff && x.diff <= x.high, "{x:?}");
         let same = paired_bootstrap(&a, &a, 100, 0).unwrap();
         assert_eq!((same.low, same.high, same.diff), (0.0, 0.0, 0.0));
+    }
+
+    #[test]
+    fn mean_bootstrap_matches_the_normal_interval_on_a_large_sample() {
+        // d = a - b has mean 0.5 and standard deviation 1 (a fixed ±1 pattern):
+        // the interval is close to 0.5 ± 1.96 / sqrt(n).
+        let n = 2000;
+        let a: Vec<f64> = (0..n)
+            .map(|i| if i % 2 == 0 { 1.5 } else { -0.5 })
+            .collect();
+        let b = vec![0.0; n];
+        let x = bootstrap_mean_diff(&a, &b, 2000, 11).unwrap();
+        assert!((x.diff - 0.5).abs() < 1e-12);
+        let half = 1.96 / (n as f64).sqrt();
+        assert!(
+            (x.high - x.low - 2.0 * half).abs() < 0.15 * 2.0 * half,
+            "{x:?}"
+        );
+        assert!(x.excludes_zero());
+        assert_eq!(x, bootstrap_mean_diff(&a, &b, 2000, 11).unwrap());
+        let same = bootstrap_mean_diff(&a, &a, 50, 0).unwrap();
+        assert_eq!((same.low, same.high, same.diff), (0.0, 0.0, 0.0));
+        assert!(!same.excludes_zero());
+        assert!(bootstrap_mean_diff(&a, &b[1..], 50, 0).is_err());
+        assert!(bootstrap_mean_diff(&[f64::NAN], &[0.0], 50, 0).is_err());
     }
 }

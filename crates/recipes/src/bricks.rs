@@ -163,6 +163,16 @@ pub fn train_probe(x: &Tensor, labels: &[usize]) -> AnyResult<(Tensor, Tensor)> 
     Ok((w.detach(), b.detach()))
 }
 
+/// The probe's cross-entropy of every example, `[n]` (logits scaled by 10,
+/// as the embeddings are unit vectors).
+pub fn probe_ce(emb: &Tensor, labels: &Tensor, probe: &(Tensor, Tensor)) -> Tensor {
+    (emb.linear(&probe.0, Some(&probe.1)) * 10.0)
+        .log_softmax(-1, Kind::Float)
+        .gather(1, &labels.unsqueeze(1), false)
+        .squeeze_dim(1)
+        .neg()
+}
+
 /// Per functionality: probe cross-entropy and embedding distortion `1 − cos`.
 pub fn losses(
     emb: &Tensor,
@@ -170,12 +180,7 @@ pub fn losses(
     labels: &Tensor,
     probe: &(Tensor, Tensor),
 ) -> (Vec<f64>, Vec<f64>) {
-    let logits = emb.linear(&probe.0, Some(&probe.1)) * 10.0;
-    let ce = logits
-        .log_softmax(-1, Kind::Float)
-        .gather(1, &labels.unsqueeze(1), false)
-        .squeeze_dim(1)
-        .neg();
+    let ce = probe_ce(emb, labels, probe);
     let dist = (emb * clean).sum_dim_intlist(1, false, Kind::Float).neg() + 1.0;
     let per = |t: &Tensor| -> Vec<f64> {
         (0..5i64)
