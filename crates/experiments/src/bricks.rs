@@ -47,7 +47,7 @@ use model_zoo::source::ModelSource;
 use recipes::bricks::*;
 use recipes::flags::{AnyResult, Flags, usage};
 use tensor_core::rng::SplitMix64;
-use tensor_core::tch::{self, Device, Kind, Tensor};
+use tensor_core::tch::{self, Device, Kind};
 use tensor_core::{Context, Module};
 
 use crate::stats::{Bootstrap, bootstrap_mean_diff, fmt_p, paired_t};
@@ -146,7 +146,25 @@ pub fn run(args: &[String]) -> AnyResult<()> {
         tch::get_num_threads()
     );
     let train_b = batches(&enc, &train, plan.batch)?;
-    let test_b = batches(&enc, &test, plan.batch)?;
+    // Test batches grouped by functionality (length-sorted within each), so
+    // that one functionality's examples are one contiguous block of every
+    // evaluation and the controls can score that block alone.
+    let mut test_b = Vec::new();
+    let mut blocks = Vec::new(); // (batch range, example range) per functionality
+    let mut by_f: Vec<Vec<Example>> = names().iter().map(|_| Vec::new()).collect();
+    for e in test {
+        by_f[e.label].push(e);
+    }
+    let mut first_example = 0;
+    for examples in &by_f {
+        let start = test_b.len();
+        test_b.extend(batches(&enc, examples, plan.batch)?);
+        blocks.push((
+            start..test_b.len(),
+            first_example..first_example + examples.len(),
+        ));
+        first_example += examples.len();
+    }
 
     // 1. Profile (streamed to safetensors), collecting the intact train embeddings on the way.
     let t = Instant::now();
@@ -219,12 +237,7 @@ pub fn run(args: &[String]) -> AnyResult<()> {
 
     // 4. Probe on intact train embeddings; intact test embeddings.
     let probe = train_probe(&train_emb, &labels)?;
-    let test_labels = Tensor::from_slice(
-        &test_b
-            .iter()
-            .flat_map(|b| b.labels.iter().map(|&l| l as i64))
-            .collect::<Vec<_>>(),
-    );
+    let test_labels = label_tensor(&test_b);
     let clean = embed(&enc.model, &test_b)?.to_device(Device::Cpu);
     let probe_acc = f64::try_from(
         clean
@@ -234,7 +247,6 @@ pub fn run(args: &[String]) -> AnyResult<()> {
             .to_kind(Kind::Float)
             .mean(Kind::Float),
     )?;
-    let test_label_v: Vec<usize> = test_b.iter().flat_map(|b| b.labels.clone()).collect();
     let distortion_log = RefCell::new(Vec::new());
     let ce_log: RefCell<Vec<Vec<f64>>> = RefCell::new(Vec::new());
     let mut evals = 0;
@@ -260,7 +272,8 @@ pub fn run(args: &[String]) -> AnyResult<()> {
     let pert = perturbation_matrix(&mut enc.model, &sites, &names(), &sets, &mut eval)?;
     let pert_dist: Vec<Vec<f64>> = distortion_log.borrow_mut().drain(..).collect();
     let pert_ce: Vec<Vec<f64>> = ce_log.borrow_mut().drain(..).collect();
-    let matrix = absolute_matrix(&pert_ce, &test_label_v)?;
+    let example_ranges: Vec<_> = blocks.iter().map(|(_, e)| e.clone()).collect();
+    let matrix = absolute_matrix(&pert_ce, &example_ranges)?;
 
     // Controls: per functionality, S_f against random sets with its per-layer
     // counts and against the busiest neurons, on that functionality's test examples.
@@ -272,21 +285,14 @@ pub fn run(args: &[String]) -> AnyResult<()> {
         .collect::<configurable_bricks::Result<_>>()?;
     let mut control_rows = Vec::new();
     for (fi, name) in names().iter().enumerate() {
-        let own: Vec<Example> = test
-            .iter()
-            .filter(|e| e.label == fi)
-            .map(|e| Example {
-                text: e.text.clone(),
-                label: e.label,
-            })
-            .collect();
-        let fb = batches(&enc, &own, plan.batch)?;
-        let labels_f = Tensor::full([own.len() as i64], fi as i64, (Kind::Int64, Device::Cpu));
-        let mut candidates = vec![Vec::new(), sets[fi].clone()];
-        candidates.extend(draws.iter().map(|d| d[fi].clone()));
+        let (batch_range, example_range) = blocks[fi].clone();
+        let fb = &test_b[batch_range];
+        let labels_f =
+            test_labels.slice(0, example_range.start as i64, example_range.end as i64, 1);
+        let mut candidates: Vec<NeuronSet> = draws.iter().map(|d| d[fi].clone()).collect();
         candidates.push(top_sets[fi].clone());
         let per = zeroed_losses(&mut enc.model, &sites, &candidates, |m| {
-            let e = embed(m, &fb)?.to_device(Device::Cpu);
+            let e = embed(m, fb)?.to_device(Device::Cpu);
             Ok(Vec::<f64>::try_from(
                 probe_ce(&e, &labels_f, &probe).to_kind(Kind::Double),
             )?)
@@ -295,7 +301,15 @@ pub fn run(args: &[String]) -> AnyResult<()> {
             "  controls for {name} ({:.0} s)",
             start.elapsed().as_secs_f64()
         );
-        control_rows.push(ControlRow::new(name, &per, controls.random_draws)?);
+        // Intact and S_f zeroed: this block of the perturbation matrix's evaluations.
+        let (random, top) = per.split_at(controls.random_draws);
+        control_rows.push(ControlRow::new(
+            name,
+            &pert_ce[0][example_range.clone()],
+            &pert_ce[1 + fi][example_range],
+            random,
+            &top[0],
+        )?);
     }
     let fractions = [0.0, 0.3, 0.5, 0.7, 0.9];
     let mut curves: Vec<Curve> = Vec::new();
@@ -306,21 +320,25 @@ pub fn run(args: &[String]) -> AnyResult<()> {
     }
     let _ = eval;
     let mut norm_ind = NormalisedIndicator::new("*:act", &[0.05, 0.1, 0.2, 0.5]);
-    let sink_batches = &test_b[..test_b.len().min(10)];
+    // Two batches of every functionality.
+    let sink_batches = blocks
+        .iter()
+        .flat_map(|(r, _)| &test_b[r.start..r.end.min(r.start + 2)]);
     let mut sink: Box<dyn tensor_core::module::ActivationSink> = Box::new(norm_ind);
+    let lost = "the normalised-indicator sink left the context";
     for b in sink_batches {
         let any: &mut dyn std::any::Any = sink.as_mut();
         any.downcast_mut::<NormalisedIndicator>()
-            .expect("our sink")
+            .ok_or(lost)?
             .set_mask(&b.mask);
         let mut ctx = Context::eval()
             .with_mask(b.mask.shallow_clone())
             .with_sink(sink);
         let _last_hidden = tch::no_grad(|| enc.model.forward(&b.ids, &mut ctx))?;
-        sink = ctx.take_sink().expect("sink stays in the context");
+        sink = ctx.take_sink().ok_or(lost)?;
     }
     let any: Box<dyn std::any::Any> = sink;
-    norm_ind = *any.downcast::<NormalisedIndicator>().expect("our sink");
+    norm_ind = *any.downcast::<NormalisedIndicator>().map_err(|_| lost)?;
 
     // 6. Co-activation bricks per layer vs random partition.
     let mut part_rows = Vec::new();
@@ -397,10 +415,13 @@ fn top_set_mean(s: &FuncScores, sites: &[configurable_bricks::FfnSite], fraction
 const RESAMPLES: usize = 2000;
 
 /// `Δ(f → g)`: probe CE with `S_f` zeroed minus intact, on `g`'s test
-/// examples, with a bootstrap interval. `per[0]` is the intact model's
-/// per-example CE, `per[1 + f]` the model with `S_f` zeroed.
-fn absolute_matrix(per: &[Vec<f64>], labels: &[usize]) -> AnyResult<Vec<Vec<Bootstrap>>> {
-    let nf = names().len();
+/// examples (`examples_of[g]`), with a bootstrap interval. `per[0]` is the
+/// intact model's per-example CE, `per[1 + f]` the model with `S_f` zeroed.
+fn absolute_matrix(
+    per: &[Vec<f64>],
+    examples_of: &[std::ops::Range<usize>],
+) -> AnyResult<Vec<Vec<Bootstrap>>> {
+    let nf = examples_of.len();
     if per.len() != nf + 1 {
         return Err(format!(
             "perturbation: {} evaluations, expected {}",
@@ -409,20 +430,15 @@ fn absolute_matrix(per: &[Vec<f64>], labels: &[usize]) -> AnyResult<Vec<Vec<Boot
         )
         .into());
     }
-    let pick = |v: &[f64], g: usize| -> Vec<f64> {
-        v.iter()
-            .zip(labels)
-            .filter(|(_, l)| **l == g)
-            .map(|(x, _)| *x)
-            .collect()
-    };
     (0..nf)
         .map(|f| {
-            (0..nf)
-                .map(|g| {
+            examples_of
+                .iter()
+                .enumerate()
+                .map(|(g, r)| {
                     bootstrap_mean_diff(
-                        &pick(&per[1 + f], g),
-                        &pick(&per[0], g),
+                        &per[1 + f][r.clone()],
+                        &per[0][r.clone()],
                         RESAMPLES,
                         (10 * f + g) as u64,
                     )
@@ -453,14 +469,23 @@ struct ControlRow {
 }
 
 impl ControlRow {
-    /// `per`: intact, `S_f`, the random draws, the busiest neurons.
-    fn new(name: &str, per: &[Vec<f64>], draws: usize) -> AnyResult<Self> {
-        if per.len() != draws + 3 {
-            return Err(format!("controls for {name}: {} evaluations", per.len()).into());
+    /// Per-example probe CE of f's test examples: intact, with `S_f` zeroed,
+    /// with each random draw zeroed, with the busiest neurons zeroed.
+    fn new(
+        name: &str,
+        intact: &[f64],
+        own: &[f64],
+        random_sets: &[Vec<f64>],
+        top: &[f64],
+    ) -> AnyResult<Self> {
+        let draws = random_sets.len();
+        if draws == 0 {
+            return Err(format!("controls for {name}: no random draws").into());
         }
-        let (intact, own, top) = (&per[0], &per[1], &per[draws + 2]);
-        let random_sets = &per[2..draws + 2];
         let n = intact.len();
+        if let Some(r) = random_sets.iter().find(|r| r.len() != n) {
+            return Err(format!("controls for {name}: {} and {n} examples", r.len()).into());
+        }
         let random: Vec<f64> = (0..n)
             .map(|i| random_sets.iter().map(|r| r[i]).sum::<f64>() / draws as f64)
             .collect();
@@ -1010,9 +1035,7 @@ mod tests {
     use super::*;
     use recipes::flags::exit_code;
 
-    fn args(a: &[&str]) -> Vec<String> {
-        a.iter().map(|s| s.to_string()).collect()
-    }
+    use crate::test_args as args;
 
     #[test]
     fn defaults_score_every_example_and_bad_flags_are_usage_errors() {
@@ -1049,20 +1072,18 @@ mod tests {
     #[test]
     fn control_rows_average_the_draws_per_example() {
         // intact, S_f, two random draws, busiest; four examples.
-        let per = vec![
-            vec![0.0; 4],
-            vec![1.0, 1.2, 0.8, 1.0],
-            vec![0.1; 4],
-            vec![0.3; 4],
-            vec![0.0, 0.1, 0.0, 0.1],
-        ];
-        let r = ControlRow::new("code", &per, 2).unwrap();
+        let intact = vec![0.0; 4];
+        let own = vec![1.0, 1.2, 0.8, 1.0];
+        let random = vec![vec![0.1; 4], vec![0.3; 4]];
+        let top = vec![0.0, 0.1, 0.0, 0.1];
+        let r = ControlRow::new("code", &intact, &own, &random, &top).unwrap();
         assert!((r.own.diff - 1.0).abs() < 1e-12);
         assert!((r.random.diff - 0.2).abs() < 1e-12);
         assert!((r.vs_random.diff - 0.8).abs() < 1e-12);
         assert!((r.top.diff - 0.05).abs() < 1e-12);
         assert_eq!((r.draws_at_least, r.draws), (0, 2));
         assert!(r.specific());
-        assert!(ControlRow::new("code", &per[..4], 2).is_err());
+        assert!(ControlRow::new("code", &intact, &own, &[], &top).is_err());
+        assert!(ControlRow::new("code", &intact, &own, &[vec![0.1; 3]], &top).is_err());
     }
 }

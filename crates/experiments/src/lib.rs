@@ -25,6 +25,12 @@ pub mod moe;
 pub mod sentiment;
 pub mod stats;
 
+/// Command-line arguments from string literals, for the flag tests.
+#[cfg(test)]
+pub(crate) fn test_args(a: &[&str]) -> Vec<String> {
+    a.iter().map(|s| s.to_string()).collect()
+}
+
 use recipes::AnyResult;
 use recipes::flags::UsageError;
 

@@ -99,7 +99,7 @@ fn parse(args: &[String]) -> AnyResult<Option<Options>> {
     };
     let d = Plan::default();
     let p = Plan {
-        seeds: f.list("--seeds")?.unwrap_or(d.seeds),
+        seeds: f.seeds(d.seeds)?,
         steps: f.parsed_or("--steps", d.steps)?,
         distil_steps: f.parsed_or("--distil-steps", d.distil_steps)?,
         batch: f.parsed_or("--batch", d.batch)?,
@@ -116,8 +116,7 @@ fn parse(args: &[String]) -> AnyResult<Option<Options>> {
         threads: f.parsed_or("--threads", d.threads)?,
         out: f.path("--out").unwrap_or(d.out),
     };
-    if p.seeds.is_empty()
-        || p.steps < 1
+    if p.steps < 1
         || p.distil_steps < 1
         || p.batch == 0
         || p.max_len < 4
@@ -136,15 +135,6 @@ fn parse(args: &[String]) -> AnyResult<Option<Options>> {
         return usage(
             CMD,
             "--student-width must be a positive multiple of 4 heads",
-        );
-    }
-    let mut distinct = p.seeds.clone();
-    distinct.sort_unstable();
-    distinct.dedup();
-    if distinct.len() != p.seeds.len() {
-        return usage(
-            CMD,
-            "--seeds: a seed appears twice (pairs need distinct seeds)",
         );
     }
     let mut data = Vec::new();
@@ -473,9 +463,7 @@ mod tests {
     use super::*;
     use recipes::flags::exit_code;
 
-    fn args(a: &[&str]) -> Vec<String> {
-        a.iter().map(|s| s.to_string()).collect()
-    }
+    use crate::test_args as args;
 
     #[test]
     fn defaults_run_both_datasets_on_full_test_sets_with_the_papers_schedule() {

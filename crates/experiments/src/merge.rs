@@ -101,7 +101,7 @@ fn parse(args: &[String]) -> AnyResult<Option<Settings>> {
         return Ok(None);
     };
     let mut s = Settings::default();
-    s.seeds = f.list("--seeds")?.unwrap_or(s.seeds);
+    s.seeds = f.seeds(s.seeds)?;
     if let Some(words) = f.list::<String>("--arms")? {
         s.arms = Vec::new();
         for w in words {
@@ -126,8 +126,8 @@ fn parse(args: &[String]) -> AnyResult<Option<Settings>> {
     s.lambda = f.parsed_or("--lambda", s.lambda)?;
     s.density = f.parsed_or("--density", s.density)?;
     s.out = f.path("--out").unwrap_or(s.out);
-    if s.seeds.is_empty() || s.arms.is_empty() {
-        return usage(CMD, "--seeds and --arms need at least one value");
+    if s.arms.is_empty() {
+        return usage(CMD, "--arms needs at least one value");
     }
     if s.rank <= 0 || s.opts.epochs == 0 {
         return usage(CMD, "--rank and --epochs must be positive");
@@ -503,9 +503,7 @@ mod tests {
     use model_zoo::data::{TextClassification, TextExample};
     use recipes::flags::exit_code;
 
-    fn args(a: &[&str]) -> Vec<String> {
-        a.iter().map(|s| s.to_string()).collect()
-    }
+    use crate::test_args as args;
 
     #[test]
     fn flags_parse_and_bad_ones_are_usage_errors() {

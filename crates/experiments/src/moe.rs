@@ -144,7 +144,7 @@ fn parse(args: &[String]) -> AnyResult<Option<Plan>> {
     let d = Plan::default();
     let threads: Option<i32> = f.parsed("--threads")?;
     let p = Plan {
-        seeds: f.list("--seeds")?.unwrap_or(d.seeds),
+        seeds: f.seeds(d.seeds)?,
         mi_weights: f.list("--mi-weights")?.unwrap_or(d.mi_weights),
         steps: f.parsed_or("--steps", d.steps)?,
         batch: f.parsed_or("--batch", d.batch)?,
@@ -162,8 +162,8 @@ fn parse(args: &[String]) -> AnyResult<Option<Plan>> {
         out: f.path("--out").unwrap_or(d.out),
         ..d
     };
-    if p.seeds.is_empty() || p.mi_weights.is_empty() {
-        return usage(CMD, "--seeds and --mi-weights need at least one value");
+    if p.mi_weights.is_empty() {
+        return usage(CMD, "--mi-weights needs at least one value");
     }
     if p.steps == 0 || p.batch == 0 || p.seq < 2 || p.vocab < 2 || p.eval_chunks == 0 {
         return usage(

@@ -356,50 +356,17 @@ impl Bootstrap {
 }
 
 /// The paired bootstrap of the accuracy difference between two arms scored on
-/// the same examples: `resamples` draws of `n` example indices with
-/// replacement (seeded; the same draw for both arms), and the 2.5th and
-/// 97.5th percentiles of the differences, in points.
+/// the same examples, in points: [`bootstrap_mean_diff`] of the per-example
+/// correctness as 0 / 100.
 pub fn paired_bootstrap(
     a: &[bool],
     b: &[bool],
     resamples: usize,
     seed: u64,
 ) -> Result<Bootstrap, StatsError> {
-    if a.len() != b.len() {
-        return bad(format!(
-            "paired_bootstrap: the two arms scored {} and {} examples",
-            a.len(),
-            b.len()
-        ));
-    }
-    if a.is_empty() {
-        return bad("paired_bootstrap: no examples");
-    }
-    if resamples < 2 {
-        return bad(format!(
-            "paired_bootstrap: resamples = {resamples} (need at least 2)"
-        ));
-    }
-    let n = a.len();
-    let d: Vec<i32> = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| *x as i32 - *y as i32)
-        .collect();
-    let diff = 100.0 * d.iter().sum::<i32>() as f64 / n as f64;
-    let mut rng = SplitMix64::new(seed);
-    let mut draws: Vec<f64> = (0..resamples)
-        .map(|_| {
-            let s: i64 = (0..n).map(|_| d[rng.below(n as u64) as usize] as i64).sum();
-            100.0 * s as f64 / n as f64
-        })
-        .collect();
-    draws.sort_by(f64::total_cmp);
-    Ok(Bootstrap {
-        diff,
-        low: percentile(&draws, 2.5),
-        high: percentile(&draws, 97.5),
-    })
+    let points =
+        |v: &[bool]| -> Vec<f64> { v.iter().map(|&x| if x { 100.0 } else { 0.0 }).collect() };
+    bootstrap_mean_diff(&points(a), &points(b), resamples, seed)
 }
 
 /// The mean of real-valued paired differences `a_i − b_i` (same examples,

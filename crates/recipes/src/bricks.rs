@@ -116,6 +116,16 @@ pub fn batches(enc: &SentenceEncoder, examples: &[Example], batch: usize) -> Any
         .collect()
 }
 
+/// The functionality labels of every batch, concatenated (int64, CPU).
+pub fn label_tensor(batches: &[Batch]) -> Tensor {
+    Tensor::from_slice(
+        &batches
+            .iter()
+            .flat_map(|b| b.labels.iter().map(|&l| l as i64))
+            .collect::<Vec<_>>(),
+    )
+}
+
 /// Normalised sentence embeddings of every batch, concatenated `[n, d]`.
 pub fn embed(model: &dyn Module, batches: &[Batch]) -> tensor_core::Result<Tensor> {
     let mut out = Vec::new();
@@ -330,12 +340,7 @@ pub fn demo(
     // The loss: a linear functionality probe on the intact train embeddings
     // (MiniLM ships no MLM head), as in the full analysis.
     let probe = train_probe(&train_emb, &labels)?;
-    let test_labels = Tensor::from_slice(
-        &test_b
-            .iter()
-            .flat_map(|b| b.labels.iter().map(|&l| l as i64))
-            .collect::<Vec<_>>(),
-    );
+    let test_labels = label_tensor(&test_b);
     let clean = embed(&enc.model, &test_b)?.to_device(Device::Cpu);
     let eval = |m: &dyn Module| -> configurable_bricks::Result<Vec<f64>> {
         let e = embed(m, &test_b)?.to_device(Device::Cpu);

@@ -214,6 +214,25 @@ impl Flags {
         Ok(Some(out))
     }
 
+    /// `--seeds` as a list (default `default`): at least one, none twice, as
+    /// paired comparisons need distinct seeds.
+    pub fn seeds(&self, default: Vec<u64>) -> AnyResult<Vec<u64>> {
+        let seeds = self.list("--seeds")?.unwrap_or(default);
+        let mut distinct = seeds.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        if seeds.is_empty() {
+            return usage(self.cmd, "--seeds needs at least one value");
+        }
+        if distinct.len() != seeds.len() {
+            return usage(
+                self.cmd,
+                "--seeds: a seed appears twice (pairs need distinct seeds)",
+            );
+        }
+        Ok(seeds)
+    }
+
     /// Fail on positional arguments the subcommand does not take.
     pub fn no_positional(&self) -> AnyResult<()> {
         match self.positional.first() {
@@ -273,5 +292,23 @@ mod tests {
         assert!(usage_msg(f.required("--out").map(|_| Flags::default())).contains("missing --out"));
         let other: Box<dyn std::error::Error> = "disk full".into();
         assert_eq!(exit_code(other.as_ref()), 1);
+    }
+
+    #[test]
+    fn seeds_default_parse_and_must_be_distinct() {
+        let seeds = |xs: &[&str]| {
+            Flags::parse("t", &args(xs), &["--seeds"], &[]).and_then(|f| f.seeds(vec![0, 1, 2]))
+        };
+        assert_eq!(seeds(&[]).unwrap(), vec![0, 1, 2]);
+        assert_eq!(seeds(&["--seeds", "4,2"]).unwrap(), vec![4, 2]);
+        let twice = seeds(&["--seeds", "2,2"]).unwrap_err();
+        assert_eq!(exit_code(twice.as_ref()), 2);
+        assert!(twice.to_string().contains("appears twice"));
+        assert!(
+            seeds(&["--seeds", "1,x"])
+                .unwrap_err()
+                .to_string()
+                .contains("--seeds")
+        );
     }
 }
