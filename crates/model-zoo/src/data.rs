@@ -206,9 +206,20 @@ pub fn digits(split: &str) -> Result<ImageSet> {
     )
 }
 
+/// The project's Fashion-MNIST subset (`data/images/fashion_mnist`: 28x28,
+/// 1000 training and 200 test images per class), pixels in 0..1.
+pub fn fashion_mnist(split: &str) -> Result<ImageSet> {
+    load_idx(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/images/fashion_mnist"),
+        split,
+        255.0,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tensor_core::tch::Tensor;
 
     #[test]
     fn malformed_lines_are_named() {
@@ -248,6 +259,19 @@ mod tests {
         assert_eq!(d.num_labels, 2);
         let m = majority_rate(&d.test);
         assert!((m - 762.0 / 1500.0).abs() < 1e-9, "{m}");
+    }
+
+    #[test]
+    fn fashion_mnist_is_class_balanced_and_scaled() {
+        let test = fashion_mnist("test").unwrap();
+        assert_eq!(test.images.size(), [2000, 1, 28, 28]);
+        let counts = test.labels.bincount::<Tensor>(None, 10);
+        assert_eq!(Vec::<i64>::try_from(&counts).unwrap(), vec![200; 10]);
+        let (lo, hi) = (
+            test.images.min().double_value(&[]),
+            test.images.max().double_value(&[]),
+        );
+        assert!(lo == 0.0 && hi == 1.0, "{lo} {hi}");
     }
 
     #[test]

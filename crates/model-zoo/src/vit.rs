@@ -678,6 +678,19 @@ impl VitModel {
         loading::save_folder(dir.as_ref(), &self.config.to_json(), &tensors)
     }
 
+    /// The model's parts in forward order, `(embeddings, layers, layernorm,
+    /// classifier)`, for composing them with other modules (m2mKD's stages
+    /// take the embeddings, the layers, and a head of the final LayerNorm
+    /// and the classifier on the class token).
+    pub fn into_parts(self) -> (Slot, Vec<Slot>, Slot, Slot) {
+        (
+            self.embeddings,
+            self.layers,
+            self.layernorm,
+            self.classifier,
+        )
+    }
+
     /// Encoder output after the final `layernorm`: `[B, N + 1, hidden]`
     /// (position 0 is the class token).
     pub fn hidden_states(&self, images: &Tensor, ctx: &mut Context) -> Result<Tensor> {

@@ -560,7 +560,7 @@ fn m2mkd_step(source: &ModelSource, budget: &Budget, report: &mut Report) -> Any
         .iter()
         .map(|(_, t)| t.numel() as i64)
         .sum();
-    let ood = |s: &recipes::m2mkd::Scores| s.ood.map_or(f64::NAN, |o| o.accuracy);
+    let ood = |s: &recipes::m2mkd::Scores| s.ood_accuracy();
     report
         .accuracies
         .push(("m2mKD teacher".into(), prep.teacher_scores.id.accuracy));

@@ -1,18 +1,22 @@
-//! The m2mKD pipeline on all-MiniLM-L6-v2 (Lo et al., 2024), composed once
-//! for `modular distill`, the demo and `cargo xtask experiment m2mkd`.
+//! The m2mKD pipeline (Lo et al., 2024), composed once for `modular
+//! distill`, the demo and `cargo xtask experiment m2mkd`, on text and on
+//! images.
 //!
-//! Teacher: MiniLM fine-tuned on the task (mean pooling + linear head), split
-//! into `M` modules of consecutive layers ([`m2mkd::split_into_modular`]).
+//! Teacher: on text, all-MiniLM-L6-v2 fine-tuned on the task (mean pooling
+//! + linear head); on images, a `model-zoo` ViT trained here from scratch
+//! (final LayerNorm + linear head on the class token). Either is split into
+//! `M` modules of consecutive layers ([`m2mkd::split_into_modular`]).
 //! Meta model: one layer per module, initialised from the teacher (its
 //! embeddings, the last layer of each module and the head), trained briefly
 //! with CE, frozen; the teacher modules are then incubated in it (Deep
 //! Incubation's step, [`m2mkd::incubate`]).
 //!
-//! Student: a narrower modular encoder: `M` modules of one BERT layer of
-//! width `student_width` (4 heads) whose FFN is `moe-router`'s [`MoeLayer`]
-//! (a linear router, softmax top-2 renormalised, dropless, GELU experts with
-//! biases, the Switch balance loss at weight 0.01), with its own embeddings
-//! and head. The arms:
+//! Student: a narrower modular network of the teacher's kind: `M` modules
+//! of one layer of width `student_width` (4 heads) whose FFN is
+//! `moe-router`'s [`MoeLayer`] (a linear router, softmax top-2
+//! renormalised, dropless, GELU experts with biases, the Switch balance loss
+//! at weight 0.01), with its own embeddings and head; on images this is the
+//! paper's MoE-ViT student. The arms:
 //! - **scratch**: end-to-end CE;
 //! - **logit KD**: end-to-end eq. 2 against the whole teacher;
 //! - **m2mKD**: each module distilled in its hybrid network (LayerNorm +
@@ -31,13 +35,14 @@ use m2mkd::{
 };
 use model_zoo::bert::{BertEncoder, BertLayer, BertModel, mean_pool};
 use model_zoo::config::BertConfig;
-use model_zoo::data::{TextClassification, TextExample};
+use model_zoo::data::{ImageSet, TextClassification, TextExample};
 use model_zoo::source::ModelSource;
 use model_zoo::tokenizer::TextTokenizer;
 use model_zoo::train::{ClassificationMetrics, SplitMix64, class_ids, pad_batch};
+use model_zoo::vit::{VitConfig, VitLayer, VitModel};
 use moe_router::{ExpertActivation, MoeConfig, MoeLayer, RouterConfig};
-use tensor_core::layers::Linear;
-use tensor_core::module::downcast_box;
+use tensor_core::layers::{LayerNorm, Linear};
+use tensor_core::module::{downcast_box, downcast_mut, is};
 use tensor_core::tch::{self, Device, Kind, Tensor};
 use tensor_core::testing::with_seed;
 use tensor_core::{Context, Module, ModuleExt, Slot};
@@ -58,6 +63,9 @@ pub struct Plan {
     pub train_limit: usize,
     pub eval_limit: usize,
     pub teacher_steps: u64,
+    /// The teacher's learning rate: 1e-4 fine-tunes MiniLM; a ViT trained
+    /// from scratch takes 1e-3.
+    pub teacher_lr: f64,
     pub meta_steps: u64,
     pub incubate_steps: u64,
     /// Number of modules M (teacher layers split evenly).
@@ -80,6 +88,7 @@ impl Default for Plan {
             train_limit: 3200,
             eval_limit: 600,
             teacher_steps: 100,
+            teacher_lr: 1e-4,
             meta_steps: 40,
             incubate_steps: 30,
             modules: 3,
@@ -92,8 +101,8 @@ impl Default for Plan {
     }
 }
 
-/// `classifier(dropout(mean over the mask of h))`, the head of the teacher,
-/// the meta model and the student.
+/// `classifier(dropout(mean over the mask of h))`, the text head of the
+/// teacher, the meta model and the student.
 #[derive(Debug)]
 struct MeanPoolHead {
     classifier: Slot,
@@ -125,8 +134,39 @@ impl Module for MeanPoolHead {
     }
 }
 
-fn head(d: i64, labels: i64, device: Device) -> AnyResult<Slot> {
-    let mut lin = Linear::new(d, labels, true, device)?;
+/// `classifier(layernorm(h)[:, 0])`, ViT's head on the class token: the
+/// image head of the teacher, the meta model and the student.
+#[derive(Debug)]
+struct ClassTokenHead {
+    layernorm: Slot,
+    classifier: Slot,
+}
+
+impl Module for ClassTokenHead {
+    fn kind(&self) -> &'static str {
+        "ClassTokenHead"
+    }
+    fn forward(&self, h: &Tensor, ctx: &mut Context) -> tensor_core::Result<Tensor> {
+        let z = ctx.call("layernorm", self.layernorm.as_ref(), h)?;
+        let cls = z.f_select(1, 0)?;
+        ctx.call("classifier", self.classifier.as_ref(), &cls)
+    }
+    fn children(&self) -> Vec<(&str, &dyn Module)> {
+        vec![
+            ("layernorm", self.layernorm.as_ref()),
+            ("classifier", self.classifier.as_ref()),
+        ]
+    }
+    fn children_mut(&mut self) -> Vec<(&str, &mut Slot)> {
+        vec![
+            ("layernorm", &mut self.layernorm),
+            ("classifier", &mut self.classifier),
+        ]
+    }
+}
+
+fn linear_head(d: i64, labels: i64) -> AnyResult<Slot> {
+    let mut lin = Linear::new(d, labels, true, Device::Cpu)?;
     tch::no_grad(|| -> AnyResult<()> {
         let _ = lin.weight.f_normal_(0.0, 0.02)?;
         if let Some(b) = &mut lin.bias {
@@ -134,10 +174,7 @@ fn head(d: i64, labels: i64, device: Device) -> AnyResult<Slot> {
         }
         Ok(())
     })?;
-    Ok(Box::new(MeanPoolHead {
-        classifier: Box::new(lin),
-        dropout: 0.1,
-    }))
+    Ok(Box::new(lin))
 }
 
 /// A BERT encoder's parts: `(embeddings, layers)`.
@@ -147,45 +184,220 @@ fn bert_parts(bert: BertModel) -> AnyResult<(Slot, Vec<Slot>)> {
     Ok((bert.embeddings, enc.layers))
 }
 
-fn layer_config(base: &BertConfig, d: i64, heads: i64, ff: i64, layers: i64) -> BertConfig {
-    BertConfig {
-        hidden_size: d,
-        num_attention_heads: heads,
-        intermediate_size: ff,
-        num_hidden_layers: layers,
-        ..base.clone()
+/// The kind of network the teacher, the meta model and the student are
+/// built from: BERT layers on text, ViT layers on images.
+#[derive(Debug, Clone)]
+pub enum Arch {
+    Bert(BertConfig),
+    Vit(VitConfig),
+}
+
+impl Arch {
+    pub fn width(&self) -> i64 {
+        match self {
+            Arch::Bert(c) => c.hidden_size,
+            Arch::Vit(c) => c.hidden_size,
+        }
+    }
+
+    fn heads(&self) -> i64 {
+        match self {
+            Arch::Bert(c) => c.num_attention_heads,
+            Arch::Vit(c) => c.num_attention_heads,
+        }
+    }
+
+    fn ff(&self) -> i64 {
+        match self {
+            Arch::Bert(c) => c.intermediate_size,
+            Arch::Vit(c) => c.intermediate_size,
+        }
+    }
+
+    /// The same kind of network with other sizes.
+    fn resized(&self, d: i64, heads: i64, ff: i64, layers: i64) -> Arch {
+        match self {
+            Arch::Bert(c) => Arch::Bert(BertConfig {
+                hidden_size: d,
+                num_attention_heads: heads,
+                intermediate_size: ff,
+                num_hidden_layers: layers,
+                ..c.clone()
+            }),
+            Arch::Vit(c) => Arch::Vit(VitConfig {
+                hidden_size: d,
+                num_attention_heads: heads,
+                intermediate_size: ff,
+                num_hidden_layers: layers,
+                ..c.clone()
+            }),
+        }
+    }
+
+    /// Freshly initialised `(embeddings, layers)` (seed them with `with_seed`).
+    fn parts(&self) -> AnyResult<(Slot, Vec<Slot>)> {
+        match self {
+            Arch::Bert(c) => bert_parts(BertModel::new(c.clone(), false, Device::Cpu)?),
+            Arch::Vit(c) => {
+                let (embed, layers, _, _) = VitModel::new(c.clone(), Device::Cpu)?.into_parts();
+                Ok((embed, layers))
+            }
+        }
+    }
+
+    /// A fresh head at this width: mean pooling + linear (text), or final
+    /// LayerNorm + linear on the class token (images).
+    fn head(&self, labels: i64) -> AnyResult<Slot> {
+        let d = self.width();
+        Ok(match self {
+            Arch::Bert(_) => Box::new(MeanPoolHead {
+                classifier: linear_head(d, labels)?,
+                dropout: 0.1,
+            }),
+            Arch::Vit(c) => Box::new(ClassTokenHead {
+                layernorm: Box::new(LayerNorm::new(d, c.layer_norm_eps, true, Device::Cpu)?),
+                classifier: linear_head(d, labels)?,
+            }),
+        })
+    }
+
+    /// The FFN slot of one of this architecture's layers.
+    fn ffn_of(layer: &mut Slot) -> AnyResult<&mut Slot> {
+        let kind = layer.kind();
+        if is::<BertLayer>(layer.as_ref()) {
+            if let Some(l) = downcast_mut::<BertLayer>(layer.as_mut()) {
+                return Ok(&mut l.ffn);
+            }
+        } else if let Some(l) = downcast_mut::<VitLayer>(layer.as_mut()) {
+            return Ok(&mut l.ffn);
+        }
+        Err(format!("a BERT or ViT layer was expected, not a {kind}").into())
+    }
+
+    /// The layer's name on the results pages.
+    pub fn layer_name(&self) -> &'static str {
+        match self {
+            Arch::Bert(_) => "BERT layer",
+            Arch::Vit(_) => "ViT layer",
+        }
+    }
+
+    /// A [`LayerStack`] of fresh parts and a fresh head, under `seed`.
+    fn fresh_stack(&self, labels: i64, seed: u64) -> AnyResult<LayerStack> {
+        with_seed(seed, || -> AnyResult<LayerStack> {
+            let (e, l) = self.parts()?;
+            Ok(LayerStack::new(e, l, self.head(labels)?, self.width())?)
+        })
     }
 }
 
 // ------------------------------------------------------------ data
 
-/// Token ids and labels of a split, in file order.
+/// A split's inputs: token ids (text) or pixels (images).
+pub enum Inputs {
+    Tokens {
+        ids: Vec<Vec<i64>>,
+        pad: i64,
+    },
+    /// Row-major pixels of `[channels, rows, cols]` images, one after another.
+    Pixels {
+        data: Vec<f32>,
+        shape: [i64; 3],
+    },
+}
+
+/// The inputs and labels of a split, in file order (`Sync`: plain vectors,
+/// so the modules' threads can share it).
 pub struct Encoded {
-    pub ids: Vec<Vec<i64>>,
+    pub inputs: Inputs,
     pub labels: Vec<i64>,
 }
 
-fn encode(tok: &TextTokenizer, examples: &[TextExample]) -> AnyResult<Encoded> {
-    Ok(Encoded {
-        ids: examples
-            .iter()
-            .map(|e| tok.encode_ids(&e.text))
-            .collect::<Result<_, _>>()?,
-        labels: examples.iter().map(|e| e.label).collect(),
-    })
+impl Encoded {
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    fn text(tok: &TextTokenizer, examples: &[TextExample]) -> AnyResult<Self> {
+        Ok(Self {
+            inputs: Inputs::Tokens {
+                ids: examples
+                    .iter()
+                    .map(|e| tok.encode_ids(&e.text))
+                    .collect::<Result<_, _>>()?,
+                pad: tok.pad_id as i64,
+            },
+            labels: examples.iter().map(|e| e.label).collect(),
+        })
+    }
+
+    /// The images of `set` at `idx` (in that order).
+    fn images(set: &ImageSet, idx: &[usize]) -> AnyResult<Self> {
+        let size = set.images.size();
+        let [n, c, h, w] = size[..] else {
+            return Err(format!("images of shape {size:?}, expected [N, C, H, W]").into());
+        };
+        let pixels = Vec::<f32>::try_from(set.images.f_contiguous()?.f_view([-1])?)?;
+        let labels = Vec::<i64>::try_from(&set.labels)?;
+        if labels.len() as i64 != n {
+            return Err(format!("{} labels for {n} images", labels.len()).into());
+        }
+        let per = (c * h * w) as usize;
+        let mut data = Vec::with_capacity(idx.len() * per);
+        for &i in idx {
+            data.extend_from_slice(&pixels[i * per..(i + 1) * per]);
+        }
+        Ok(Self {
+            inputs: Inputs::Pixels {
+                data,
+                shape: [c, h, w],
+            },
+            labels: idx.iter().map(|&i| labels[i]).collect(),
+        })
+    }
+
+    fn batch(&self, idx: &[usize]) -> m2mkd::Result<Batch> {
+        let y: Vec<i64> = idx.iter().map(|&i| self.labels[i]).collect();
+        let y = Tensor::from_slice(&y);
+        match &self.inputs {
+            Inputs::Tokens { ids, pad } => {
+                let seqs: Vec<&[i64]> = idx.iter().map(|&i| ids[i].as_slice()).collect();
+                let b = pad_batch(&seqs, *pad, None, Device::Cpu)
+                    .map_err(|e| m2mkd::Error::config(e.to_string()))?;
+                Ok(Batch::new(b.input_ids, y).with_mask(b.attention_mask))
+            }
+            Inputs::Pixels { data, shape } => {
+                let per = (shape[0] * shape[1] * shape[2]) as usize;
+                let mut x = Vec::with_capacity(idx.len() * per);
+                for &i in idx {
+                    x.extend_from_slice(&data[i * per..(i + 1) * per]);
+                }
+                let x = Tensor::from_slice(&x).f_view([
+                    idx.len() as i64,
+                    shape[0],
+                    shape[1],
+                    shape[2],
+                ])?;
+                Ok(Batch::new(x, y))
+            }
+        }
+    }
 }
 
-/// Seeded shuffled batches, epoch after epoch (`Sync`: plain vectors).
+/// Seeded shuffled batches, epoch after epoch.
 struct Batches<'a> {
     data: &'a Encoded,
     order: Vec<usize>,
     batch: usize,
-    pad: i64,
 }
 
 impl<'a> Batches<'a> {
-    fn new(data: &'a Encoded, batch: usize, steps: u64, seed: u64, pad: i64) -> Self {
-        let n = data.ids.len();
+    fn new(data: &'a Encoded, batch: usize, steps: u64, seed: u64) -> Self {
+        let n = data.len();
         let mut order = Vec::with_capacity(steps as usize * batch + n);
         let mut rng = SplitMix64::new(seed ^ 0x0ba7_c4e5);
         while order.len() < steps as usize * batch {
@@ -193,21 +405,8 @@ impl<'a> Batches<'a> {
             rng.shuffle(&mut idx);
             order.extend(idx);
         }
-        Self {
-            data,
-            order,
-            batch,
-            pad,
-        }
+        Self { data, order, batch }
     }
-}
-
-fn make_batch(data: &Encoded, idx: &[usize], pad: i64) -> m2mkd::Result<Batch> {
-    let seqs: Vec<&[i64]> = idx.iter().map(|&i| data.ids[i].as_slice()).collect();
-    let b = pad_batch(&seqs, pad, None, Device::Cpu)
-        .map_err(|e| m2mkd::Error::config(e.to_string()))?;
-    let y: Vec<i64> = idx.iter().map(|&i| data.labels[i]).collect();
-    Ok(Batch::new(b.input_ids, Tensor::from_slice(&y)).with_mask(b.attention_mask))
 }
 
 impl BatchSource for Batches<'_> {
@@ -216,20 +415,16 @@ impl BatchSource for Batches<'_> {
         let idx = self.order.get(s..s + self.batch).ok_or_else(|| {
             m2mkd::Error::config(format!("batch {step} is beyond the planned steps"))
         })?;
-        make_batch(self.data, idx, self.pad)
+        self.data.batch(idx)
     }
 }
 
 /// Metrics and per-example correctness of `model` on `data`.
-fn evaluate(
-    model: &dyn Module,
-    data: &Encoded,
-    pad: i64,
-) -> AnyResult<(ClassificationMetrics, Vec<bool>)> {
-    let mut preds = Vec::with_capacity(data.ids.len());
-    let idx: Vec<usize> = (0..data.ids.len()).collect();
+fn evaluate(model: &dyn Module, data: &Encoded) -> AnyResult<(ClassificationMetrics, Vec<bool>)> {
+    let mut preds = Vec::with_capacity(data.len());
+    let idx: Vec<usize> = (0..data.len()).collect();
     for chunk in idx.chunks(64) {
-        let b = make_batch(data, chunk, pad)?;
+        let b = data.batch(chunk)?;
         let z = predict(model, &b.input, b.mask.as_ref())?;
         preds.extend(class_ids(&z)?);
     }
@@ -241,55 +436,70 @@ fn evaluate(
     Ok((ClassificationMetrics::new(&preds, &data.labels)?, correct))
 }
 
-fn subset(examples: &[TextExample], n: usize) -> Vec<TextExample> {
-    let mut idx: Vec<usize> = (0..examples.len()).collect();
+/// The first `n` of a fixed seeded permutation of `0..len`.
+fn subset_idx(len: usize, n: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..len).collect();
     SplitMix64::new(0x5eed_e7a1).shuffle(&mut idx);
-    idx.into_iter()
-        .take(n)
+    idx.truncate(n);
+    idx
+}
+
+fn subset(examples: &[TextExample], n: usize) -> Vec<TextExample> {
+    subset_idx(examples.len(), n)
+        .into_iter()
         .map(|i| examples[i].clone())
         .collect()
 }
 
 // ------------------------------------------------------------ runs
 
+/// A model's scores on one out-of-domain test set.
+#[derive(Debug, Clone)]
+pub struct OodScores {
+    pub name: String,
+    pub metrics: ClassificationMetrics,
+    /// Whether each example was classified correctly (file order).
+    pub correct: Vec<bool>,
+}
+
 #[derive(Debug, Clone)]
 pub struct Scores {
     pub id: ClassificationMetrics,
-    /// `None` when the data has no out-of-domain split.
-    pub ood: Option<ClassificationMetrics>,
+    /// Every out-of-domain test set, in [`Setup::test_ood`]'s order (empty
+    /// when the data has none).
+    pub ood: Vec<OodScores>,
     pub seconds: f64,
     /// Whether each in-domain test example was classified correctly (file order).
     pub id_correct: Vec<bool>,
-    /// The same for the out-of-domain test set.
-    pub ood_correct: Option<Vec<bool>>,
 }
 
 impl Scores {
+    /// Accuracy on the first out-of-domain set (NaN without one).
     pub fn ood_accuracy(&self) -> f64 {
-        self.ood.map_or(f64::NAN, |m| m.accuracy)
-    }
-    pub fn ood_f1(&self) -> f64 {
-        self.ood.map_or(f64::NAN, |m| m.macro_f1)
+        self.ood.first().map_or(f64::NAN, |o| o.metrics.accuracy)
     }
 }
 
 pub struct Setup {
-    pub base: BertConfig,
+    pub arch: Arch,
     pub labels: i64,
-    pub pad: i64,
     pub train: Encoded,
     pub test_id: Encoded,
-    pub test_ood: Option<Encoded>,
+    /// Out-of-domain test sets, by name.
+    pub test_ood: Vec<(String, Encoded)>,
 }
 
 impl Setup {
     /// Tokenise `data` for plan `p`: a seeded subset of `p.train_limit`
-    /// training examples, `p.eval_limit` test (and out-of-domain) examples.
-    pub fn new(
+    /// training examples, `p.eval_limit` examples of the in-domain test set,
+    /// of `test_ood.jsonl` (named "out-of-domain") when present and of each
+    /// of `extra_ood`.
+    pub fn text(
         p: &Plan,
         base: &BertConfig,
         source: &ModelSource,
         data: &TextClassification,
+        extra_ood: &[(String, Vec<TextExample>)],
     ) -> AnyResult<Self> {
         let tok = TextTokenizer::from_file(source.tokenizer_path(), p.max_len, base.vocab_size)?;
         let mut train = data.train.clone();
@@ -301,45 +511,87 @@ impl Setup {
         if data.test.is_empty() {
             return Err(format!("{} has no test examples", data.dir.display()).into());
         }
+        let mut test_ood = Vec::new();
+        let first = data
+            .test_ood
+            .iter()
+            .map(|o| ("out-of-domain".to_owned(), o.clone()));
+        for (name, ood) in first.chain(extra_ood.iter().cloned()) {
+            if !ood.is_empty() {
+                test_ood.push((name, Encoded::text(&tok, &subset(&ood, p.eval_limit))?));
+            }
+        }
         Ok(Self {
             labels: data.num_labels,
-            pad: tok.pad_id as i64,
-            train: encode(&tok, &train)?,
-            test_id: encode(&tok, &subset(&data.test, p.eval_limit))?,
-            test_ood: match &data.test_ood {
-                Some(ood) if !ood.is_empty() => Some(encode(&tok, &subset(ood, p.eval_limit))?),
-                _ => None,
-            },
-            base: base.clone(),
+            train: Encoded::text(&tok, &train)?,
+            test_id: Encoded::text(&tok, &subset(&data.test, p.eval_limit))?,
+            test_ood,
+            arch: Arch::Bert(base.clone()),
+        })
+    }
+
+    /// An image task for plan `p`: a seeded subset of `p.train_limit` of
+    /// `train`, `p.eval_limit` of `test`; the teacher is a ViT of `config`.
+    pub fn images(
+        p: &Plan,
+        config: VitConfig,
+        train: &ImageSet,
+        test: &ImageSet,
+    ) -> AnyResult<Self> {
+        let n = train.labels.size().first().copied().unwrap_or(0) as usize;
+        let mut idx: Vec<usize> = (0..n).collect();
+        SplitMix64::new(7).shuffle(&mut idx);
+        idx.truncate(p.train_limit);
+        let t = test.labels.size().first().copied().unwrap_or(0) as usize;
+        if idx.is_empty() || t == 0 {
+            return Err("the image task needs training and test images".into());
+        }
+        let mut test_idx = subset_idx(t, p.eval_limit);
+        test_idx.sort_unstable();
+        let train = Encoded::images(train, &idx)?;
+        let test_id = Encoded::images(test, &test_idx)?;
+        let labels = config.num_labels;
+        if let Some(bad) = train
+            .labels
+            .iter()
+            .chain(&test_id.labels)
+            .find(|&&y| y < 0 || y >= labels)
+        {
+            return Err(format!("image label {bad} outside 0..{labels} (num_labels)").into());
+        }
+        Ok(Self {
+            arch: Arch::Vit(config),
+            labels,
+            train,
+            test_id,
+            test_ood: Vec::new(),
         })
     }
 
     pub fn train_examples(&self) -> usize {
-        self.train.ids.len()
+        self.train.len()
     }
 }
 
-/// The student: `p.modules` modules, each one BERT layer of width
-/// `p.student_width` (4 heads) whose FFN is a top-2 [`MoeFfn`]; the first
-/// owns the embeddings, the last the head.
+/// The student: `p.modules` modules, each one layer of the teacher's kind
+/// of width `p.student_width` (4 heads) whose FFN is a top-2 [`MoeLayer`];
+/// the first owns the embeddings, the last the head.
 fn student(s: &Setup, p: &Plan, seed: u64) -> AnyResult<ModularModel> {
     let d = p.student_width;
     let m = p.modules;
-    let cfg = layer_config(&s.base, d, 4, 2 * d, m as i64);
+    let arch = s.arch.resized(d, 4, 2 * d, m as i64);
     with_seed(seed, || -> AnyResult<ModularModel> {
-        let (embed, layers) = bert_parts(BertModel::new(cfg.clone(), false, Device::Cpu)?)?;
+        let (embed, layers) = arch.parts()?;
         let mut embed = Some(embed);
         let mut stages = Vec::new();
         for (i, mut layer) in layers.into_iter().enumerate() {
-            let bl = tensor_core::module::downcast_mut::<BertLayer>(layer.as_mut())
-                .ok_or("a BERT layer was expected")?;
-            bl.ffn = Box::new(MoeLayer::new(
+            *Arch::ffn_of(&mut layer)? = Box::new(MoeLayer::new(
                 student_moe(d, p.experts, seed.wrapping_add(i as u64)),
                 Device::Cpu,
             )?);
             let e = if i == 0 { embed.take() } else { None };
             let h = if i + 1 == m {
-                Some(head(d, s.labels, Device::Cpu)?)
+                Some(arch.head(s.labels)?)
             } else {
                 None
             };
@@ -375,33 +627,37 @@ fn optim(lr: f64, steps_warmup: f64) -> OptimConfig {
 }
 
 fn score(model: &dyn Module, s: &Setup, seconds: f64) -> AnyResult<Scores> {
-    let (id, id_correct) = evaluate(model, &s.test_id, s.pad)?;
-    let (ood, ood_correct) = match &s.test_ood {
-        Some(o) => {
-            let (m, c) = evaluate(model, o, s.pad)?;
-            (Some(m), Some(c))
-        }
-        None => (None, None),
-    };
+    let (id, id_correct) = evaluate(model, &s.test_id)?;
+    let mut ood = Vec::new();
+    for (name, o) in &s.test_ood {
+        let (metrics, correct) = evaluate(model, o)?;
+        ood.push(OodScores {
+            name: name.clone(),
+            metrics,
+            correct,
+        });
+    }
     Ok(Scores {
         id,
         ood,
         seconds,
         id_correct,
-        ood_correct,
     })
 }
 
+/// `what: ID 0.xxxx, NAME 0.xxxx ...` on stderr.
 pub fn log_scores(what: &str, s: &Scores) {
-    match s.ood {
-        Some(o) => eprintln!("{what}: ID {:.4} OOD {:.4}", s.id.accuracy, o.accuracy),
-        None => eprintln!("{what}: test {:.4}", s.id.accuracy),
-    }
+    let ood: String = s
+        .ood
+        .iter()
+        .map(|o| format!(", {} {:.4}", o.name, o.metrics.accuracy))
+        .collect();
+    eprintln!("{what}: ID {:.4}{ood}", s.id.accuracy);
 }
 
 pub const STUDENT_LR: f64 = 1e-3;
 
-/// What every seed shares: the data, the fine-tuned teacher (whole, frozen),
+/// What every seed shares: the data, the trained teacher (whole, frozen),
 /// the frozen meta model and the incubated teacher modules.
 pub struct Prepared {
     pub setup: Setup,
@@ -444,87 +700,95 @@ pub struct M2mRun {
     pub modules: Vec<(f64, u64, i64)>,
 }
 
-/// Steps 1-3 of the pipeline: fine-tune the teacher (MiniLM + mean-pool
-/// head), build and train the meta model (one layer per module, initialised
-/// from the teacher's embeddings, the last layer of each module and the
-/// head), then incubate the teacher modules in it.
+/// Steps 1-3 of the pipeline on text: fine-tune MiniLM (+ mean-pool
+/// head) as the teacher, build and train the meta model, incubate the
+/// teacher modules (see [`prepare_with`]).
 pub fn prepare(p: &Plan, source: &ModelSource, data: &TextClassification) -> AnyResult<Prepared> {
+    prepare_text(p, source, data, &[])
+}
+
+/// [`prepare`], scoring every model also on the named `extra_ood` test sets.
+pub fn prepare_text(
+    p: &Plan,
+    source: &ModelSource,
+    data: &TextClassification,
+    extra_ood: &[(String, Vec<TextExample>)],
+) -> AnyResult<Prepared> {
     let bert = BertModel::from_source(source, Device::Cpu)?;
-    let base = bert.config.clone();
-    let s = Setup::new(p, &base, source, data)?;
-    let pad = s.pad;
+    let s = Setup::text(p, &bert.config.clone(), source, data, extra_ood)?;
+    prepare_with(p, s, Some(bert_parts(bert)?))
+}
+
+/// Steps 1-3 on images: a ViT of `config` trained from scratch on `train`
+/// as the teacher (seed 0), then the meta model and incubation.
+pub fn prepare_images(
+    p: &Plan,
+    config: VitConfig,
+    train: &ImageSet,
+    test: &ImageSet,
+) -> AnyResult<Prepared> {
+    let s = Setup::images(p, config, train, test)?;
+    prepare_with(p, s, None)
+}
+
+/// Steps 1-3: train the teacher (from `pretrained` embeddings and layers,
+/// or from a seed-0 initialisation), build and train the meta model (one
+/// layer per module, initialised from the teacher's embeddings, the last
+/// layer of each module and the head), then incubate the teacher modules
+/// in it.
+pub fn prepare_with(
+    p: &Plan,
+    s: Setup,
+    pretrained: Option<(Slot, Vec<Slot>)>,
+) -> AnyResult<Prepared> {
     let kd = KdConfig::default();
     let registry = LossRegistry::with_builtins(&kd);
+    let (width, labels) = (s.arch.width(), s.labels);
 
-    // 1. The teacher: MiniLM + mean-pool head, fine-tuned end to end.
+    // 1. The teacher, trained end to end.
     let t0 = Instant::now();
-    let (embed, layers) = bert_parts(bert)?;
-    let depth = layers.len();
+    let teacher = match pretrained {
+        Some((embed, layers)) => with_seed(0, || -> AnyResult<LayerStack> {
+            Ok(LayerStack::new(embed, layers, s.arch.head(labels)?, width)?)
+        })?,
+        None => s.arch.fresh_stack(labels, 0)?,
+    };
+    let depth = teacher.depth();
     let boundaries = Boundaries::even(depth, p.modules)?;
-    let teacher = with_seed(0, || -> AnyResult<LayerStack> {
-        Ok(LayerStack::new(
-            embed,
-            layers,
-            head(base.hidden_size, s.labels, Device::Cpu)?,
-            base.hidden_size,
-        )?)
-    })?;
-    let tdata = Batches::new(&s.train, p.batch, p.teacher_steps, 0, pad);
+    let tdata = Batches::new(&s.train, p.batch, p.teacher_steps, 0);
     train_end_to_end(
         &teacher,
         None,
         &tdata,
         p.teacher_steps,
-        &optim(1e-4, 0.1),
+        &optim(p.teacher_lr, 0.1),
         &kd,
         0,
     )?;
     let teacher_scores = score(&teacher, &s, t0.elapsed().as_secs_f64())?;
     log_scores("teacher", &teacher_scores);
     let teacher_named = teacher.named_parameters();
-    let teacher_copy = with_seed(0, || -> AnyResult<LayerStack> {
-        let (e, l) = bert_parts(BertModel::new(base.clone(), false, Device::Cpu)?)?;
-        Ok(LayerStack::new(
-            e,
-            l,
-            head(base.hidden_size, s.labels, Device::Cpu)?,
-            base.hidden_size,
-        )?)
-    })?;
-    let mut teacher_full = teacher_copy;
+    let mut teacher_full = s.arch.fresh_stack(labels, 0)?;
     teacher_full.load_named(&teacher_named, true)?;
     teacher_full.set_trainable("*", false);
 
     // 2. Meta model: one layer per module, from the last teacher layer of each module.
     let t0 = Instant::now();
-    let meta_cfg = layer_config(
-        &base,
-        base.hidden_size,
-        base.num_attention_heads,
-        base.intermediate_size,
-        1,
-    );
-    let labels = s.labels;
+    let meta_arch = s.arch.resized(width, s.arch.heads(), s.arch.ff(), 1);
     let builder: Arc<m2mkd::ModuleBuilder> = Arc::new(move |i, m| {
         let build = || -> AnyResult<Slot> {
-            let (e, mut l) = bert_parts(BertModel::new(meta_cfg.clone(), false, Device::Cpu)?)?;
+            let (e, mut l) = meta_arch.parts()?;
             let e = (i == 0).then_some(e);
             let h = if i + 1 == m {
-                Some(head(meta_cfg.hidden_size, labels, Device::Cpu)?)
+                Some(meta_arch.head(labels)?)
             } else {
                 None
             };
-            Ok(Box::new(Stage::new(
-                e,
-                vec![l.remove(0)],
-                h,
-                meta_cfg.hidden_size,
-                i,
-            )?))
+            Ok(Box::new(Stage::new(e, vec![l.remove(0)], h, width, i)?))
         };
         build().map_err(|e| m2mkd::Error::config(e.to_string()))
     });
-    let mut meta = MetaModel::new(p.modules, base.hidden_size, builder)?;
+    let mut meta = MetaModel::new(p.modules, width, builder)?;
     let last = p.modules - 1;
     let mut init = Vec::new();
     for (n, t) in &teacher_named {
@@ -544,13 +808,13 @@ pub fn prepare(p: &Plan, source: &ModelSource, data: &TextClassification) -> Any
     }
     meta.model_mut().load_named(&init, true)?;
     if p.meta_steps > 0 {
-        let mdata = Batches::new(&s.train, p.batch, p.meta_steps, 1, pad);
+        let mdata = Batches::new(&s.train, p.batch, p.meta_steps, 1);
         train_end_to_end(
             meta.model(),
             None,
             &mdata,
             p.meta_steps,
-            &optim(1e-4, 0.1),
+            &optim(p.teacher_lr, 0.1),
             &kd,
             1,
         )?;
@@ -565,11 +829,11 @@ pub fn prepare(p: &Plan, source: &ModelSource, data: &TextClassification) -> Any
     let incubated = if p.incubate_steps > 0 {
         let cfg = DistilConfig {
             steps: p.incubate_steps,
-            optim: optim(5e-5, 0.1),
+            optim: optim(p.teacher_lr / 2.0, 0.1),
             parallel: p.parallel,
             ..DistilConfig::default()
         };
-        let idata = Batches::new(&s.train, p.batch, p.incubate_steps, 2, pad);
+        let idata = Batches::new(&s.train, p.batch, p.incubate_steps, 2);
         incubate(&meta, split, &idata, &cfg, &registry)?.0
     } else {
         split
@@ -617,13 +881,7 @@ pub fn m2mkd_arm(
         .incubated
         .take()
         .ok_or("the incubated teacher went missing")?;
-    let distil_data = Batches::new(
-        &s.train,
-        p.batch,
-        distil_steps,
-        seed.wrapping_add(100),
-        s.pad,
-    );
+    let distil_data = Batches::new(&s.train, p.batch, distil_steps, seed.wrapping_add(100));
     let d = distil_all(
         &prep.meta,
         teacher,
@@ -658,7 +916,7 @@ pub fn m2mkd_arm(
     drop(scratch_dir);
     let assembled = score(&model, s, t0.elapsed().as_secs_f64())?;
     let e2e = p.steps;
-    let e2e_data = Batches::new(&s.train, p.batch, e2e, seed.wrapping_add(200), s.pad);
+    let e2e_data = Batches::new(&s.train, p.batch, e2e, seed.wrapping_add(200));
     train_end_to_end(
         &model,
         None,
@@ -702,7 +960,7 @@ impl Drop for ScratchDir {
 pub fn scratch(prep: &Prepared, p: &Plan, seed: u64, steps: u64) -> AnyResult<Scores> {
     let s = &prep.setup;
     let kd = KdConfig::default();
-    let data = Batches::new(&s.train, p.batch, steps, seed, s.pad);
+    let data = Batches::new(&s.train, p.batch, steps, seed);
     let t0 = Instant::now();
     let m = student(s, p, seed)?;
     train_end_to_end(&m, None, &data, steps, &optim(STUDENT_LR, 0.1), &kd, seed)?;
@@ -721,7 +979,7 @@ pub fn baselines(
 ) -> AnyResult<(Scores, Option<Scores>)> {
     let s = &prep.setup;
     let kd = KdConfig::default();
-    let data = Batches::new(&s.train, p.batch, p.steps, seed, s.pad);
+    let data = Batches::new(&s.train, p.batch, p.steps, seed);
     let scratch = scratch(prep, p, seed, p.steps)?;
     if !with_kd {
         return Ok((scratch, None));
@@ -740,4 +998,85 @@ pub fn baselines(
     let kd_scores = score(&m, s, t0.elapsed().as_secs_f64())?;
     log_scores(&format!("seed {seed}: logit KD"), &kd_scores);
     Ok((scratch, Some(kd_scores)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use model_zoo::data::digits;
+
+    #[test]
+    fn image_batches_carry_the_chosen_images_in_order() {
+        let set = ImageSet {
+            images: Tensor::arange(5 * 16, (Kind::Float, Device::Cpu)).view([5, 1, 4, 4]),
+            labels: Tensor::from_slice(&[0i64, 1, 2, 3, 4]),
+        };
+        let e = Encoded::images(&set, &[3, 1]).unwrap();
+        assert_eq!(e.labels, vec![3, 1]);
+        let b = e.batch(&[1, 0]).unwrap();
+        assert!(b.mask.is_none());
+        let want = set.images.index_select(0, &Tensor::from_slice(&[1i64, 3]));
+        assert!(b.input.equal(&want));
+        assert_eq!(Vec::<i64>::try_from(&b.targets).unwrap(), vec![1, 3]);
+    }
+
+    /// The whole image pipeline on the 8×8 digits with a tiny ViT: the
+    /// student is an MoE-ViT of the planned width, every arm is scored on
+    /// every test image, and the same seed gives the same student.
+    #[test]
+    fn the_image_pipeline_distils_a_vit_into_an_moe_vit() {
+        let (train, test) = (digits("train").unwrap(), digits("test").unwrap());
+        let config = VitConfig {
+            image_size: 8,
+            patch_size: 4,
+            num_channels: 1,
+            hidden_size: 16,
+            num_hidden_layers: 2,
+            num_attention_heads: 2,
+            intermediate_size: 32,
+            num_labels: 10,
+            ..VitConfig::default()
+        };
+        let p = Plan {
+            seeds: vec![0],
+            steps: 3,
+            distil_steps: 2,
+            batch: 16,
+            train_limit: 200,
+            eval_limit: usize::MAX,
+            teacher_steps: 3,
+            teacher_lr: 1e-3,
+            meta_steps: 1,
+            incubate_steps: 1,
+            modules: 2,
+            student_width: 8,
+            experts: 2,
+            parallel: false,
+            ..Plan::default()
+        };
+        let mut prep = prepare_images(&p, config, &train, &test).unwrap();
+        assert_eq!((prep.depth, prep.setup.train_examples()), (2, 200));
+        assert_eq!(prep.teacher_scores.id_correct.len(), 359);
+        let run = m2mkd_arm(&mut prep, &p, 0, None).unwrap();
+        for s in [&run.stitched, &run.assembled, &run.trained] {
+            assert_eq!(s.id_correct.len(), 359);
+            assert!(s.ood.is_empty());
+        }
+        let names: Vec<(String, Vec<i64>)> = run
+            .model
+            .named_parameters()
+            .into_iter()
+            .map(|(n, t)| (n, t.size()))
+            .collect();
+        let has = |needle: &str| names.iter().any(|(n, _)| n.contains(needle));
+        assert!(
+            has("cls_token") && has("experts") && has("router"),
+            "{names:?}"
+        );
+        let cls = names.iter().find(|(n, _)| n.contains("cls_token")).unwrap();
+        assert_eq!(cls.1, vec![1, 1, 8]);
+        let again = scratch(&prep, &p, 0, p.steps).unwrap();
+        let first = scratch(&prep, &p, 0, p.steps).unwrap();
+        assert_eq!(again.id_correct, first.id_correct);
+    }
 }

@@ -74,12 +74,12 @@ examples:
 
 fn metrics(s: &Scores) -> serde_json::Value {
     let m = |m: &model_zoo::train::ClassificationMetrics| json!({"accuracy": m.accuracy, "macro_f1": m.macro_f1, "mcc": m.mcc, "examples": m.examples});
-    json!({"test": m(&s.id), "test_ood": s.ood.as_ref().map(m), "seconds": s.seconds})
+    json!({"test": m(&s.id), "test_ood": s.ood.first().map(|o| m(&o.metrics)), "seconds": s.seconds})
 }
 
 fn describe(s: &Scores) -> String {
-    match &s.ood {
-        Some(o) => format!("test {:.4}, OOD {:.4}", s.id.accuracy, o.accuracy),
+    match s.ood.first() {
+        Some(o) => format!("test {:.4}, OOD {:.4}", s.id.accuracy, o.metrics.accuracy),
         None => format!("test {:.4}", s.id.accuracy),
     }
 }
@@ -125,6 +125,7 @@ pub fn run(args: &[String]) -> AnyResult<()> {
         train_limit: f.positive_or("--train-limit", d.train_limit)?,
         eval_limit: f.positive_or("--eval-limit", d.eval_limit)?,
         teacher_steps: f.parsed_or("--teacher-steps", d.teacher_steps)?,
+        teacher_lr: d.teacher_lr,
         meta_steps: f.parsed_or("--meta-steps", d.meta_steps)?,
         incubate_steps: f.parsed_or("--incubate-steps", d.incubate_steps)?,
         modules: f.positive_or("--modules", d.modules)?,
