@@ -241,15 +241,7 @@ fn parse(args: &[String]) -> AnyResult<Option<Options>> {
             }
         }
     }
-    let mut shown: Vec<&str> = Vec::new();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        if a == "--out" {
-            it.next();
-        } else {
-            shown.push(a);
-        }
-    }
+    let shown = recipes::flags::without_out(args);
     let command = format!("cargo xtask experiment m2mkd {}", shown.join(" "))
         .trim()
         .to_owned();

@@ -111,15 +111,7 @@ impl Plan {
                 return usage(cmd, format!("a learning rate of {lr} (need > 0)"));
             }
         }
-        let mut shown: Vec<&str> = Vec::new();
-        let mut it = args.iter();
-        while let Some(a) = it.next() {
-            if a == "--out" {
-                it.next();
-            } else {
-                shown.push(a);
-            }
-        }
+        let shown = recipes::flags::without_out(args);
         if !shown.is_empty() {
             self.command = format!("{} {}", self.command, shown.join(" "));
         }

@@ -491,6 +491,58 @@ pub fn compare(a: &[Vec<bool>], b: &[Vec<bool>]) -> Result<Comparison, StatsErro
     })
 }
 
+/// Decide arm A against arm B on several test sets at once, by the
+/// unweighted mean of their accuracies: `a[s][t][i]` is whether arm A under
+/// seed `s` got example `i` of test set `t` right. The interval over seeds
+/// is on the per-seed mean over sets; McNemar's test pools the discordant
+/// examples over seeds and sets. With one set this is [`compare`].
+pub fn compare_macro(a: &[Vec<Vec<bool>>], b: &[Vec<Vec<bool>>]) -> Result<Comparison, StatsError> {
+    if a.len() != b.len() || a.is_empty() {
+        return bad(format!(
+            "compare_macro: the two arms ran {} and {} seeds; pairs need the same, at least one",
+            a.len(),
+            b.len()
+        ));
+    }
+    let macro_acc = |sets: &Vec<Vec<bool>>| -> Result<f64, StatsError> {
+        if sets.is_empty() || sets.iter().any(Vec::is_empty) {
+            return bad("compare_macro: a seed with no sets or an empty set");
+        }
+        let accs: Vec<f64> = sets
+            .iter()
+            .map(|v| 100.0 * v.iter().filter(|x| **x).count() as f64 / v.len() as f64)
+            .collect();
+        Ok(accs.iter().sum::<f64>() / accs.len() as f64)
+    };
+    let mut disc = (0, 0);
+    let (mut sa, mut sb) = (Vec::new(), Vec::new());
+    for (s, (x, y)) in a.iter().zip(b).enumerate() {
+        if x.len() != y.len() {
+            return bad(format!(
+                "compare_macro: seed {s} has {} and {} sets",
+                x.len(),
+                y.len()
+            ));
+        }
+        for (t, (u, v)) in x.iter().zip(y).enumerate() {
+            let (p, q) =
+                discordant(u, v).map_err(|e| StatsError(format!("seed {s}, set {t}: {e}")))?;
+            disc.0 += p;
+            disc.1 += q;
+        }
+        sa.push(macro_acc(x)?);
+        sb.push(macro_acc(y)?);
+    }
+    let seeds = paired_t(&sa, &sb)?;
+    let mcnemar_p = mcnemar_exact(disc.0, disc.1);
+    Ok(Comparison {
+        verdict: decide(&seeds, mcnemar_p),
+        seeds,
+        discordant: disc,
+        mcnemar_p,
+    })
+}
+
 /// The verdict rule: the interval over seeds (when there are at least two)
 /// must exclude zero and the per-example test must reject at [`ALPHA`].
 pub fn decide(seeds: &PairedT, example_p: f64) -> Verdict {
@@ -564,6 +616,38 @@ impl Comparison {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn compare_macro_is_compare_for_one_set_and_averages_sets() {
+        let a = vec![
+            vec![true, true, false, true],
+            vec![true, false, false, true],
+        ];
+        let b = vec![
+            vec![false, true, false, false],
+            vec![true, true, false, false],
+        ];
+        let wrap = |v: &Vec<Vec<bool>>| v.iter().map(|x| vec![x.clone()]).collect::<Vec<_>>();
+        assert_eq!(
+            compare_macro(&wrap(&a), &wrap(&b)).unwrap(),
+            compare(&a, &b).unwrap()
+        );
+        // Two sets of different sizes: the mean is unweighted.
+        let a2 = vec![
+            vec![vec![true; 2], vec![true; 8]],
+            vec![vec![true; 2], vec![false; 8]],
+        ];
+        let b2 = vec![
+            vec![vec![false; 2], vec![true; 8]],
+            vec![vec![true; 2], vec![false; 8]],
+        ];
+        let c = compare_macro(&a2, &b2).unwrap();
+        // Seed 0: (100 + 100)/2 - (0 + 100)/2 = 50; seed 1: 0.
+        assert_eq!((c.seeds.n, c.seeds.mean), (2, 25.0));
+        assert_eq!(c.discordant, (2, 0));
+        assert!(compare_macro(&a2, &b2[..1]).is_err());
+        assert!(compare_macro(&[vec![vec![]]], &[vec![vec![]]]).is_err());
+    }
 
     #[test]
     fn mean_std_of_known_values() {

@@ -37,6 +37,22 @@ pub fn usage<T>(cmd: &str, msg: impl fmt::Display) -> AnyResult<T> {
 }
 
 /// Exit code for an error: 2 for a usage error, 1 for anything else.
+/// The arguments without `--out X` (and `--out=X`): the part of an
+/// experiment's command line that its page shows, since `--out` only says
+/// where the page goes.
+pub fn without_out(args: &[String]) -> Vec<&str> {
+    let mut shown = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--out" {
+            it.next();
+        } else if !a.starts_with("--out=") {
+            shown.push(a.as_str());
+        }
+    }
+    shown
+}
+
 pub fn exit_code(e: &(dyn std::error::Error + 'static)) -> u8 {
     if e.downcast_ref::<UsageError>().is_some() {
         2

@@ -1,22 +1,28 @@
 //! The orthogonal-merge tasks from `data/` and the hooks that train one
 //! adapter per task: orthogonal adaptation (Po et al., CVPR 2024: each task
-//! owns one bin of a shared, seeded orthogonal basis, its frozen factor) on
-//! either side, or plain PEFT-style LoRA. Every task keeps its own linear
-//! head; only the encoder deltas are merged. Used by `cargo xtask experiment
-//! merge` and the demo's merge step.
+//! owns one bin of a shared, seeded basis, its frozen factor; the paper
+//! freezes the input side) on either side and with an exactly orthogonal
+//! (QR) or a Gaussian basis, or plain PEFT-style LoRA. Every task keeps its
+//! own linear head; only the encoder deltas are merged. Used by `cargo xtask
+//! experiment merge` and the demo's merge step.
+//!
+//! Tasks: movie-review sentiment, newsgroup topic, and each of the functional
+//! corpus's five functionalities as its own one-vs-rest task (is the snippet
+//! code? prose? ...); the five share their test inputs, so [`correct_stacked`]
+//! scores them in one pass with their heads stacked.
 
 use std::path::Path;
 
 use crate::{AnyResult, repo_root};
 use model_zoo::bert::{BertModel, Pooling, SequenceClassifier};
-use model_zoo::data::{TextClassification, TextExample, load_jsonl};
+use model_zoo::data::{TextClassification, TextExample};
 use model_zoo::finetune::FinetuneHooks;
 use model_zoo::source::ModelSource;
 use model_zoo::tokenizer::TextTokenizer;
 use model_zoo::train::{BatchPlan, SplitMix64, evaluate, pad_batch_with_labels};
 use orthogonal_merge::{
-    AdapterConfig, FrozenSide, Merged, Registry, TaskDelta, add_lora, add_orthogonal, apply_merged,
-    mark_only_trainable, task_delta,
+    AdapterConfig, BasisKind, FrozenSide, Merged, Registry, TaskDelta, add_lora, add_orthogonal,
+    apply_merged, mark_only_trainable, task_delta,
 };
 use tensor_core::layers::Linear;
 use tensor_core::module::downcast_ref;
@@ -28,23 +34,33 @@ fn zoo(e: impl std::fmt::Display) -> model_zoo::Error {
     model_zoo::Error::invalid(e.to_string())
 }
 
-/// The arms of the comparison.
+/// The arms of the comparison, the paper's variant first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Arm {
-    /// Orthogonal adaptation, output side `B` frozen to the task's bin.
-    Orthogonal,
-    /// Orthogonal adaptation, input side `A = B_iᵀ` frozen to the task's bin.
+    /// Orthogonal adaptation as the paper defines it: the input side
+    /// `A = B_iᵀ` frozen to the task's bin of an exactly orthogonal (QR) basis.
     OrthogonalInput,
+    /// The output side `B` frozen to the task's bin (third-party re-implementations).
+    Orthogonal,
+    /// The input side frozen to the task's bin of a Gaussian basis (only
+    /// near-orthogonal, as the paper's cheap alternative).
+    OrthogonalGaussian,
     PlainLora,
 }
 
 impl Arm {
-    pub const ALL: [Arm; 3] = [Arm::Orthogonal, Arm::OrthogonalInput, Arm::PlainLora];
+    pub const ALL: [Arm; 4] = [
+        Arm::OrthogonalInput,
+        Arm::Orthogonal,
+        Arm::OrthogonalGaussian,
+        Arm::PlainLora,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
-            Arm::Orthogonal => "orthogonal (output side frozen to the task's bin)",
-            Arm::OrthogonalInput => "orthogonal (input side frozen to the task's bin)",
+            Arm::OrthogonalInput => "orthogonal, input side frozen (the paper's variant)",
+            Arm::Orthogonal => "orthogonal, output side frozen",
+            Arm::OrthogonalGaussian => "orthogonal, input side frozen, Gaussian basis",
             Arm::PlainLora => "plain LoRA",
         }
     }
@@ -52,8 +68,9 @@ impl Arm {
     /// The `--arms` word.
     pub fn flag(self) -> &'static str {
         match self {
-            Arm::Orthogonal => "output",
             Arm::OrthogonalInput => "input",
+            Arm::Orthogonal => "output",
+            Arm::OrthogonalGaussian => "gaussian",
             Arm::PlainLora => "plain",
         }
     }
@@ -62,7 +79,16 @@ impl Arm {
     pub fn frozen_side(self) -> Option<FrozenSide> {
         match self {
             Arm::Orthogonal => Some(FrozenSide::Output),
-            Arm::OrthogonalInput => Some(FrozenSide::Input),
+            Arm::OrthogonalInput | Arm::OrthogonalGaussian => Some(FrozenSide::Input),
+            Arm::PlainLora => None,
+        }
+    }
+
+    /// The basis of an orthogonal arm.
+    pub fn basis(self) -> Option<BasisKind> {
+        match self {
+            Arm::OrthogonalInput | Arm::Orthogonal => Some(BasisKind::QrBins),
+            Arm::OrthogonalGaussian => Some(BasisKind::Gaussian),
             Arm::PlainLora => None,
         }
     }
@@ -73,6 +99,8 @@ pub struct Task {
     pub name: &'static str,
     pub what: &'static str,
     pub data: TextClassification,
+    /// Tasks with the same group share their test inputs (in the same order).
+    pub group: &'static str,
 }
 
 /// A JSONL file's rows as raw JSON objects (for the files whose label is not `label`).
@@ -93,21 +121,6 @@ fn field<'a>(row: &'a serde_json::Value, key: &str, path: &Path) -> AnyResult<&'
     row.get(key)
         .and_then(|v| v.as_str())
         .ok_or_else(|| format!("{}: a row without a string '{key}'", path.display()).into())
-}
-
-/// Split `rows` (already in a seeded order) into train / validation / test by fractions.
-fn three_way(
-    rows: Vec<TextExample>,
-    val: f64,
-    test: f64,
-) -> (Vec<TextExample>, Vec<TextExample>, Vec<TextExample>) {
-    let n = rows.len();
-    let n_test = (n as f64 * test).round() as usize;
-    let n_val = (n as f64 * val).round() as usize;
-    let mut rows = rows;
-    let test_rows = rows.split_off(n - n_test);
-    let val_rows = rows.split_off(n - n_test - n_val);
-    (rows, val_rows, test_rows)
 }
 
 fn classification(
@@ -134,10 +147,12 @@ fn classification(
     })
 }
 
-/// The functional corpus: which of five functionalities (code, prose,
-/// translation, math, shell) a snippet is; its own train/test split, 10% of
-/// train held out for validation.
-fn functionality_task(dir: &Path) -> AnyResult<TextClassification> {
+/// The five functionalities of the functional corpus (code, math, prose,
+/// shell, translation), each as a one-vs-rest task: label 1 when the snippet
+/// has that functionality. The corpus's own train/test split; the same 10%
+/// of train held out for validation in every task, and the same test inputs
+/// in the same order.
+fn functional_tasks(dir: &Path) -> AnyResult<Vec<(String, TextClassification)>> {
     let path = dir.join("functional.jsonl");
     let rows = read_rows(&path)?;
     let mut names: Vec<String> = rows
@@ -149,11 +164,7 @@ fn functionality_task(dir: &Path) -> AnyResult<TextClassification> {
     let (mut train, mut test) = (Vec::new(), Vec::new());
     for r in &rows {
         let f = field(r, "function", &path)?;
-        let label = names.iter().position(|n| n == f).unwrap_or(0) as i64;
-        let ex = TextExample {
-            text: field(r, "text", &path)?.to_owned(),
-            label,
-        };
+        let ex = (field(r, "text", &path)?.to_owned(), f.to_owned());
         match field(r, "split", &path)? {
             "test" => test.push(ex),
             _ => train.push(ex),
@@ -162,55 +173,64 @@ fn functionality_task(dir: &Path) -> AnyResult<TextClassification> {
     SplitMix64::new(0xf0c5).shuffle(&mut train);
     let n_val = train.len() / 10;
     let validation = train.split_off(train.len() - n_val);
-    classification(dir, train, validation, test)
+    let binary = |rows: &[(String, String)], name: &str| -> Vec<TextExample> {
+        rows.iter()
+            .map(|(text, f)| TextExample {
+                text: text.clone(),
+                label: i64::from(f == name),
+            })
+            .collect()
+    };
+    names
+        .iter()
+        .map(|n| {
+            let c = classification(
+                dir,
+                binary(&train, n),
+                binary(&validation, n),
+                binary(&test, n),
+            )?;
+            Ok((n.clone(), c))
+        })
+        .collect()
 }
 
-/// Where a review sentence comes from: movie review, Amazon product review
-/// or tweet (the three domains of the sentiment data; sentiment labels are
-/// ignored). 1500 sentences per source, split 70/10/20 after a seeded shuffle.
-fn source_task(dir: &Path) -> AnyResult<TextClassification> {
-    let mut all = Vec::new();
-    for (label, file) in ["train.jsonl", "test_ood.jsonl", "test_ood_tweets.jsonl"]
-        .into_iter()
-        .enumerate()
-    {
-        let mut rows = load_jsonl(dir.join(file))?;
-        SplitMix64::new(0x50_0c + label as u64).shuffle(&mut rows);
-        rows.truncate(1500);
-        all.extend(rows.into_iter().map(|e| TextExample {
-            text: e.text,
-            label: label as i64,
-        }));
-    }
-    SplitMix64::new(0x50_0ce).shuffle(&mut all);
-    let (train, validation, test) = three_way(all, 0.1, 0.2);
-    classification(dir, train, validation, test)
-}
+/// The functionality names of the functional corpus, as the tasks call them.
+pub const FUNCTIONALITIES: [&str; 5] = ["code", "math", "prose", "shell", "translation"];
 
 pub fn tasks() -> AnyResult<Vec<Task>> {
     let data = repo_root().join("data");
-    Ok(vec![
+    let mut out = vec![
         Task {
             name: "sentiment",
             what: "positive/negative movie-review sentence (data/sentiment_domains)",
             data: TextClassification::load(data.join("sentiment_domains"))?,
+            group: "sentiment",
         },
         Task {
             name: "topic",
             what: "newsgroup topic: comp/rec/sci/talk (data/newsgroups_shift)",
             data: TextClassification::load(data.join("newsgroups_shift"))?,
+            group: "topic",
         },
-        Task {
-            name: "functionality",
-            what: "code / prose / translation / math / shell snippet (data/functional_corpus)",
-            data: functionality_task(&data.join("functional_corpus"))?,
-        },
-        Task {
-            name: "source",
-            what: "movie review / Amazon review / tweet (texts of data/sentiment_domains, sentiment ignored)",
-            data: source_task(&data.join("sentiment_domains"))?,
-        },
-    ])
+    ];
+    let dir = data.join("functional_corpus");
+    for (found, c) in functional_tasks(&dir)? {
+        let Some(&name) = FUNCTIONALITIES.iter().find(|n| **n == found) else {
+            return Err(format!(
+                "{}: an unknown functionality '{found}' (expected {FUNCTIONALITIES:?})",
+                dir.display()
+            )
+            .into());
+        };
+        out.push(Task {
+            name,
+            what: "is the snippet this functionality, or one of the other four? (data/functional_corpus, one vs rest)",
+            data: c,
+            group: "functional",
+        });
+    }
+    Ok(out)
 }
 
 /// What one training run leaves behind: the encoder delta and the head.
@@ -236,7 +256,7 @@ impl FinetuneHooks for MergeHooks<'_> {
             ..AdapterConfig::new(&TARGETS).with_alpha(2.0 * self.rank as f64)
         };
         match self.arm {
-            Arm::Orthogonal | Arm::OrthogonalInput => {
+            Arm::Orthogonal | Arm::OrthogonalInput | Arm::OrthogonalGaussian => {
                 add_orthogonal(model, self.task, self.registry, &cfg)
             }
             Arm::PlainLora => add_lora(model, self.task, self.rank, &cfg),
@@ -336,6 +356,61 @@ pub fn score_merged(
             t.head.1.as_ref().map(Tensor::shallow_clone),
         )?);
         out.push(accuracy(&model, set, pad, device)?);
+    }
+    Ok(out)
+}
+
+/// Per-example correctness of tasks that share one evaluation set's inputs
+/// (`ids`, in `labels`' order), with their heads stacked into one classifier
+/// on `model`'s encoder: one forward pass scores all of them. `heads[t]` is
+/// task `t`'s `(weight [C_t, d], bias)`.
+pub fn correct_stacked(
+    model: &mut SequenceClassifier,
+    heads: &[&(Tensor, Option<Tensor>)],
+    ids: &[Vec<i64>],
+    labels: &[&[i64]],
+    pad: i64,
+    device: Device,
+) -> AnyResult<Vec<Vec<bool>>> {
+    if heads.len() != labels.len() || labels.iter().any(|l| l.len() != ids.len()) {
+        return Err(format!(
+            "correct_stacked: {} heads and {} label lists for {} examples",
+            heads.len(),
+            labels.len(),
+            ids.len()
+        )
+        .into());
+    }
+    let sizes: Vec<i64> = heads.iter().map(|h| h.0.size()[0]).collect();
+    let weight = Tensor::f_cat(&heads.iter().map(|h| &h.0).collect::<Vec<_>>(), 0)?;
+    let bias = heads
+        .iter()
+        .map(|h| match &h.1 {
+            Some(b) => Ok(b.shallow_clone()),
+            None => Tensor::f_zeros([h.0.size()[0]], (h.0.kind(), h.0.device())),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    model.num_labels = sizes.iter().sum();
+    model.classifier = Box::new(Linear::from_weights(
+        weight,
+        Some(Tensor::f_cat(&bias, 0)?),
+    )?);
+    let mut out = vec![Vec::with_capacity(ids.len()); heads.len()];
+    let mut start = 0;
+    for chunk in ids.chunks(64) {
+        let seqs: Vec<&[i64]> = chunk.iter().map(Vec::as_slice).collect();
+        let b = pad_batch_with_labels(&seqs, &vec![0; chunk.len()], pad, None, device)?;
+        let logits =
+            tensor_core::tch::no_grad(|| model.logits(&b.input_ids, &b.attention_mask, false))?;
+        let mut col = 0;
+        for (t, &c) in sizes.iter().enumerate() {
+            let pred = Vec::<i64>::try_from(logits.f_narrow(1, col, c)?.f_argmax(1, false)?)?;
+            col += c;
+            for (k, p) in pred.iter().enumerate() {
+                out[t].push(*p == labels[t][start + k]);
+            }
+        }
+        start += chunk.len();
     }
     Ok(out)
 }
