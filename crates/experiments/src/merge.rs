@@ -74,7 +74,7 @@ impl Default for Settings {
                 train_limit: Some(2000),
                 // Only the training run's own validation/test report; the
                 // page scores every test example itself.
-                eval_limit: Some(256),
+                eval_limit: Some(64),
                 progress: false,
                 ..FinetuneOptions::default()
             },
