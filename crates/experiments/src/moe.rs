@@ -1,37 +1,36 @@
-//! `cargo xtask experiment moe`: the real task of issue 5 (moe-router).
+//! `cargo xtask experiment moe`: ModuleFormer's claims on a small decoder
+//! (moe-router): its mutual-information loss against the Switch balance
+//! loss, and extendability, adding a new domain without forgetting the old.
 //!
-//! A small ModuleFormer-style decoder — model-zoo's GPT-2 decoder with every
-//! block's attention replaced by moe-router's [`MixtureOfAttention`]
+//! The model is a small ModuleFormer-style decoder: model-zoo's GPT-2 with
+//! every block's attention replaced by moe-router's [`MixtureOfAttention`]
 //! (stick-breaking attention experts) and every FFN by a [`MoeLayer`] (MLP
 //! gate, raw gates, dropless, top-k), positions from stick-breaking only
-//! (`wpe` zeroed and frozen), dropout 0 — is trained from scratch on the
-//! movie-review text of `data/sentiment_domains` (next-token prediction on
-//! packed 64-token windows), with and without ModuleFormer's mutual-information
-//! loss `H(e|x) − H(e)`, several seeds. Then:
-//! - validation loss on held-out movie reviews, and the loss on two held-out
-//!   domains (Amazon product reviews, tweets);
-//! - expert-usage entropy per router: `H(load)/log E` (balance) and the
-//!   per-token routing entropy `H(e|x)/log E` (specialisation), averaged over layers;
-//! - pruning: per layer, the FFN experts that the held-out Amazon domain
-//!   uses least (measured on one half of its windows with
-//!   [`moe_router::expert_usage`]) are removed with
-//!   [`moe_router::prune_experts`] — and, in a third rule, the attention
-//!   experts too ([`moe_router::attention_expert_usage`],
-//!   [`moe_router::prune_attention_experts`]) — and the loss change is
-//!   measured on the other half, on the movie validation set and on tweets.
+//! (`wpe` zeroed and frozen), dropout 0.
 //!
-//! Tokens: the packaged MiniLM WordPiece tokenizer (30,522 ids), remapped to
-//! the `vocab` most frequent ids of the training text plus one `[UNK]` id, to
-//! keep the tied embedding and the softmax cheap on a CPU.
+//! 1. **Base.** Trained from scratch on the movie reviews of
+//!    `data/sentiment_domains` (next-token prediction on packed windows),
+//!    once with ModuleFormer's MI loss `H(e|x) − H(e)` and once with the
+//!    Switch balance loss instead, same steps, several seeds. Reported: the
+//!    movie validation loss, and how the experts specialise by domain
+//!    (Jensen–Shannon divergence between the FFN experts' usage on movies
+//!    and on tweets or Amazon reviews; per-token routing entropy).
+//! 2. **Extension.** From each MI base, the tweets (a new domain; even
+//!    windows train, odd windows test) are added by (a) full fine-tuning,
+//!    (b) ModuleFormer's way: [`grow_experts`] adds new FFN experts with the
+//!    old ones frozen and only the new experts and the routers train, and
+//!    (c) LoRA on every FFN expert's weights. Reported: the gain on tweets
+//!    and the forgetting on movies (held-out losses before and after).
 //!
-//! Writes a markdown table (default `docs/results/moe.md`) atomically.
+//! Every comparison is paired over seeds (t interval) and over evaluation
+//! windows (bootstrap); [`crate::stats`] decides.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
-use crate::stats::mean_std;
+use crate::stats::{Bootstrap, PairedT, bootstrap_mean_diff, fmt_p, mean_std, paired_t};
 use model_zoo::data::load_jsonl;
 use model_zoo::gpt::{Gpt2Config, Gpt2Model};
 use model_zoo::source::ModelSource;
@@ -39,29 +38,39 @@ use model_zoo::tokenizer::TextTokenizer;
 use model_zoo::train::{AdamW, AdamWConfig, LrSchedule, ScheduleKind, SplitMix64, clip_grad_norm};
 use moe_router::router::GateParams;
 use moe_router::{
-    ExpertWeights, MixtureOfAttention, MoaConfig, MoeConfig, MoeLayer, Router,
-    attention_expert_usage, expert_usage, prune_attention_experts, prune_experts,
+    ExpertWeights, MixtureOfAttention, MoaConfig, MoeConfig, MoeLayer, Router, grow_experts,
 };
 use recipes::flags::{AnyResult, Flags, usage};
-use tensor_core::tch::{self, Device, Kind, Tensor};
+use tensor_core::module::downcast_ref;
+use tensor_core::tch::{self, Device, Kind, Reduction, Tensor};
 use tensor_core::{Context, Module, ModuleExt, Slot};
 
-pub const MOE_HELP: &str = "usage: cargo xtask experiment moe [--seeds 0,1,2] [--mi-weights 0,0.01,0.1] [--steps N] [--batch N] [--seq N]
+pub const MOE_HELP: &str = "usage: cargo xtask experiment moe [--seeds 0,1,2] [--base-steps N] [--ext-steps N] [--mi-weight X]
+                             [--balance-weight X] [--grow N] [--lora-rank R] [--batch N] [--seq N]
                              [--vocab N] [--d-model N] [--layers N] [--experts N] [--top-k K] [--d-ff N]
-                             [--lr X] [--eval-chunks N] [--threads N] [--out FILE]
-A small ModuleFormer-style decoder (model-zoo GPT-2 with MoA + MoE FFN from moe-router)
-trained from scratch on the movie reviews of data/sentiment_domains, with and without
-ModuleFormer's MI loss (one variant per --mi-weights value, each for every seed);
-reports validation / out-of-domain loss, expert-usage entropy, and the loss change
-after pruning the FFN (and attention) experts the Amazon domain uses least.
-Writes docs/results/moe.md (or --out). A smoke run: --steps 20 --seeds 0 --out /tmp/moe.md";
+                             [--lr X] [--ext-lr X] [--eval-chunks N] [--threads N] [--out DIR]
+A small ModuleFormer-style decoder (model-zoo GPT-2 with MoA + MoE FFN from moe-router) trained
+from scratch on the movie reviews of data/sentiment_domains with ModuleFormer's MI loss and,
+at equal steps, with the Switch balance loss (expert specialisation by domain); then the MI base
+learns tweets by full fine-tuning, by growing new FFN experts with the old ones frozen
+(ModuleFormer's extension) and by LoRA on the FFN experts: the gain on tweets and the forgetting
+on movies, paired over seeds and evaluation windows.
+Defaults: --seeds 0,1,2 --base-steps 500 --ext-steps 100 --mi-weight 0.01 --balance-weight 0.01
+--grow 2 --lora-rank 4 --lr 1e-3 --ext-lr 5e-4 --eval-chunks 128 (about 45 minutes on 2 cores).
+Writes DIR/moe.md (default docs/results/moe.md). A smoke run: --seeds 0 --base-steps 4 --ext-steps 2
+--eval-chunks 4 --out /tmp/moe";
 
 /// Everything the command can change.
 #[derive(Debug, Clone)]
 struct Plan {
     seeds: Vec<u64>,
-    mi_weights: Vec<f64>,
-    steps: u64,
+    base_steps: u64,
+    ext_steps: u64,
+    mi_weight: f64,
+    balance_weight: f64,
+    /// New FFN experts per layer in the grow arm.
+    grow: usize,
+    lora_rank: i64,
     batch: usize,
     seq: usize,
     vocab: usize,
@@ -77,20 +86,26 @@ struct Plan {
     /// Hidden units of the MLP gates.
     gating: i64,
     lr: f64,
+    ext_lr: f64,
     warmup: f64,
     weight_decay: f64,
     clip: f64,
     eval_chunks: usize,
     threads: Option<i32>,
     out: PathBuf,
+    command: String,
 }
 
 impl Default for Plan {
     fn default() -> Self {
         Self {
             seeds: vec![0, 1, 2],
-            mi_weights: vec![0.0, 0.01, 0.1],
-            steps: 120,
+            base_steps: 500,
+            ext_steps: 100,
+            mi_weight: 0.01,
+            balance_weight: 0.01,
+            grow: 2,
+            lora_rank: 4,
             batch: 32,
             seq: 64,
             vocab: 4096,
@@ -103,12 +118,14 @@ impl Default for Plan {
             att_heads: 2,
             gating: 128,
             lr: 1e-3,
+            ext_lr: 5e-4,
             warmup: 0.1,
             weight_decay: 0.01,
             clip: 1.0,
-            eval_chunks: 256,
-            threads: Some(1),
-            out: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../docs/results/moe.md"),
+            eval_chunks: 128,
+            threads: None,
+            out: recipes::repo_root().join("docs/results/moe.md"),
+            command: "cargo xtask experiment moe".into(),
         }
     }
 }
@@ -120,8 +137,12 @@ fn parse(args: &[String]) -> AnyResult<Option<Plan>> {
         args,
         &[
             "--seeds",
-            "--mi-weights",
-            "--steps",
+            "--base-steps",
+            "--ext-steps",
+            "--mi-weight",
+            "--balance-weight",
+            "--grow",
+            "--lora-rank",
             "--batch",
             "--seq",
             "--vocab",
@@ -131,6 +152,7 @@ fn parse(args: &[String]) -> AnyResult<Option<Plan>> {
             "--top-k",
             "--d-ff",
             "--lr",
+            "--ext-lr",
             "--eval-chunks",
             "--threads",
             "--out",
@@ -143,10 +165,15 @@ fn parse(args: &[String]) -> AnyResult<Option<Plan>> {
     };
     let d = Plan::default();
     let threads: Option<i32> = f.parsed("--threads")?;
+    let shown = recipes::flags::without_out(args);
     let p = Plan {
-        seeds: f.seeds(d.seeds)?,
-        mi_weights: f.list("--mi-weights")?.unwrap_or(d.mi_weights),
-        steps: f.parsed_or("--steps", d.steps)?,
+        seeds: f.seeds(d.seeds.clone())?,
+        base_steps: f.parsed_or("--base-steps", d.base_steps)?,
+        ext_steps: f.parsed_or("--ext-steps", d.ext_steps)?,
+        mi_weight: f.parsed_or("--mi-weight", d.mi_weight)?,
+        balance_weight: f.parsed_or("--balance-weight", d.balance_weight)?,
+        grow: f.parsed_or("--grow", d.grow)?,
+        lora_rank: f.parsed_or("--lora-rank", d.lora_rank)?,
         batch: f.parsed_or("--batch", d.batch)?,
         seq: f.parsed_or("--seq", d.seq)?,
         vocab: f.parsed_or("--vocab", d.vocab)?,
@@ -156,26 +183,78 @@ fn parse(args: &[String]) -> AnyResult<Option<Plan>> {
         top_k: f.parsed_or("--top-k", d.top_k)?,
         d_ff: f.parsed_or("--d-ff", d.d_ff)?,
         lr: f.parsed_or("--lr", d.lr)?,
+        ext_lr: f.parsed_or("--ext-lr", d.ext_lr)?,
         eval_chunks: f.parsed_or("--eval-chunks", d.eval_chunks)?,
         // `--threads 0`: libtorch's default pool.
-        threads: threads.map_or(d.threads, |n| (n > 0).then_some(n)),
-        out: f.path("--out").unwrap_or(d.out),
+        threads: threads.and_then(|n| (n > 0).then_some(n)),
+        out: f.path("--out").unwrap_or(d.out.clone()),
+        command: if shown.is_empty() {
+            d.command.clone()
+        } else {
+            format!("{} {}", d.command, shown.join(" "))
+        },
         ..d
     };
-    if p.mi_weights.is_empty() {
-        return usage(CMD, "--mi-weights needs at least one value");
-    }
-    if p.steps == 0 || p.batch == 0 || p.seq < 2 || p.vocab < 2 || p.eval_chunks == 0 {
+    if p.base_steps == 0
+        || p.ext_steps == 0
+        || p.batch == 0
+        || p.seq < 2
+        || p.vocab < 2
+        || p.eval_chunks == 0
+        || p.grow == 0
+        || p.lora_rank <= 0
+    {
         return usage(
             CMD,
-            "--steps, --batch, --vocab and --eval-chunks must be positive, --seq >= 2",
+            "--base-steps, --ext-steps, --batch, --vocab, --eval-chunks, --grow and --lora-rank must be positive, --seq >= 2",
         );
     }
     if p.top_k == 0 || p.top_k > p.experts {
         return usage(CMD, "--top-k must be in 1..=--experts");
     }
+    for (flag, x) in [
+        ("--mi-weight", p.mi_weight),
+        ("--balance-weight", p.balance_weight),
+    ] {
+        if !(x.is_finite() && x > 0.0) {
+            return usage(CMD, format!("{flag} must be a positive number"));
+        }
+    }
+    for (flag, x) in [("--lr", p.lr), ("--ext-lr", p.ext_lr)] {
+        if !(x.is_finite() && x > 0.0) {
+            return usage(CMD, format!("{flag} must be a positive number"));
+        }
+    }
     Ok(Some(p))
 }
+
+/// The routing loss a base model trains with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Variant {
+    /// ModuleFormer's mutual-information loss `λ·(H(e|x) − H(e))`.
+    Mi,
+    /// The Switch Transformer's balance loss `λ·E·Σ f_e P_e`.
+    Switch,
+}
+
+impl Variant {
+    /// `(mi_weight, balance_weight)` of the routers.
+    fn weights(self, p: &Plan) -> (f64, f64) {
+        match self {
+            Variant::Mi => (p.mi_weight, 0.0),
+            Variant::Switch => (0.0, p.balance_weight),
+        }
+    }
+
+    fn name(self, p: &Plan) -> String {
+        match self {
+            Variant::Mi => format!("MI loss (λ = {})", p.mi_weight),
+            Variant::Switch => format!("Switch balance loss (λ = {})", p.balance_weight),
+        }
+    }
+}
+
+// ---------------------------------------------------------------- data
 
 // ---------------------------------------------------------------- data
 
@@ -276,30 +355,28 @@ fn batch_tensor(rows: &[&[i64]], device: Device) -> AnyResult<Tensor> {
         .f_to_device(device)?)
 }
 
-/// Evaluation windows of the splits, fixed for all runs.
-struct EvalSets<'a> {
-    val: Vec<&'a [i64]>,
-    /// Amazon windows that choose the experts to prune (even windows).
-    amazon_calib: Vec<&'a [i64]>,
-    /// Amazon windows that measure the loss (odd windows).
+/// Evaluation and extension windows, fixed for all runs.
+struct Sets<'a> {
+    /// Movie `validation.jsonl`: the old domain, for forgetting.
+    movie: Vec<&'a [i64]>,
+    /// Amazon `test_ood.jsonl`, for specialisation.
     amazon: Vec<&'a [i64]>,
+    /// Tweets: even windows train the extension, odd windows test it.
+    tweets_train: Vec<&'a [i64]>,
     tweets: Vec<&'a [i64]>,
 }
 
-fn eval_sets(c: &Corpus, seq: usize, cap: usize) -> EvalSets<'_> {
-    fn take(v: Vec<&[i64]>, cap: usize) -> Vec<&[i64]> {
-        v.into_iter().take(cap).collect()
-    }
-    let az = windows(&c.amazon, seq, 0);
-    let calib = az.iter().step_by(2).copied().collect();
-    let rest = az.iter().skip(1).step_by(2).copied().collect();
-    EvalSets {
-        val: take(windows(&c.val, seq, 0), cap),
-        amazon_calib: take(calib, cap),
-        amazon: take(rest, cap),
-        tweets: take(windows(&c.tweets, seq, 0), cap),
+fn sets(c: &Corpus, seq: usize, cap: usize) -> Sets<'_> {
+    let tw = windows(&c.tweets, seq, 0);
+    Sets {
+        movie: windows(&c.val, seq, 0).into_iter().take(cap).collect(),
+        amazon: windows(&c.amazon, seq, 0).into_iter().take(cap).collect(),
+        tweets_train: tw.iter().step_by(2).copied().collect(),
+        tweets: tw.iter().skip(1).step_by(2).copied().take(cap).collect(),
     }
 }
+
+// ---------------------------------------------------------------- model
 
 // ---------------------------------------------------------------- model
 
@@ -334,29 +411,29 @@ fn moa_path(l: i64) -> String {
     format!("h.{l}.attn")
 }
 
-fn moa_config(p: &Plan, mi: f64) -> MoaConfig {
+fn moa_config(p: &Plan, v: Variant) -> MoaConfig {
     let mut c = MoaConfig::new(p.d_model, p.att_hidden, p.att_heads, p.experts, p.top_k);
     c.router.mlp_hidden = p.gating;
-    c.router.mi_weight = mi;
+    (c.router.mi_weight, c.router.balance_weight) = v.weights(p);
     c
 }
 
-fn moe_config(p: &Plan, mi: f64) -> MoeConfig {
+fn moe_config(p: &Plan, v: Variant) -> MoeConfig {
     let mut c = MoeConfig::moduleformer(p.d_model, p.d_ff, p.experts, p.top_k);
     c.router.mlp_hidden = p.gating;
-    c.router.mi_weight = mi;
+    (c.router.mi_weight, c.router.balance_weight) = v.weights(p);
     c
 }
 
 /// GPT-2 decoder with MoA + MoE FFN in every block, `wpe` zeroed and frozen,
 /// taps on the routers' inputs. Seeded by the caller.
-fn build_model(p: &Plan, vocab: i64, mi: f64, device: Device) -> AnyResult<Gpt2Model> {
+fn build_model(p: &Plan, vocab: i64, v: Variant, device: Device) -> AnyResult<Gpt2Model> {
     let config = Gpt2Config::new(vocab, p.seq as i64, p.d_model, p.layers, 4).with_dropout(0.0);
     let mut model = Gpt2Model::new(config, device)?;
     for l in 0..p.layers {
-        let moa = MixtureOfAttention::new(moa_config(p, mi), device)?;
+        let moa = MixtureOfAttention::new(moa_config(p, v), device)?;
         model.replace(&moa_path(l), Box::new(moa))?;
-        let moe = MoeLayer::new(moe_config(p, mi), device)?;
+        let moe = MoeLayer::new(moe_config(p, v), device)?;
         model.replace(&moe_path(l), Box::new(moe))?;
         model.insert_after(&format!("h.{l}.ln_1"), "tap", Box::new(Tap))?;
         model.insert_after(&format!("h.{l}.ln_2"), "tap", Box::new(Tap))?;
@@ -371,8 +448,7 @@ fn build_model(p: &Plan, vocab: i64, mi: f64, device: Device) -> AnyResult<Gpt2M
     Ok(model)
 }
 
-/// A [`MoeLayer`] sharing `m`'s tensors (pruning builds new tensors, so the
-/// original stays intact and can be put back).
+/// A router sharing `r`'s tensors (the LoRA arm routes with the frozen base router).
 fn share_router(r: &Router) -> Router {
     let params = match &r.params {
         GateParams::Linear { weight } => GateParams::Linear {
@@ -402,78 +478,215 @@ fn share_router(r: &Router) -> Router {
     }
 }
 
-fn share_moe(m: &MoeLayer) -> MoeLayer {
-    let share = |w: &ExpertWeights| ExpertWeights {
-        w1: w.w1.shallow_clone(),
-        w_gate: w.w_gate.as_ref().map(Tensor::shallow_clone),
-        w2: w.w2.shallow_clone(),
-        b1: w.b1.as_ref().map(Tensor::shallow_clone),
-        b2: w.b2.as_ref().map(Tensor::shallow_clone),
-    };
-    MoeLayer {
-        config: m.config.clone(),
-        router: share_router(&m.router),
-        experts: share(&m.experts),
-        frozen: m.frozen.as_ref().map(share),
+/// LoRA on every FFN expert of a frozen [`MoeLayer`]:
+/// `W1_e + s·B1_e A1_e` and `W2_e + s·B2_e A2_e` (`s = α / r`, `α = 2r`),
+/// `A` small random, `B = 0`, so training starts at the base model. The
+/// router and the base experts stay frozen.
+#[derive(Debug)]
+struct ExpertLora {
+    base: Slot,
+    /// `[E, r, d]`, `[E, d_ff, r]`, `[E, r, d_ff]`, `[E, d, r]`.
+    a1: Tensor,
+    b1: Tensor,
+    a2: Tensor,
+    b2: Tensor,
+    scale: f64,
+}
+
+impl ExpertLora {
+    fn new(base: MoeLayer, r: i64) -> AnyResult<Self> {
+        let (e, d, f) = (
+            base.num_experts() as i64,
+            base.config.d_model,
+            base.config.d_ff,
+        );
+        let dev = base.experts.w1.device();
+        let a = |rows: i64, cols: i64| -> AnyResult<Tensor> {
+            let bound = 1.0 / (cols as f64).sqrt();
+            let mut t = Tensor::f_empty([e, rows, cols], (Kind::Float, dev))?;
+            let _ = t.f_uniform_(-bound, bound)?;
+            Ok(t.set_requires_grad(true))
+        };
+        let zero = |rows: i64, cols: i64| -> AnyResult<Tensor> {
+            Ok(Tensor::f_zeros([e, rows, cols], (Kind::Float, dev))?.set_requires_grad(true))
+        };
+        let mut base = base;
+        base.set_trainable("*", false);
+        Ok(Self {
+            a1: a(r, d)?,
+            b1: zero(f, r)?,
+            a2: a(r, f)?,
+            b2: zero(d, r)?,
+            base: Box::new(base),
+            scale: 2.0,
+        })
+    }
+
+    fn moe(&self) -> tensor_core::Result<&MoeLayer> {
+        downcast_ref::<MoeLayer>(self.base.as_ref())
+            .ok_or_else(|| tensor_core::Error::config("ExpertLora: the base is not a MoeLayer"))
     }
 }
 
-/// A [`MixtureOfAttention`] sharing `m`'s tensors (as [`share_moe`]).
-fn share_moa(m: &MixtureOfAttention) -> MixtureOfAttention {
-    let opt = |t: &Option<Tensor>| t.as_ref().map(Tensor::shallow_clone);
-    MixtureOfAttention {
-        config: m.config.clone(),
-        router: share_router(&m.router),
-        w_k: opt(&m.w_k),
-        w_v: opt(&m.w_v),
-        w_q: m.w_q.shallow_clone(),
-        w_o: m.w_o.shallow_clone(),
-        frozen_q: opt(&m.frozen_q),
-        frozen_o: opt(&m.frozen_o),
-        head_bias: opt(&m.head_bias),
-        gn_weight: opt(&m.gn_weight),
-        gn_bias: opt(&m.gn_bias),
+impl Module for ExpertLora {
+    fn kind(&self) -> &'static str {
+        "ExpertLora"
     }
+
+    fn forward(&self, xs: &Tensor, ctx: &mut Context) -> tensor_core::Result<Tensor> {
+        let base = self.moe()?;
+        let w = base.expert_weights()?;
+        let w1 =
+            w.w1.f_add(&self.b1.f_bmm(&self.a1)?.f_mul_scalar(self.scale)?)?;
+        let w2 =
+            w.w2.f_add(&self.b2.f_bmm(&self.a2)?.f_mul_scalar(self.scale)?)?;
+        let layer = MoeLayer {
+            config: base.config.clone(),
+            router: share_router(&base.router),
+            experts: ExpertWeights {
+                w1,
+                w2,
+                w_gate: w.w_gate,
+                b1: w.b1,
+                b2: w.b2,
+            },
+            frozen: None,
+        };
+        layer.forward(xs, ctx)
+    }
+
+    fn params(&self) -> Vec<(&str, &Tensor)> {
+        vec![
+            ("lora_a1", &self.a1),
+            ("lora_b1", &self.b1),
+            ("lora_a2", &self.a2),
+            ("lora_b2", &self.b2),
+        ]
+    }
+
+    fn params_mut(&mut self) -> Vec<(&str, &mut Tensor)> {
+        vec![
+            ("lora_a1", &mut self.a1),
+            ("lora_b1", &mut self.b1),
+            ("lora_a2", &mut self.a2),
+            ("lora_b2", &mut self.b2),
+        ]
+    }
+
+    fn children(&self) -> Vec<(&str, &dyn Module)> {
+        vec![("base", self.base.as_ref())]
+    }
+
+    fn children_mut(&mut self) -> Vec<(&str, &mut Slot)> {
+        vec![("base", &mut self.base)]
+    }
+}
+
+/// How the tweets are added to a base model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Arm {
+    Full,
+    Grow,
+    Lora,
+}
+
+const ARMS: [Arm; 3] = [Arm::Full, Arm::Grow, Arm::Lora];
+
+impl Arm {
+    fn name(self, p: &Plan) -> String {
+        match self {
+            Arm::Full => "(a) full fine-tuning".into(),
+            Arm::Grow => format!(
+                "(b) grow {} FFN experts per layer, old experts frozen (ModuleFormer)",
+                p.grow
+            ),
+            Arm::Lora => format!("(c) LoRA r = {} on every FFN expert", p.lora_rank),
+        }
+    }
+
+    fn short(self) -> &'static str {
+        match self {
+            Arm::Full => "full FT",
+            Arm::Grow => "grow",
+            Arm::Lora => "LoRA",
+        }
+    }
+}
+
+/// Turn a copy of the base into arm `arm`'s starting point: set what trains.
+fn prepare_arm(model: &mut Gpt2Model, p: &Plan, arm: Arm) -> AnyResult<()> {
+    match arm {
+        Arm::Full => {}
+        Arm::Grow => {
+            model.set_trainable("*", false);
+            for l in 0..p.layers {
+                let moe = model.get_as_mut::<MoeLayer>(&moe_path(l))?;
+                grow_experts(moe, p.grow, true, false)?;
+                moe.set_trainable("router.*", true);
+            }
+        }
+        Arm::Lora => {
+            model.set_trainable("*", false);
+            for l in 0..p.layers {
+                let path = moe_path(l);
+                let old = model.replace(&path, Box::new(Tap))?;
+                let moe = tensor_core::module::downcast_box::<MoeLayer>(old)
+                    .map_err(|m| format!("{path} is a {}, not a MoeLayer", m.kind()))?;
+                model.replace(&path, Box::new(ExpertLora::new(*moe, p.lora_rank)?))?;
+            }
+        }
+    }
+    // `wpe` stays zero and frozen in every arm.
+    model.set_trainable("wpe.*", false);
+    Ok(())
 }
 
 // ---------------------------------------------------------------- training
 
-/// Mean next-token loss over the last steps.
-fn train(
+/// Train `model`'s trainable parameters for `steps`, each epoch on the
+/// windows `epoch` gives (shuffled), returning the mean loss of the last 20
+/// steps.
+fn train<'a>(
     model: &Gpt2Model,
-    corpus: &Corpus,
+    epoch: &dyn Fn(&mut SplitMix64) -> Vec<&'a [i64]>,
     p: &Plan,
+    steps: u64,
+    lr: f64,
     seed: u64,
-    device: Device,
     label: &str,
 ) -> AnyResult<f64> {
+    let device = model.device();
     let mut opt = AdamW::for_module(
         model,
-        AdamWConfig::new(p.lr).with_weight_decay(p.weight_decay),
+        AdamWConfig::new(lr).with_weight_decay(p.weight_decay),
     )?;
     let params = opt.parameters();
-    let sched = LrSchedule::with_warmup_ratio(ScheduleKind::Cosine, p.warmup, p.steps)?;
+    if params.is_empty() {
+        return Err(format!("{label}: nothing to train").into());
+    }
+    let sched = LrSchedule::with_warmup_ratio(ScheduleKind::Cosine, p.warmup, steps)?;
     let mut rng = SplitMix64::new(seed ^ 0x6d6f_655f_7472_6169);
     let mut step = 0u64;
     let mut recent = Vec::new();
     let start = Instant::now();
-    let every = (p.steps / 6).max(1);
+    let every = (steps / 5).max(1);
     'epochs: loop {
-        let offset = rng.below(p.seq as u64) as usize;
-        let mut ws = windows(&corpus.train, p.seq, offset);
+        let mut ws = epoch(&mut rng);
+        if ws.len() < p.batch {
+            return Err(format!("{label}: fewer training windows than one batch").into());
+        }
         rng.shuffle(&mut ws);
         for rows in ws.chunks_exact(p.batch) {
-            if step >= p.steps {
+            if step >= steps {
                 break 'epochs;
             }
-            opt.set_lr(sched.lr(p.lr, step))?;
+            opt.set_lr(sched.lr(lr, step))?;
             opt.zero_grad()?;
             let ids = batch_tensor(rows, device)?;
             let mut ctx = Context::train();
             let lm = model.lm_loss(&ids, None, &mut ctx)?;
             let aux = ctx.aux_loss_total(device)?;
-            let loss = lm.f_add(&aux)?;
-            loss.backward();
+            lm.f_add(&aux)?.backward();
             clip_grad_norm(&params, p.clip)?;
             opt.step()?;
             let l = lm.double_value(&[]);
@@ -482,36 +695,33 @@ fn train(
             }
             recent.push(l);
             step += 1;
-            if step.is_multiple_of(every) || step == p.steps {
-                let n = recent.len().min(20);
-                let m = recent[recent.len() - n..].iter().sum::<f64>() / n as f64;
+            if step.is_multiple_of(every) || step == steps {
                 eprintln!(
-                    "  {label} step {step}/{}  lm loss {m:.3}  aux {:+.4}  ({:.0} s)",
-                    p.steps,
-                    aux.double_value(&[]),
+                    "  {label} step {step}/{steps}  lm loss {:.3}  ({:.0} s)",
+                    tail_mean(&recent),
                     start.elapsed().as_secs_f64()
                 );
             }
         }
-        if ws.len() < p.batch {
-            return Err("fewer training windows than one batch".into());
-        }
     }
-    let n = recent.len().min(20);
-    Ok(recent[recent.len() - n..].iter().sum::<f64>() / n.max(1) as f64)
+    Ok(tail_mean(&recent))
 }
 
-/// Mean next-token loss over `rows` (all windows full, so the mean of batch
-/// means weighted by rows), optionally keeping the routers' inputs.
-fn eval_loss(
+fn tail_mean(v: &[f64]) -> f64 {
+    let n = v.len().min(20);
+    v[v.len() - n..].iter().sum::<f64>() / n.max(1) as f64
+}
+
+/// Mean next-token loss of each window (nats per token), optionally keeping
+/// the routers' inputs.
+fn window_losses(
     model: &Gpt2Model,
     rows: &[&[i64]],
     batch: usize,
-    device: Device,
     taps: bool,
-) -> AnyResult<(f64, Taps)> {
-    let mut total = 0.0;
-    let mut n = 0usize;
+) -> AnyResult<(Vec<f64>, Taps)> {
+    let device = model.device();
+    let mut out = Vec::with_capacity(rows.len());
     let mut kept = Taps::default();
     tch::no_grad(|| -> AnyResult<()> {
         for b in rows.chunks(batch) {
@@ -520,19 +730,32 @@ fn eval_loss(
             if taps {
                 ctx.insert(Taps::default());
             }
-            let l = model.lm_loss(&ids, None, &mut ctx)?.double_value(&[]);
-            total += l * b.len() as f64;
-            n += b.len();
-            if let Some(t) = ctx.remove::<Taps>() {
-                for (k, v) in t.0 {
-                    kept.0.entry(k).or_default().extend(v);
+            let logits = model.logits(&ids, &mut ctx)?;
+            let t = ids.size()[1];
+            let v = logits.size()[2];
+            let pred = logits.f_narrow(1, 0, t - 1)?.f_reshape([-1, v])?;
+            let gold = ids.f_narrow(1, 1, t - 1)?.f_reshape([-1])?;
+            let per = pred
+                .f_cross_entropy_loss::<Tensor>(&gold, None, Reduction::None, -100, 0.0)?
+                .f_view([b.len() as i64, t - 1])?
+                .f_mean_dim(1, false, Kind::Double)?;
+            out.extend(Vec::<f64>::try_from(per.f_to_device(Device::Cpu)?)?);
+            if let Some(k) = ctx.remove::<Taps>() {
+                for (key, v) in k.0 {
+                    kept.0.entry(key).or_default().extend(v);
                 }
             }
         }
         Ok(())
     })?;
-    Ok((total / n.max(1) as f64, kept))
+    Ok((out, kept))
 }
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
+// ---------------------------------------------------------------- routing statistics
 
 // ---------------------------------------------------------------- routing statistics
 
@@ -635,557 +858,144 @@ fn mean_of(v: &[RouterStats], f: impl Fn(&RouterStats) -> f64) -> f64 {
     v.iter().map(f).sum::<f64>() / v.len().max(1) as f64
 }
 
-// ---------------------------------------------------------------- pruning
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Rule {
-    /// Remove experts with less than `1/(4E)` of the domain's assignments.
-    Unused,
-    /// Keep the `E/2` experts the domain uses most (fewer if fewer are used;
-    /// more on ties).
-    TopHalf,
-    /// `Unused` on the FFN and on the attention experts.
-    UnusedWithAttention,
+/// FFN usage JS divergence between two taps, averaged over layers.
+fn js_between(model: &Gpt2Model, a: &Taps, b: &Taps, layers: i64) -> AnyResult<f64> {
+    let (fa, _) = all_stats(model, a, layers)?;
+    let (fb, _) = all_stats(model, b, layers)?;
+    let v: Vec<f64> = fa
+        .iter()
+        .zip(&fb)
+        .map(|(x, y)| js(&x.load, &y.load))
+        .collect();
+    Ok(mean(&v))
 }
 
-const RULES: [Rule; 3] = [Rule::Unused, Rule::TopHalf, Rule::UnusedWithAttention];
+// ---------------------------------------------------------------- runs
 
-impl Rule {
-    fn name(self) -> &'static str {
-        match self {
-            Rule::Unused => "usage < 1/(4E)",
-            Rule::TopHalf => "keep top E/2 (used)",
-            Rule::UnusedWithAttention => "usage < 1/(4E), FFN + MoA",
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-struct Pruned {
-    rule: Rule,
-    kept: Vec<usize>,
-    /// Attention experts kept per layer (all of them unless the rule prunes MoA).
-    kept_att: Vec<usize>,
-    amazon: f64,
-    val: f64,
-    tweets: f64,
-}
-
-/// The absolute usage threshold of `rule` for `usage` (counts). Never more
-/// than the `k`-th largest count (`k` experts must remain, and every token
-/// uses `k` distinct experts, so `k` have a count >= 1), and at least 0.5, so
-/// unused experts go even when more than `E/2` of them are unused.
-fn threshold(rule: Rule, usage: &[f64], k: usize) -> f64 {
-    let mut sorted = usage.to_vec();
-    sorted.sort_by(|a, b| b.total_cmp(a));
-    let e = usage.len();
-    let total: f64 = usage.iter().sum();
-    let kth = |n: usize| sorted[n.clamp(1, e) - 1];
-    match rule {
-        Rule::Unused | Rule::UnusedWithAttention => (total / (4.0 * e as f64)).min(kth(k)).max(0.5),
-        Rule::TopHalf => kth((e / 2).max(k)).max(0.5),
-    }
-}
-
-fn prune_and_eval(
-    model: &mut Gpt2Model,
-    p: &Plan,
-    sets: &EvalSets,
-    calib_taps: &Taps,
-    rule: Rule,
-    device: Device,
-) -> AnyResult<Pruned> {
-    let mut originals: Vec<(String, Slot)> = Vec::new();
-    let mut kept = Vec::new();
-    let mut kept_att = Vec::new();
-    let ffn_rule = if rule == Rule::UnusedWithAttention {
-        Rule::Unused
-    } else {
-        rule
-    };
-    let result = (|| -> AnyResult<()> {
-        for l in 0..p.layers {
-            let path = moe_path(l);
-            let copy = share_moe(model.get_as::<MoeLayer>(&path)?);
-            let usage_t = expert_usage(&copy, tapped(calib_taps, &format!("h.{l}.ln_2.tap"))?)?;
-            let usage =
-                Vec::<f64>::try_from(usage_t.f_to_kind(Kind::Double)?.f_to_device(Device::Cpu)?)?;
-            let mut copy = copy;
-            let keep = prune_experts(&mut copy, &usage_t, threshold(ffn_rule, &usage, p.top_k))?;
-            kept.push(keep.len());
-            originals.push((path.clone(), model.replace(&path, Box::new(copy))?));
-            if rule == Rule::UnusedWithAttention {
-                let path = moa_path(l);
-                let mut copy = share_moa(model.get_as::<MixtureOfAttention>(&path)?);
-                let inputs = tapped(calib_taps, &format!("h.{l}.ln_1.tap"))?;
-                let usage_t = attention_expert_usage(&copy, inputs, None)?;
-                let usage = Vec::<f64>::try_from(
-                    usage_t.f_to_kind(Kind::Double)?.f_to_device(Device::Cpu)?,
-                )?;
-                let keep = prune_attention_experts(
-                    &mut copy,
-                    &usage_t,
-                    threshold(Rule::Unused, &usage, p.top_k),
-                )?;
-                kept_att.push(keep.len());
-                originals.push((path.clone(), model.replace(&path, Box::new(copy))?));
-            } else {
-                kept_att.push(p.experts);
-            }
-        }
-        Ok(())
-    })();
-    let losses = result.and_then(|()| {
-        let amazon = eval_loss(model, &sets.amazon, p.batch, device, false)?.0;
-        let val = eval_loss(model, &sets.val, p.batch, device, false)?.0;
-        let tweets = eval_loss(model, &sets.tweets, p.batch, device, false)?.0;
-        Ok((amazon, val, tweets))
-    });
-    // Put the unpruned layers back whatever happened.
-    for (path, slot) in originals {
-        model.replace(&path, slot)?;
-    }
-    let (amazon, val, tweets) = losses?;
-    Ok(Pruned {
-        rule,
-        kept,
-        kept_att,
-        amazon,
-        val,
-        tweets,
-    })
-}
-
-// ---------------------------------------------------------------- one run
-
-#[derive(Debug, Clone)]
-struct RunResult {
-    mi: f64,
+/// A base model of one variant and seed.
+struct Base {
+    variant: Variant,
     seed: u64,
     train_loss: f64,
-    val: f64,
-    amazon: f64,
-    tweets: f64,
-    ffn_movie: Vec<RouterStats>,
-    ffn_amazon: Vec<RouterStats>,
-    att_movie: Vec<RouterStats>,
-    pruned: Vec<Pruned>,
+    movie: Vec<f64>,
+    tweets: Vec<f64>,
+    amazon: Vec<f64>,
+    /// FFN usage JS divergence movie↔tweets and movie↔Amazon, mean over layers.
+    js_tweets: f64,
+    js_amazon: f64,
+    /// Per-token routing entropy / log E and usage entropy / log E on movies (FFN).
+    token_entropy: f64,
+    usage_entropy: f64,
     seconds: f64,
 }
 
-fn run_one(
+/// One extension arm from one MI base.
+struct Extension {
+    arm: Arm,
+    seed: u64,
+    trainable: i64,
+    train_loss: f64,
+    movie: Vec<f64>,
+    tweets: Vec<f64>,
+    seconds: f64,
+}
+
+fn train_base(
     p: &Plan,
-    corpus: &Corpus,
-    sets: &EvalSets,
-    mi: f64,
+    c: &Corpus,
+    s: &Sets,
+    v: Variant,
     seed: u64,
     device: Device,
-) -> AnyResult<RunResult> {
+) -> AnyResult<(Base, Vec<(String, Tensor)>)> {
     let start = Instant::now();
-    let label = format!("MI {mi} seed {seed}");
-    let mut model =
-        tensor_core::testing::with_seed(seed, || build_model(p, corpus.vocab, mi, device))?;
-    let train_loss = train(&model, corpus, p, seed, device, &label)?;
-    let (val, movie_taps) = eval_loss(&model, &sets.val, p.batch, device, true)?;
-    let (amazon, _) = eval_loss(&model, &sets.amazon, p.batch, device, false)?;
-    let (tweets, _) = eval_loss(&model, &sets.tweets, p.batch, device, false)?;
-    let (_, calib_taps) = eval_loss(&model, &sets.amazon_calib, p.batch, device, true)?;
-    let (ffn_movie, att_movie) = all_stats(&model, &movie_taps, p.layers)?;
-    let (ffn_amazon, _) = all_stats(&model, &calib_taps, p.layers)?;
-    drop(movie_taps);
-    let mut pruned = Vec::new();
-    for rule in RULES {
-        pruned.push(prune_and_eval(
-            &mut model,
-            p,
-            sets,
-            &calib_taps,
-            rule,
-            device,
-        )?);
-    }
-    let r = RunResult {
-        mi,
+    let label = format!("{} seed {seed}", v.name(p));
+    let model = tensor_core::testing::with_seed(seed, || build_model(p, c.vocab, v, device))?;
+    // A fresh random offset into the token stream every epoch.
+    let epoch = |rng: &mut SplitMix64| windows(&c.train, p.seq, rng.below(p.seq as u64) as usize);
+    let train_loss = train(&model, &epoch, p, p.base_steps, p.lr, seed, &label)?;
+    let (movie, mt) = window_losses(&model, &s.movie, p.batch, true)?;
+    let (tweets, tt) = window_losses(&model, &s.tweets, p.batch, true)?;
+    let (amazon, at) = window_losses(&model, &s.amazon, p.batch, true)?;
+    let (ffn, _) = all_stats(&model, &mt, p.layers)?;
+    let base = Base {
+        variant: v,
         seed,
         train_loss,
-        val,
-        amazon,
+        js_tweets: js_between(&model, &mt, &tt, p.layers)?,
+        js_amazon: js_between(&model, &mt, &at, p.layers)?,
+        token_entropy: mean_of(&ffn, |x| x.token_entropy),
+        usage_entropy: mean_of(&ffn, |x| x.usage_entropy),
+        movie,
         tweets,
-        ffn_movie,
-        ffn_amazon,
-        att_movie,
-        pruned,
+        amazon,
         seconds: start.elapsed().as_secs_f64(),
     };
     eprintln!(
-        "  {label}: val {:.4}  amazon {:.4}  tweets {:.4}  FFN usage H {:.3}  token H {:.3}  ({:.0} s)",
-        r.val,
-        r.amazon,
-        r.tweets,
-        mean_of(&r.ffn_movie, |s| s.usage_entropy),
-        mean_of(&r.ffn_movie, |s| s.token_entropy),
-        r.seconds
+        "  {label}: movie {:.3}, tweets {:.3}, JS movie-tweets {:.4} ({:.0} s)",
+        mean(&base.movie),
+        mean(&base.tweets),
+        base.js_tweets,
+        base.seconds
     );
-    for pr in &r.pruned {
-        eprintln!(
-            "    prune ({}): kept {:?} (MoA {:?})  amazon {:+.4}  val {:+.4}  tweets {:+.4}",
-            pr.rule.name(),
-            pr.kept,
-            pr.kept_att,
-            pr.amazon - r.amazon,
-            pr.val - r.val,
-            pr.tweets - r.tweets
-        );
-    }
-    Ok(r)
-}
-
-// ---------------------------------------------------------------- report
-
-fn ms(v: &[f64], digits: usize) -> String {
-    let (m, s) = mean_std(v);
-    format!("{m:.digits$} ± {s:.digits$}")
-}
-
-/// `mean ± std` with the mean's sign always shown (loss changes).
-fn ms_signed(v: &[f64], digits: usize) -> String {
-    let (m, s) = mean_std(v);
-    format!("{m:+.digits$} ± {s:.digits$}")
-}
-
-fn variant_name(mi: f64) -> String {
-    if mi == 0.0 {
-        "no MI loss".into()
-    } else {
-        format!("MI loss (λ = {mi})")
-    }
-}
-
-fn js_layers(r: &RunResult) -> f64 {
-    let v: Vec<f64> = r
-        .ffn_movie
-        .iter()
-        .zip(&r.ffn_amazon)
-        .map(|(a, b)| js(&a.load, &b.load))
+    let named = model
+        .named_parameters()
+        .into_iter()
+        .map(|(n, t)| (n, t.detach().copy()))
         .collect();
-    v.iter().sum::<f64>() / v.len().max(1) as f64
+    Ok((base, named))
 }
 
-fn report(
+fn extend(
     p: &Plan,
     c: &Corpus,
-    sets: &EvalSets,
-    runs: &[RunResult],
-    minutes: f64,
-) -> AnyResult<String> {
-    let device = tensor_core::best();
-    let params = param_count(p, c.vocab)?;
-    let mut md = String::new();
-    writeln!(
-        md,
-        "# moe-router real task: a small ModuleFormer-style decoder with and without the MI loss\n"
+    s: &Sets,
+    base: &[(String, Tensor)],
+    arm: Arm,
+    seed: u64,
+    device: Device,
+) -> AnyResult<Extension> {
+    let start = Instant::now();
+    let mut model =
+        tensor_core::testing::with_seed(seed, || build_model(p, c.vocab, Variant::Mi, device))?;
+    model.load_named(base, true)?;
+    tensor_core::testing::with_seed(seed.wrapping_add(1000), || prepare_arm(&mut model, p, arm))?;
+    let trainable = model.param_count().trainable as i64;
+    let label = format!("{} seed {seed}", arm.short());
+    let epoch = |_: &mut SplitMix64| s.tweets_train.clone();
+    let train_loss = train(
+        &model,
+        &epoch,
+        p,
+        p.ext_steps,
+        p.ext_lr,
+        seed.wrapping_add(7),
+        &label,
     )?;
-    writeln!(
-        md,
-        "Command: `cargo xtask experiment moe` (the binary is the `experiments` crate's: `cargo run --release -p experiments -- moe` is the same code). Options: `cargo xtask experiment moe --help`.\n"
-    )?;
-    writeln!(md, "## Setting\n")?;
-    writeln!(
-        md,
-        "- **Model**: model-zoo's `Gpt2Model` (GPT-2 pre-LN decoder, tied embedding, final LN), d = {}, {} blocks, every `h.N.attn` replaced by moe-router's `MixtureOfAttention` ({} attention experts, top-{}, {} heads × {} per expert, shared K/V, MF stick-breaking attention, no remainder) and every `h.N.mlp.(ffn)` by a `MoeLayer` (`MoeConfig::moduleformer`: {} experts of width {}, top-{}, GELU-tanh, no biases); both routers are ModuleFormer's (MLP gate with {} hidden units, raw gates `g = p`, dropless, no balance or z-loss). `wpe` is zeroed and frozen (ModuleFormer has no positional embedding; stick-breaking attention orders the tokens); dropout 0. Random init, seeded ({:.2}M trainable parameters, {:.2}M of them in the tied embedding).",
-        p.d_model,
-        p.layers,
-        p.experts,
-        p.top_k,
-        p.att_heads,
-        p.att_hidden / p.att_heads.max(1),
-        p.experts,
-        p.d_ff,
-        p.top_k,
-        p.gating,
-        params.0,
-        params.1
-    )?;
-    writeln!(
-        md,
-        "- **Tokens**: the packaged all-MiniLM-L6-v2 WordPiece tokenizer (30,522 ids; `[CLS]` dropped, `[SEP]` kept as the sentence separator), remapped to the {} most frequent ids of the training text + one `[UNK]` id (vocabulary {}). Out-of-vocabulary rate: train {:.1}%, movie validation {:.1}%, Amazon {:.1}%, tweets {:.1}% (`[UNK]` is a target like any other token, so the out-of-domain losses are slightly optimistic).",
-        p.vocab,
-        c.vocab,
-        100.0 * c.unk[0],
-        100.0 * c.unk[1],
-        100.0 * c.unk[2],
-        100.0 * c.unk[3]
-    )?;
-    writeln!(
-        md,
-        "- **Data** (`data/sentiment_domains`): each split's sentences concatenated and cut into non-overlapping {}-token windows. Training: `train.jsonl` (movie reviews, {} sentences, {} tokens), a fresh random offset and shuffle per epoch (SplitMix64 from the seed). Evaluation (at most {} windows each): movie `validation.jsonl` ({} windows), Amazon `test_ood.jsonl` split into interleaved halves — even windows choose the experts to prune ({} windows), odd windows measure the loss ({} windows) — and tweets `test_ood_tweets.jsonl` ({} windows).",
-        p.seq,
-        c.sentences[0],
-        c.train.len(),
-        p.eval_chunks,
-        sets.val.len(),
-        sets.amazon_calib.len(),
-        sets.amazon.len(),
-        sets.tweets.len()
-    )?;
-    writeln!(
-        md,
-        "- **Training**: next-token cross-entropy + the routers' auxiliary losses (`ctx.aux_loss_total`: the MI loss `λ·(H(e|x) − H(e))` per router, per call, summed over the {} routers; nothing when λ = 0), AdamW lr {:.0e} (weight decay {}, none on biases/LN), {:.0}% linear warm-up then cosine decay, gradient clipping {}, batch {} × {} tokens, {} steps (≈ {:.1} epochs). λ for the MI variant: the spec leaves ModuleFormer's training value open (the released configs carry weight 0), so λ is swept (`--mi-weights`): 0.01 is the spec's default weight of the other routing losses (balance 1e-2), 0.1 ten times that.",
-        2 * p.layers,
-        p.lr,
-        p.weight_decay,
-        100.0 * p.warmup,
-        p.clip,
-        p.batch,
-        p.seq,
-        p.steps,
-        (p.steps as f64 * (p.batch * p.seq) as f64) / c.train.len() as f64
-    )?;
-    writeln!(
-        md,
-        "- **Expert usage** (evaluation mode, on the movie validation windows): per router, `load_e` = tokens routed to expert e (top-{}); usage entropy `H(load/Σload)/log E` (1 = perfectly balanced) and per-token routing entropy `mean_t H(p_t)/log E` (lower = more decisive, specialised routing), averaged over layers. \"movie↔Amazon JS\" = Jensen–Shannon divergence (nats, max ln 2) between the FFN usage on movie validation and on Amazon, averaged over layers (domain specialisation of the experts).",
-        p.top_k
-    )?;
-    writeln!(
-        md,
-        "- **Pruning**: per layer, `expert_usage` of the FFN router on the Amazon calibration half, then `prune_experts` with (a) threshold `Σusage/(4E)` (\"experts the domain does not use\"), or (b) the E/2 most used experts kept (a fixed budget that compares the variants at equal size; fewer when fewer are used at all, more on ties), or (c) rule (a) on the FFN experts and on the attention experts (`attention_expert_usage` of the MoA router on the same windows, then `prune_attention_experts`). The loss change is measured on the other Amazon half, on movie validation and on tweets; the model is restored between rules. With ModuleFormer's raw gates the surviving experts' probabilities are renormalised over fewer experts, so the outputs change even when the removed experts were never chosen.",
-    )?;
-    writeln!(
-        md,
-        "- **Budget**: {:.1} min wall time for all {} runs on {:?} ({} libtorch thread(s), 2 CPU cores shared with another developer's training job). Seeds {:?}.\n",
-        minutes,
-        runs.len(),
-        device,
-        p.threads.map_or("default".to_owned(), |n| n.to_string()),
-        p.seeds
-    )?;
-
-    writeln!(md, "## Results\n")?;
-    writeln!(
-        md,
-        "Mean ± std over seeds (sample std; one seed gives ± 0). Losses in nats per token.\n"
-    )?;
-    writeln!(
-        md,
-        "| variant | seeds | train loss (last 20 steps) | val loss (movie) | OOD loss Amazon | OOD loss tweets | FFN usage entropy | FFN per-token entropy | MoA usage entropy | MoA per-token entropy | movie↔Amazon JS (FFN) |"
-    )?;
-    writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|")?;
-    for &mi in &p.mi_weights {
-        let r: Vec<&RunResult> = runs.iter().filter(|r| r.mi == mi).collect();
-        let col = |f: &dyn Fn(&RunResult) -> f64| r.iter().map(|x| f(x)).collect::<Vec<_>>();
-        writeln!(
-            md,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            variant_name(mi),
-            r.iter()
-                .map(|x| x.seed.to_string())
-                .collect::<Vec<_>>()
-                .join(","),
-            ms(&col(&|x| x.train_loss), 3),
-            ms(&col(&|x| x.val), 3),
-            ms(&col(&|x| x.amazon), 3),
-            ms(&col(&|x| x.tweets), 3),
-            ms(&col(&|x| mean_of(&x.ffn_movie, |s| s.usage_entropy)), 3),
-            ms(&col(&|x| mean_of(&x.ffn_movie, |s| s.token_entropy)), 3),
-            ms(&col(&|x| mean_of(&x.att_movie, |s| s.usage_entropy)), 3),
-            ms(&col(&|x| mean_of(&x.att_movie, |s| s.token_entropy)), 3),
-            ms(&col(&js_layers), 4),
-        )?;
-    }
-    writeln!(
-        md,
-        "\n### Pruning the experts by Amazon usage\n\nExperts kept = per layer, summed over the {} layers (of {} × {} = {}), mean over seeds, FFN and attention (MoA). Δ = loss after pruning − loss before (nats/token).\n",
-        p.layers,
-        p.layers,
-        p.experts,
-        p.layers as usize * p.experts
-    )?;
-    writeln!(
-        md,
-        "| variant | rule | FFN experts kept | MoA experts kept | Δ Amazon loss (held-out half) | Δ movie val loss | Δ tweets loss |"
-    )?;
-    writeln!(md, "|---|---|---|---|---|---|---|")?;
-    for &mi in &p.mi_weights {
-        let r: Vec<&RunResult> = runs.iter().filter(|r| r.mi == mi).collect();
-        for (i, rule) in RULES.iter().enumerate() {
-            let col = |f: &dyn Fn(&RunResult, &Pruned) -> f64| {
-                r.iter().map(|x| f(x, &x.pruned[i])).collect::<Vec<_>>()
-            };
-            let kept = col(&|_, q| q.kept.iter().sum::<usize>() as f64);
-            let kept_att = col(&|_, q| q.kept_att.iter().sum::<usize>() as f64);
-            writeln!(
-                md,
-                "| {} | {} | {:.1} | {:.1} | {} | {} | {} |",
-                variant_name(mi),
-                rule.name(),
-                mean_std(&kept).0,
-                mean_std(&kept_att).0,
-                ms_signed(&col(&|x, q| q.amazon - x.amazon), 4),
-                ms_signed(&col(&|x, q| q.val - x.val), 4),
-                ms_signed(&col(&|x, q| q.tweets - x.tweets), 4),
-            )?;
-        }
-    }
-    writeln!(md, "\nPer run:\n")?;
-    for r in runs {
-        writeln!(
-            md,
-            "- {} seed {}: val {:.4}, Amazon {:.4}, tweets {:.4}; FFN usage entropy per layer [{}], per-token [{}]; Amazon FFN load per layer {}; pruned (a) kept {:?}: Δ Amazon {:+.4}, Δ val {:+.4}; (b) kept {:?}: Δ Amazon {:+.4}, Δ val {:+.4}; (c) kept FFN {:?}, MoA {:?}: Δ Amazon {:+.4}, Δ val {:+.4}; {:.0} s",
-            variant_name(r.mi),
-            r.seed,
-            r.val,
-            r.amazon,
-            r.tweets,
-            r.ffn_movie
-                .iter()
-                .map(|s| format!("{:.3}", s.usage_entropy))
-                .collect::<Vec<_>>()
-                .join(", "),
-            r.ffn_movie
-                .iter()
-                .map(|s| format!("{:.3}", s.token_entropy))
-                .collect::<Vec<_>>()
-                .join(", "),
-            r.ffn_amazon
-                .iter()
-                .map(|s| format!(
-                    "[{}]",
-                    s.load
-                        .iter()
-                        .map(|x| format!("{x:.0}"))
-                        .collect::<Vec<_>>()
-                        .join(" ")
-                ))
-                .collect::<Vec<_>>()
-                .join(" "),
-            r.pruned[0].kept,
-            r.pruned[0].amazon - r.amazon,
-            r.pruned[0].val - r.val,
-            r.pruned[1].kept,
-            r.pruned[1].amazon - r.amazon,
-            r.pruned[1].val - r.val,
-            r.pruned[2].kept,
-            r.pruned[2].kept_att,
-            r.pruned[2].amazon - r.amazon,
-            r.pruned[2].val - r.val,
-            r.seconds
-        )?;
-    }
-    claims(&mut md, p, runs, params.0)?;
-    Ok(md)
+    let (movie, _) = window_losses(&model, &s.movie, p.batch, false)?;
+    let (tweets, _) = window_losses(&model, &s.tweets, p.batch, false)?;
+    eprintln!(
+        "  {label}: movie {:.3}, tweets {:.3} ({trainable} trainable)",
+        mean(&movie),
+        mean(&tweets)
+    );
+    Ok(Extension {
+        arm,
+        seed,
+        trainable,
+        train_loss,
+        movie,
+        tweets,
+        seconds: start.elapsed().as_secs_f64(),
+    })
 }
 
-/// The paper's claims next to what was measured (directions computed here).
-fn claims(md: &mut String, p: &Plan, runs: &[RunResult], params_m: f64) -> AnyResult<()> {
-    writeln!(md, "\n## Claim vs measured\n")?;
-    let base: Vec<&RunResult> = runs.iter().filter(|r| r.mi == 0.0).collect();
-    let mi_runs: Vec<f64> = p.mi_weights.iter().copied().filter(|&w| w > 0.0).collect();
-    if base.is_empty() || mi_runs.is_empty() {
-        writeln!(
-            md,
-            "(Needs a λ = 0 variant and a λ > 0 variant to compare; run with `--mi-weights 0,0.01`.)"
-        )?;
-        return Ok(());
-    }
-    let avg = |rs: &[&RunResult], f: &dyn Fn(&RunResult) -> f64| {
-        mean_std(&rs.iter().map(|x| f(x)).collect::<Vec<_>>())
-    };
-    let tok = |x: &RunResult| mean_of(&x.ffn_movie, |s| s.token_entropy);
-    let usage = |x: &RunResult| mean_of(&x.ffn_movie, |s| s.usage_entropy);
-    let dtop = |x: &RunResult| x.pruned[1].amazon - x.amazon;
-    let dunused = |x: &RunResult| x.pruned[0].amazon - x.amazon;
-    let kept_unused = |x: &RunResult| x.pruned[0].kept.iter().sum::<usize>() as f64;
-    let total = (p.layers as usize * p.experts) as f64;
-    writeln!(
-        md,
-        "| ModuleFormer (Shen et al., arXiv 2306.04640) claims | measured here |"
-    )?;
-    writeln!(md, "|---|---|")?;
-    let b = |f: &dyn Fn(&RunResult) -> f64| avg(&base, f);
-    for &w in &mi_runs {
-        let m: Vec<&RunResult> = runs.iter().filter(|r| r.mi == w).collect();
-        let a = |f: &dyn Fn(&RunResult) -> f64| avg(&m, f);
-        let dir = |x: f64, y: f64| if y < x { "lower" } else { "higher" };
-        let (bt, mt) = (b(&tok).0, a(&tok).0);
-        let (bu, mu) = (b(&usage).0, a(&usage).0);
-        writeln!(
-            md,
-            "| The MI loss makes each token's routing more decisive (lower per-token entropy H(e\\|x)). | FFN per-token entropy {:.3} with λ = {w} vs {:.3} without: {} ({:+.3}); MoA {:.3} vs {:.3}. |",
-            mt,
-            bt,
-            dir(bt, mt),
-            mt - bt,
-            a(&|x| mean_of(&x.att_movie, |s| s.token_entropy)).0,
-            b(&|x| mean_of(&x.att_movie, |s| s.token_entropy)).0,
-        )?;
-        writeln!(
-            md,
-            "| ... while keeping expert use balanced (high H(e)). | FFN usage entropy {:.3} with λ = {w} vs {:.3} without ({}, {:+.3}); MoA {:.3} vs {:.3}. |",
-            mu,
-            bu,
-            dir(bu, mu),
-            mu - bu,
-            a(&|x| mean_of(&x.att_movie, |s| s.usage_entropy)).0,
-            b(&|x| mean_of(&x.att_movie, |s| s.usage_entropy)).0,
-        )?;
-        writeln!(
-            md,
-            "| Experts specialise, so a domain uses a subset of them. | movie↔Amazon JS divergence of FFN usage {:.4} with λ = {w} vs {:.4} without; experts with < 1/(4E) of Amazon's assignments: {:.1} of {} with λ = {w} vs {:.1} without. |",
-            a(&js_layers).0,
-            b(&js_layers).0,
-            total - a(&kept_unused).0,
-            total,
-            total - b(&kept_unused).0,
-        )?;
-        writeln!(
-            md,
-            "| Pruning the experts a domain does not use costs little loss on it. | Δ Amazon loss, rule (a): {:+.4} with λ = {w}, {:+.4} without; keeping the top half (b): {:+.4} with λ = {w}, {:+.4} without. |",
-            a(&dunused).0,
-            b(&dunused).0,
-            a(&dtop).0,
-            b(&dtop).0,
-        )?;
-        writeln!(
-            md,
-            "| (The MI loss is an auxiliary objective; the paper does not claim it lowers LM loss.) | Movie validation loss {:.4} with λ = {w} vs {:.4} without; Amazon {:.4} vs {:.4}. |",
-            a(&|x| x.val).0,
-            b(&|x| x.val).0,
-            a(&|x| x.amazon).0,
-            b(&|x| x.amazon).0,
-        )?;
-    }
-    writeln!(
-        md,
-        "\nScale caveat: ModuleFormer's claims come from MoLM models (350M–700M active, 4B–8B total parameters) trained on 300B tokens; here a {:.1}M-parameter model sees {}k tokens of one domain in {} steps, so the routers are far from converged, and differences within one standard deviation across seeds are noise.",
-        params_m,
-        (p.steps as usize * p.batch * p.seq) / 1000,
-        p.steps
-    )?;
-    Ok(())
-}
-
-/// Trainable parameters of the model (millions), and those of the tied embedding.
 fn param_count(p: &Plan, vocab: i64) -> AnyResult<(f64, f64)> {
-    let m = tensor_core::testing::with_seed(0, || build_model(p, vocab, 0.0, Device::Cpu))?;
+    let m = tensor_core::testing::with_seed(0, || build_model(p, vocab, Variant::Mi, Device::Cpu))?;
     Ok((
         m.param_count().trainable as f64 / 1e6,
         (vocab * p.d_model) as f64 / 1e6,
     ))
-}
-
-fn write(out: &Path, md: &str) -> AnyResult<()> {
-    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
-    }
-    tensor_core::io::write_atomic(out, |tmp| {
-        std::fs::write(tmp, md).map_err(|source| tensor_core::Error::Io {
-            path: tmp.to_owned(),
-            source,
-        })
-    })?;
-    println!("{md}");
-    println!("written to {}", out.display());
-    Ok(())
 }
 
 /// `cargo xtask experiment moe [options]`.
@@ -1199,28 +1009,560 @@ pub fn run(args: &[String]) -> AnyResult<()> {
     let device = tensor_core::best();
     let start = Instant::now();
     let corpus = load_corpus(p.vocab)?;
-    let sets = eval_sets(&corpus, p.seq, p.eval_chunks);
+    let s = sets(&corpus, p.seq, p.eval_chunks);
     eprintln!(
-        "moe: vocabulary {} (UNK: train {:.1}%, val {:.1}%, amazon {:.1}%, tweets {:.1}%), train {} tokens; eval windows val {}, amazon {} + {} (calibration), tweets {}; device {device:?}",
+        "moe: vocabulary {}, train {} tokens; windows movie {}, tweets {} train / {} test, amazon {}",
         corpus.vocab,
-        100.0 * corpus.unk[0],
-        100.0 * corpus.unk[1],
-        100.0 * corpus.unk[2],
-        100.0 * corpus.unk[3],
         corpus.train.len(),
-        sets.val.len(),
-        sets.amazon.len(),
-        sets.amazon_calib.len(),
-        sets.tweets.len()
+        s.movie.len(),
+        s.tweets_train.len(),
+        s.tweets.len(),
+        s.amazon.len()
     );
-    let mut runs = Vec::new();
+    let mut bases = Vec::new();
+    let mut exts = Vec::new();
     for &seed in &p.seeds {
-        for &mi in &p.mi_weights {
-            eprintln!("{} seed {seed} ...", variant_name(mi));
-            runs.push(run_one(&p, &corpus, &sets, mi, seed, device)?);
+        let (mi, named) = train_base(&p, &corpus, &s, Variant::Mi, seed, device)?;
+        bases.push(mi);
+        let (switch, _) = train_base(&p, &corpus, &s, Variant::Switch, seed, device)?;
+        bases.push(switch);
+        for arm in ARMS {
+            exts.push(extend(&p, &corpus, &s, &named, arm, seed, device)?);
         }
     }
     let minutes = start.elapsed().as_secs_f64() / 60.0;
-    let md = report(&p, &corpus, &sets, &runs, minutes)?;
-    write(&p.out, &md)
+    let md = report(&p, &corpus, &s, &bases, &exts, minutes)?;
+    recipes::report::write(&p.out, &md)
+}
+
+// ---------------------------------------------------------------- report
+
+const RESAMPLES: usize = 2000;
+
+/// A real-valued paired comparison: per-seed means (t interval) and the
+/// per-window differences pooled over seeds (bootstrap).
+struct Decided {
+    seeds: PairedT,
+    windows: Bootstrap,
+    verdict: &'static str,
+}
+
+/// Decide `a − b` (losses, nats): lower is better. `a[s]`, `b[s]` are seed
+/// `s`'s per-window values, paired by window.
+fn decide_loss(a: &[Vec<f64>], b: &[Vec<f64>], seed: u64) -> AnyResult<Decided> {
+    let ma: Vec<f64> = a.iter().map(|v| mean(v)).collect();
+    let mb: Vec<f64> = b.iter().map(|v| mean(v)).collect();
+    let seeds = paired_t(&ma, &mb)?;
+    let fa: Vec<f64> = a.iter().flatten().copied().collect();
+    let fb: Vec<f64> = b.iter().flatten().copied().collect();
+    let windows = bootstrap_mean_diff(&fa, &fb, RESAMPLES, seed)?;
+    let agree = (seeds.n < 2 || seeds.excludes_zero()) && windows.excludes_zero();
+    let verdict = match (agree, windows.diff < 0.0) {
+        (true, true) => "lower (better)",
+        (true, false) => "higher (worse)",
+        _ => "no significant difference",
+    };
+    Ok(Decided {
+        seeds,
+        windows,
+        verdict,
+    })
+}
+
+fn fmt_seeds(t: &PairedT) -> String {
+    if t.n < 2 {
+        format!("{:+.4} (one seed)", t.mean)
+    } else {
+        format!("{:+.4} [{:+.4}, {:+.4}]", t.mean, t.low, t.high)
+    }
+}
+
+fn decided_cells(d: &Decided) -> String {
+    format!(
+        "| {} | {} | {:+.4} [{:+.4}, {:+.4}] | {} |",
+        fmt_seeds(&d.seeds),
+        fmt_p(d.seeds.p),
+        d.windows.diff,
+        d.windows.low,
+        d.windows.high,
+        d.verdict
+    )
+}
+
+const DECIDED_HEADER: &str = "| Δ nats/token, mean [95% CI over seeds] | paired t p (seeds) | Δ over windows [95% bootstrap CI] | verdict |";
+const DECIDED_RULE: &str = "|---|---|---|---|";
+
+fn ms(v: &[f64], digits: usize) -> String {
+    let (m, s) = mean_std(v);
+    format!("{m:.digits$} ± {s:.digits$}")
+}
+
+fn report(
+    p: &Plan,
+    c: &Corpus,
+    s: &Sets,
+    bases: &[Base],
+    exts: &[Extension],
+    minutes: f64,
+) -> AnyResult<String> {
+    let base_of = |v: Variant| -> Vec<&Base> { bases.iter().filter(|b| b.variant == v).collect() };
+    let ext_of = |a: Arm| -> Vec<&Extension> { exts.iter().filter(|e| e.arm == a).collect() };
+    let mi = base_of(Variant::Mi);
+    let sw = base_of(Variant::Switch);
+    // Extension: per arm, tweets after − before (gain, negative = learnt) and
+    // movie after − before (forgetting, positive = forgot).
+    let mut per_arm = Vec::new();
+    for (k, arm) in ARMS.into_iter().enumerate() {
+        let e = ext_of(arm);
+        let tweets_after: Vec<Vec<f64>> = e.iter().map(|x| x.tweets.clone()).collect();
+        let tweets_before: Vec<Vec<f64>> = mi.iter().map(|b| b.tweets.clone()).collect();
+        let movie_after: Vec<Vec<f64>> = e.iter().map(|x| x.movie.clone()).collect();
+        let movie_before: Vec<Vec<f64>> = mi.iter().map(|b| b.movie.clone()).collect();
+        per_arm.push((
+            arm,
+            decide_loss(&tweets_after, &tweets_before, 10 + k as u64)?,
+            decide_loss(&movie_after, &movie_before, 20 + k as u64)?,
+        ));
+    }
+    let mut between = Vec::new();
+    for (k, (a, b)) in [
+        (Arm::Grow, Arm::Full),
+        (Arm::Grow, Arm::Lora),
+        (Arm::Lora, Arm::Full),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let get = |arm: Arm, tweets: bool| -> Vec<Vec<f64>> {
+            ext_of(arm)
+                .iter()
+                .map(|x| {
+                    if tweets {
+                        x.tweets.clone()
+                    } else {
+                        x.movie.clone()
+                    }
+                })
+                .collect()
+        };
+        between.push((
+            a,
+            b,
+            decide_loss(&get(a, true), &get(b, true), 30 + k as u64)?,
+            decide_loss(&get(a, false), &get(b, false), 40 + k as u64)?,
+        ));
+    }
+    // MI vs Switch at equal steps.
+    let losses = |v: &[&Base], f: fn(&Base) -> &Vec<f64>| -> Vec<Vec<f64>> {
+        v.iter().map(|b| f(b).clone()).collect()
+    };
+    let mi_movie = decide_loss(&losses(&mi, |b| &b.movie), &losses(&sw, |b| &b.movie), 50)?;
+    let scalar = |f: fn(&Base) -> f64| -> AnyResult<PairedT> {
+        let a: Vec<f64> = mi.iter().map(|b| f(b)).collect();
+        let b: Vec<f64> = sw.iter().map(|b| f(b)).collect();
+        Ok(paired_t(&a, &b)?)
+    };
+    let spec: Vec<(&str, PairedT)> = vec![
+        (
+            "FFN usage JS movie↔tweets (nats; higher = more domain-specific experts)",
+            scalar(|b| b.js_tweets)?,
+        ),
+        ("FFN usage JS movie↔Amazon (nats)", scalar(|b| b.js_amazon)?),
+        (
+            "FFN per-token routing entropy / log E (lower = more decisive)",
+            scalar(|b| b.token_entropy)?,
+        ),
+        (
+            "FFN usage entropy / log E (1 = balanced)",
+            scalar(|b| b.usage_entropy)?,
+        ),
+    ];
+    let headline = {
+        let mut h: Vec<String> = per_arm
+            .iter()
+            .map(|(arm, tw, mv)| {
+                format!(
+                    "{}: tweets {} nats ({}), movies {} nats ({})",
+                    arm.short(),
+                    fmt_seeds(&tw.seeds),
+                    tw.verdict,
+                    fmt_seeds(&mv.seeds),
+                    mv.verdict
+                )
+            })
+            .collect();
+        if let Some((_, _, _, mv)) = between.first() {
+            h.push(format!(
+                "grow − full FT on movies {} nats, {}",
+                fmt_seeds(&mv.seeds),
+                mv.verdict
+            ));
+        }
+        h.push(format!(
+            "MI − Switch: JS movie↔tweets {}",
+            fmt_seeds(&spec[0].1)
+        ));
+        h.join("; ")
+    };
+    let budget = format!(
+        "{} seeds × (2 base variants × {} steps + 3 extension arms × {} steps), {:.1} min on {:?}",
+        p.seeds.len(),
+        p.base_steps,
+        p.ext_steps,
+        minutes,
+        tensor_core::best()
+    );
+    let (params, emb) = param_count(p, c.vocab)?;
+    let mut md = crate::index::block(&p.command, &budget, &headline);
+    writeln!(
+        md,
+        "# ModuleFormer on a small decoder: the MI loss, and extending to a new domain\n"
+    )?;
+    writeln!(md, "Command: `{}`.\n", p.command)?;
+    writeln!(
+        md,
+        "Budget: {budget} ({} libtorch thread(s); the machine has 2 cores, shared at times, so times are upper bounds). The budget stops the base at {} steps (≈ {:.1} epochs of the movie reviews); its last-20-step training loss is {} nats/token (MI) — a small model still learning, not a converged one.\n",
+        tch::get_num_threads(),
+        p.base_steps,
+        (p.base_steps as f64 * (p.batch * p.seq) as f64) / c.train.len() as f64,
+        ms(&mi.iter().map(|b| b.train_loss).collect::<Vec<_>>(), 3)
+    )?;
+    writeln!(md, "## Setting\n")?;
+    writeln!(
+        md,
+        "- **Model**: model-zoo's `Gpt2Model` (pre-LN decoder, tied embedding), d = {}, {} blocks; every attention is moe-router's `MixtureOfAttention` ({} experts, top-{}, {} heads × {}, shared K/V, stick-breaking attention) and every FFN a `MoeLayer` (`MoeConfig::moduleformer`: {} experts of width {}, top-{}, GELU-tanh, no biases); MLP gates with {} hidden units, raw gates, dropless. `wpe` zeroed and frozen; dropout 0; {:.2}M parameters ({:.2}M in the tied embedding).",
+        p.d_model,
+        p.layers,
+        p.experts,
+        p.top_k,
+        p.att_heads,
+        p.att_hidden / p.att_heads.max(1),
+        p.experts,
+        p.d_ff,
+        p.top_k,
+        p.gating,
+        params,
+        emb
+    )?;
+    writeln!(
+        md,
+        "- **Tokens**: the packaged MiniLM WordPiece tokenizer, remapped to the {} most frequent training ids + `[UNK]` (vocabulary {}; out-of-vocabulary: train {:.1}%, movie validation {:.1}%, Amazon {:.1}%, tweets {:.1}%). Windows of {} tokens, non-overlapping.",
+        p.vocab,
+        c.vocab,
+        100.0 * c.unk[0],
+        100.0 * c.unk[1],
+        100.0 * c.unk[2],
+        100.0 * c.unk[3],
+        p.seq
+    )?;
+    writeln!(
+        md,
+        "- **Base** (per seed, both variants from the same initialisation): {} steps on the movie reviews (`train.jsonl`, {} sentences), AdamW lr {:e}, weight decay {}, {:.0}% warm-up then cosine decay, clip {}, batch {}; the routing loss of all {} routers is either ModuleFormer's MI loss `λ·(H(e|x) − H(e))` (λ = {}) or the Switch balance loss (λ = {}), nothing else differs.",
+        p.base_steps,
+        c.sentences[0],
+        p.lr,
+        p.weight_decay,
+        100.0 * p.warmup,
+        p.clip,
+        p.batch,
+        2 * p.layers,
+        p.mi_weight,
+        p.balance_weight
+    )?;
+    writeln!(
+        md,
+        "- **Extension** (from each seed's MI base): the tweets of `test_ood_tweets.jsonl` cut into windows; even windows ({}) train, odd windows test ({} of them). {} steps, AdamW lr {:e}, same schedule. (a) every parameter trains; (b) `grow_experts` adds {} FFN experts per layer with the old ones frozen, and only the new experts and the FFN routers train (attention experts, embeddings and norms frozen); (c) rank-{} LoRA factors on both weight matrices of every FFN expert (`B = 0` at the start), nothing else trains. Forgetting is measured on {} movie validation windows, the gain on the {} held-out tweet windows; both are losses before (the base) and after, per window.",
+        s.tweets_train.len(),
+        s.tweets.len(),
+        p.ext_steps,
+        p.ext_lr,
+        p.grow,
+        p.lora_rank,
+        s.movie.len(),
+        s.tweets.len()
+    )?;
+    writeln!(
+        md,
+        "- **Decisions**: Δ over seeds gets a paired t interval; the per-window differences, pooled over seeds, a paired bootstrap ({RESAMPLES} resamples). A difference is called only when both intervals exclude 0.\n"
+    )?;
+    writeln!(md, "## The paper's claims next to ours\n")?;
+    writeln!(
+        md,
+        "ModuleFormer (Shen et al., 2023): new modules can be added to learn a new domain with the old ones frozen, learning it while forgetting less than fine-tuning the whole model; and its mutual-information loss makes experts specialise (domain-dependent usage, decisive routing) while keeping the load balanced.\n"
+    )?;
+    writeln!(
+        md,
+        "### Extension: each arm against the base (after − before)\n"
+    )?;
+    writeln!(md, "| arm | test set {DECIDED_HEADER}")?;
+    writeln!(md, "|---|---{DECIDED_RULE}")?;
+    for (arm, tw, mv) in &per_arm {
+        writeln!(
+            md,
+            "| {} | tweets (gain: lower is learnt) {}",
+            arm.name(p),
+            decided_cells(tw)
+        )?;
+        writeln!(
+            md,
+            "| {} | movies (forgetting: higher is forgotten) {}",
+            arm.name(p),
+            decided_cells(mv)
+        )?;
+    }
+    writeln!(
+        md,
+        "\n### Extension: arms against each other (loss after extension, A − B)\n"
+    )?;
+    writeln!(md, "| comparison | test set {DECIDED_HEADER}")?;
+    writeln!(md, "|---|---{DECIDED_RULE}")?;
+    for (a, b, tw, mv) in &between {
+        writeln!(
+            md,
+            "| {} − {} | tweets {}",
+            a.short(),
+            b.short(),
+            decided_cells(tw)
+        )?;
+        writeln!(
+            md,
+            "| {} − {} | movies {}",
+            a.short(),
+            b.short(),
+            decided_cells(mv)
+        )?;
+    }
+    writeln!(md, "\n### MI loss − Switch balance loss, equal steps\n")?;
+    writeln!(
+        md,
+        "| measure | Δ, mean [95% CI over seeds] | paired t p | verdict |"
+    )?;
+    writeln!(md, "|---|---|---|---|")?;
+    for (name, t) in &spec {
+        let verdict = crate::stats::decide_seeds_only(t);
+        writeln!(
+            md,
+            "| {name} | {} | {} | {verdict} |",
+            fmt_seeds(t),
+            fmt_p(t.p)
+        )?;
+    }
+    writeln!(md, "\n| loss {DECIDED_HEADER}")?;
+    writeln!(md, "|---{DECIDED_RULE}")?;
+    writeln!(
+        md,
+        "| movie validation, MI − Switch {}",
+        decided_cells(&mi_movie)
+    )?;
+    writeln!(md, "\n## Runs\n")?;
+    writeln!(md, "Mean ± sd over seeds; losses in nats per token.\n")?;
+    writeln!(
+        md,
+        "| base | train loss (last 20 steps) | movie val | tweets (held out) | Amazon | JS movie↔tweets | JS movie↔Amazon | per-token entropy | usage entropy | s / run |"
+    )?;
+    writeln!(md, "|---|---|---|---|---|---|---|---|---|---|")?;
+    for v in [Variant::Mi, Variant::Switch] {
+        let b = base_of(v);
+        let col = |f: &dyn Fn(&Base) -> f64| b.iter().map(|x| f(x)).collect::<Vec<_>>();
+        writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} |",
+            v.name(p),
+            ms(&col(&|x| x.train_loss), 3),
+            ms(&col(&|x| mean(&x.movie)), 3),
+            ms(&col(&|x| mean(&x.tweets)), 3),
+            ms(&col(&|x| mean(&x.amazon)), 3),
+            ms(&col(&|x| x.js_tweets), 4),
+            ms(&col(&|x| x.js_amazon), 4),
+            ms(&col(&|x| x.token_entropy), 3),
+            ms(&col(&|x| x.usage_entropy), 3),
+            mean(&col(&|x| x.seconds)),
+        )?;
+    }
+    writeln!(
+        md,
+        "\n| extension arm | trainable parameters | tweets train loss (last 20 steps) | tweets (held out) | movie val | s / run |"
+    )?;
+    writeln!(md, "|---|---|---|---|---|---|")?;
+    for arm in ARMS {
+        let e = ext_of(arm);
+        let col = |f: &dyn Fn(&Extension) -> f64| e.iter().map(|x| f(x)).collect::<Vec<_>>();
+        writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {:.0} |",
+            arm.name(p),
+            e.first().map_or(0, |x| x.trainable),
+            ms(&col(&|x| x.train_loss), 3),
+            ms(&col(&|x| mean(&x.tweets)), 3),
+            ms(&col(&|x| mean(&x.movie)), 3),
+            mean(&col(&|x| x.seconds)),
+        )?;
+    }
+    writeln!(
+        md,
+        "\nPer seed (base: movies / tweets / JS movie↔tweets; extension: tweets / movies after):\n"
+    )?;
+    for b in bases {
+        writeln!(
+            md,
+            "- seed {} {}: {:.3} / {:.3} / {:.4}",
+            b.seed,
+            b.variant.name(p),
+            mean(&b.movie),
+            mean(&b.tweets),
+            b.js_tweets
+        )?;
+    }
+    for e in exts {
+        writeln!(
+            md,
+            "- seed {} {}: {:.3} / {:.3}",
+            e.seed,
+            e.arm.short(),
+            mean(&e.tweets),
+            mean(&e.movie)
+        )?;
+    }
+    Ok(md)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use recipes::flags::exit_code;
+
+    use crate::test_args as args;
+
+    #[test]
+    fn flags_and_their_errors() {
+        let p = parse(&[]).unwrap().unwrap();
+        assert_eq!((p.base_steps, p.ext_steps, p.seeds.len()), (500, 100, 3));
+        assert_eq!(p.command, "cargo xtask experiment moe");
+        let p = parse(&args(&["--base-steps", "7", "--out", "/x.md"]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(p.base_steps, 7);
+        assert_eq!(p.command, "cargo xtask experiment moe --base-steps 7");
+        for bad in [
+            &["--grow", "0"][..],
+            &["--top-k", "9"],
+            &["--mi-weight", "0"],
+            &["--ext-lr", "-1"],
+            &["--seeds", "1,1"],
+        ] {
+            let e = parse(&args(bad)).err().expect("an error");
+            assert_eq!(exit_code(e.as_ref()), 2, "{bad:?}: {e}");
+        }
+    }
+
+    fn tiny() -> Plan {
+        Plan {
+            seq: 8,
+            vocab: 50,
+            d_model: 16,
+            layers: 2,
+            experts: 4,
+            top_k: 2,
+            d_ff: 16,
+            att_hidden: 8,
+            att_heads: 2,
+            gating: 8,
+            batch: 4,
+            ..Plan::default()
+        }
+    }
+
+    /// Each arm trains what it says: (a) everything but `wpe`, (b) only the
+    /// new experts and the FFN routers, (c) only the LoRA factors; and the
+    /// LoRA and grow arms start exactly at the base model's function.
+    #[test]
+    fn the_arms_train_what_they_say_and_start_at_the_base() {
+        let p = tiny();
+        let base =
+            tensor_core::testing::with_seed(0, || build_model(&p, 50, Variant::Mi, Device::Cpu))
+                .unwrap();
+        let named: Vec<(String, Tensor)> = base
+            .named_parameters()
+            .into_iter()
+            .map(|(n, t)| (n, t.detach().copy()))
+            .collect();
+        let ids =
+            Tensor::from_slice(&(0..32).map(|i| (i * 7) % 50).collect::<Vec<i64>>()).view([4, 8]);
+        let out = |m: &Gpt2Model| m.logits(&ids, &mut Context::eval()).unwrap();
+        let want = out(&base);
+        for arm in ARMS {
+            let mut m = tensor_core::testing::with_seed(1, || {
+                build_model(&p, 50, Variant::Mi, Device::Cpu)
+            })
+            .unwrap();
+            m.load_named(&named, true).unwrap();
+            prepare_arm(&mut m, &p, arm).unwrap();
+            let trainable: Vec<String> = m
+                .trainable_parameters()
+                .into_iter()
+                .map(|(n, _)| n)
+                .collect();
+            assert!(!trainable.is_empty());
+            assert!(!trainable.iter().any(|n| n.starts_with("wpe")), "{arm:?}");
+            match arm {
+                Arm::Full => assert!(trainable.iter().any(|n| n.contains("attn"))),
+                Arm::Grow => {
+                    assert!(
+                        trainable
+                            .iter()
+                            .all(|n| n.contains(".mlp.experts.") || n.contains(".mlp.router.")),
+                        "{trainable:?}"
+                    );
+                    // Two new experts per layer: E grows from 4 to 6.
+                    let moe = m.get_as::<MoeLayer>(&moe_path(0)).unwrap();
+                    assert_eq!(moe.num_experts(), 6);
+                }
+                Arm::Lora => assert!(
+                    trainable.iter().all(|n| n.contains("lora_")),
+                    "{trainable:?}"
+                ),
+            }
+            if arm != Arm::Grow {
+                // B = 0 (LoRA) or nothing changed (full): the same function.
+                assert!(out(&m).allclose(&want, 1e-6, 1e-6, false), "{arm:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn window_losses_average_to_the_lm_loss() {
+        let p = tiny();
+        let m = tensor_core::testing::with_seed(0, || {
+            build_model(&p, 50, Variant::Switch, Device::Cpu)
+        })
+        .unwrap();
+        let rows: Vec<Vec<i64>> = (0..6)
+            .map(|r| (0..8).map(|i| (r * 5 + i * 3) % 50).collect())
+            .collect();
+        let refs: Vec<&[i64]> = rows.iter().map(Vec::as_slice).collect();
+        let (per, _) = window_losses(&m, &refs, 4, false).unwrap();
+        assert_eq!(per.len(), 6);
+        let ids = batch_tensor(&refs, Device::Cpu).unwrap();
+        let whole = tch::no_grad(|| m.lm_loss(&ids, None, &mut Context::eval()))
+            .unwrap()
+            .double_value(&[]);
+        assert!(
+            (mean(&per) - whole).abs() < 1e-5,
+            "{} vs {whole}",
+            mean(&per)
+        );
+    }
+
+    #[test]
+    fn losses_are_decided_lower_is_better() {
+        let a = vec![vec![1.0, 1.1, 0.9], vec![1.0, 1.2, 0.8]];
+        let b = vec![vec![2.0, 2.1, 1.9], vec![2.1, 2.2, 1.8]];
+        let d = decide_loss(&a, &b, 0).unwrap();
+        assert_eq!(d.verdict, "lower (better)");
+        assert!((d.windows.diff + 1.0166666).abs() < 1e-4);
+        let d = decide_loss(&b, &a, 0).unwrap();
+        assert_eq!(d.verdict, "higher (worse)");
+        let d = decide_loss(&a, &a, 0).unwrap();
+        assert_eq!(d.verdict, "no significant difference");
+    }
 }
