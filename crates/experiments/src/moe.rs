@@ -495,11 +495,7 @@ struct ExpertLora {
 
 impl ExpertLora {
     fn new(base: MoeLayer, r: i64) -> AnyResult<Self> {
-        let (e, d, f) = (
-            base.num_experts() as i64,
-            base.config.d_model,
-            base.config.d_ff,
-        );
+        let (e, d, f) = (base.num_experts(), base.config.d_model, base.config.d_ff);
         let dev = base.experts.w1.device();
         let a = |rows: i64, cols: i64| -> AnyResult<Tensor> {
             let bound = 1.0 / (cols as f64).sqrt();
@@ -1450,7 +1446,7 @@ mod tests {
             &["--ext-lr", "-1"],
             &["--seeds", "1,1"],
         ] {
-            let e = parse(&args(bad)).err().expect("an error");
+            let e = parse(&args(bad)).expect_err("an error");
             assert_eq!(exit_code(e.as_ref()), 2, "{bad:?}: {e}");
         }
     }

@@ -3,7 +3,7 @@
 //! images.
 //!
 //! Teacher: on text, all-MiniLM-L6-v2 fine-tuned on the task (mean pooling
-//! + linear head); on images, a `model-zoo` ViT trained here from scratch
+//! and a linear head); on images, a `model-zoo` ViT trained here from scratch
 //! (final LayerNorm + linear head on the class token). Either is split into
 //! `M` modules of consecutive layers ([`m2mkd::split_into_modular`]).
 //! Meta model: one layer per module, initialised from the teacher (its
