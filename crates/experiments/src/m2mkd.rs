@@ -501,7 +501,7 @@ fn report(o: &Options, runs: &[DatasetRun], minutes: f64) -> AnyResult<String> {
     )?;
     writeln!(
         md,
-        "- Meta model: one teacher-width layer per module, initialised from the teacher (embeddings, the last layer of each module, head), trained and frozen; teacher modules incubated in it. Seeds {:?} (student initialisation, batch order, dropout); teacher, meta model and incubated modules are shared by the seeds. Scoring on every example of each test set.\n",
+        "- Meta model: one teacher-width layer per module, initialised from the teacher (embeddings, the last layer of each module, head), trained and frozen; teacher modules incubated in it. Seeds {:?} (student initialisation, batch order, dropout); teacher, meta model and incubated modules are shared by the seeds. Scoring on every example of each test set. The arms trained end to end are bit-reproducible; with the modules distilled in parallel threads their dropout masks come from libtorch's one global generator in an interleaved order, so the m2mKD rows move a little from run to run (`--sequential` makes them reproducible, at about twice the distillation time).\n",
         o.plan.seeds
     )?;
     writeln!(md, "## The paper's claim next to ours\n")?;
