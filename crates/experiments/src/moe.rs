@@ -1065,6 +1065,16 @@ fn decide_loss(a: &[Vec<f64>], b: &[Vec<f64>], seed: u64) -> AnyResult<Decided> 
     })
 }
 
+/// The verdict of a measure with no better side: which arm is higher, when
+/// the interval over seeds excludes 0 (the rule of `decide_seeds_only`).
+fn direction(t: &PairedT) -> &'static str {
+    match crate::stats::decide_seeds_only(t) {
+        crate::stats::Verdict::Better => "MI higher",
+        crate::stats::Verdict::Worse => "MI lower",
+        crate::stats::Verdict::NoSignificantDifference => "no significant difference",
+    }
+}
+
 fn fmt_seeds(t: &PairedT) -> String {
     if t.n < 2 {
         format!("{:+.4} (one seed)", t.mean)
@@ -1194,10 +1204,16 @@ fn report(
                 mv.verdict
             ));
         }
-        h.push(format!(
-            "MI − Switch: JS movie↔tweets {}",
-            fmt_seeds(&spec[0].1)
-        ));
+        for (what, t) in [
+            ("JS movie↔tweets", &spec[0].1),
+            ("per-token entropy", &spec[2].1),
+        ] {
+            h.push(format!(
+                "MI − Switch {what} {}, {}",
+                fmt_seeds(t),
+                direction(t)
+            ));
+        }
         h.join("; ")
     };
     let budget = format!(
@@ -1335,7 +1351,7 @@ fn report(
     )?;
     writeln!(md, "|---|---|---|---|")?;
     for (name, t) in &spec {
-        let verdict = crate::stats::decide_seeds_only(t);
+        let verdict = direction(t);
         writeln!(
             md,
             "| {name} | {} | {} | {verdict} |",
@@ -1547,6 +1563,16 @@ mod tests {
             "{} vs {whole}",
             mean(&per)
         );
+    }
+
+    #[test]
+    fn measures_without_a_better_side_say_which_arm_is_higher() {
+        let up = paired_t(&[2.0, 2.1, 2.2], &[1.0, 1.0, 1.1]).unwrap();
+        assert_eq!(direction(&up), "MI higher");
+        let down = paired_t(&[1.0, 1.0, 1.1], &[2.0, 2.1, 2.2]).unwrap();
+        assert_eq!(direction(&down), "MI lower");
+        let flat = paired_t(&[1.0, 2.0, 1.5], &[1.5, 1.5, 1.5]).unwrap();
+        assert_eq!(direction(&flat), "no significant difference");
     }
 
     #[test]
