@@ -268,7 +268,11 @@ fn score_alone(
         .iter()
         .find(|g| g.tasks.contains(&t))
         .ok_or("a task without a test set")?;
-    let k = g.tasks.iter().position(|&x| x == t).unwrap_or(0);
+    let k = g
+        .tasks
+        .iter()
+        .position(|&x| x == t)
+        .ok_or("a task missing from its own test group")?;
     let m = merge(
         std::slice::from_ref(&trained[t].delta),
         &MergeConfig::new(Method::Sum),
@@ -283,7 +287,9 @@ fn score_alone(
         pad,
         device,
     )?;
-    Ok(c.into_iter().next().unwrap_or_default())
+    c.into_iter()
+        .next()
+        .ok_or_else(|| format!("task {t}: no scores came back").into())
 }
 
 /// Input Grams of the target layers of the base encoder on 256 training examples of each task.

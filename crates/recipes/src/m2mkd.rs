@@ -715,7 +715,7 @@ pub fn prepare_text(
     extra_ood: &[(String, Vec<TextExample>)],
 ) -> AnyResult<Prepared> {
     let bert = BertModel::from_source(source, Device::Cpu)?;
-    let s = Setup::text(p, &bert.config.clone(), source, data, extra_ood)?;
+    let s = Setup::text(p, &bert.config, source, data, extra_ood)?;
     prepare_with(p, s, Some(bert_parts(bert)?))
 }
 
