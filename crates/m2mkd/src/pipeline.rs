@@ -538,7 +538,7 @@ pub fn load_module(
     }
     let slot = student.module_mut(index)?;
     let device = device_of(slot.as_ref());
-    let values = file.load_all(device)?;
+    let values = file.load_all_weights(device)?;
     let (own, skipped): (Vec<_>, Vec<_>) = values.into_iter().partition(|(n, _)| {
         !(n.starts_with("stitch_pre.")
             || n.starts_with("stitch_post.")

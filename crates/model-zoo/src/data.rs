@@ -16,19 +16,79 @@ pub struct TextExample {
     pub label: i64,
 }
 
+/// The most classes a text classifier may have: a label id at or above it is
+/// refused where it is read (FILE:LINE), before anything is allocated for it.
+pub const MAX_LABELS: i64 = 100_000;
+
+/// The number of classes the labelled `sets` (name, examples) imply, once
+/// they are checked: the labels, over all sets, must be exactly `0..K` with
+/// no id missing, and `train` (the first set) must hold at least two. A
+/// missing id is an error listing it (a classifier would otherwise train
+/// classes that never occur), as is a training set of one class.
+pub fn check_labels(what: &Path, sets: &[(&str, &[TextExample])]) -> Result<i64> {
+    let mut seen = std::collections::BTreeSet::new();
+    for (_, set) in sets {
+        seen.extend(set.iter().map(|e| e.label));
+    }
+    let Some(&max) = seen.last() else {
+        return Err(Error::file(what, "no labelled examples"));
+    };
+    if let Some((name, train)) = sets.first() {
+        let distinct: Vec<i64> = train
+            .iter()
+            .map(|e| e.label)
+            .collect::<std::collections::BTreeSet<i64>>()
+            .into_iter()
+            .collect();
+        if distinct.len() < 2 {
+            return Err(Error::file(
+                what,
+                format!(
+                    "the {name} examples have {} distinct label(s) ({:?}); a classifier needs at least two",
+                    distinct.len(),
+                    distinct
+                ),
+            ));
+        }
+    }
+    let missing: Vec<i64> = (0..=max).filter(|l| !seen.contains(l)).collect();
+    if !missing.is_empty() {
+        let shown: Vec<String> = missing.iter().take(8).map(i64::to_string).collect();
+        let more = if missing.len() > 8 { ", ..." } else { "" };
+        return Err(Error::file(
+            what,
+            format!(
+                "labels must be the class ids 0..{max} with none missing, but {} never occur(s): {}{more} \
+                 (renumber the labels 0..K-1)",
+                missing.len(),
+                shown.join(", ")
+            ),
+        ));
+    }
+    Ok(max + 1)
+}
+
 /// Read a JSONL file of `{"text": ..., "label": ...}` rows.
 pub fn load_jsonl(path: impl AsRef<Path>) -> Result<Vec<TextExample>> {
     let path = path.as_ref();
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
+    let bytes = std::fs::read(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
     let err = |line: usize, reason: String| Error::Data {
         path: path.to_owned(),
         line,
         reason,
     };
+    // A UTF-8 byte-order mark (as some editors write) is accepted.
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
     let mut out = Vec::new();
-    for (i, raw) in text.lines().enumerate() {
+    for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
         let n = i + 1;
+        let raw = std::str::from_utf8(raw).map_err(|e| {
+            err(
+                n,
+                format!("not valid UTF-8 (byte {} of the line)", e.valid_up_to() + 1),
+            )
+        })?;
+        let raw = raw.strip_suffix('\r').unwrap_or(raw);
         if raw.trim().is_empty() {
             continue;
         }
@@ -46,6 +106,16 @@ pub fn load_jsonl(path: impl AsRef<Path>) -> Result<Vec<TextExample>> {
             .ok_or_else(|| err(n, format!("'label' is not an integer: {}", v["label"])))?;
         if label < 0 {
             return Err(err(n, format!("negative label {label}")));
+        }
+        if label >= MAX_LABELS {
+            return Err(err(
+                n,
+                format!(
+                    "label {label} is above the largest class id supported ({}); \
+                     labels are class ids 0..K-1",
+                    MAX_LABELS - 1
+                ),
+            ));
         }
         out.push(TextExample {
             text: text.to_owned(),
@@ -84,16 +154,24 @@ impl TextClassification {
         } else {
             None
         };
-        let num_labels = train
-            .iter()
-            .chain(&validation)
-            .chain(&test)
-            .map(|e| e.label)
-            .max()
-            .unwrap_or(0)
-            + 1;
-        if num_labels < 2 {
-            return Err(Error::file(&dir, "fewer than two labels"));
+        let num_labels = check_labels(
+            &dir,
+            &[
+                ("train.jsonl", &train),
+                ("validation.jsonl", &validation),
+                ("test_id.jsonl", &test),
+            ],
+        )?;
+        if let Some(ood) = &test_ood
+            && let Some(e) = ood.iter().find(|e| e.label >= num_labels)
+        {
+            return Err(Error::file(
+                dir.join("test_ood.jsonl"),
+                format!(
+                    "label {} is not one of the {num_labels} classes of the in-domain splits",
+                    e.label
+                ),
+            ));
         }
         Ok(Self {
             dir,
@@ -231,6 +309,12 @@ mod tests {
             ("{\"text\": \"a\", \"label\": \"pos\"}\n", 1, "'label'"),
             ("\n{\"text\": 3, \"label\": 1}\n", 2, "'text'"),
             ("{\"text\": \"a\", \"label\": -1}\n", 1, "negative"),
+            // A huge class id is refused where it is read, before any allocation.
+            (
+                "{\"text\": \"a\", \"label\": 0}\n{\"text\": \"b\", \"label\": 1000000000000}\n",
+                2,
+                "above the largest class id",
+            ),
         ];
         for (content, line, what) in cases {
             std::fs::write(&p, content).unwrap();
@@ -240,12 +324,96 @@ mod tests {
                 "{e}"
             );
         }
+        // Invalid UTF-8 is named by line; a byte-order mark and CRLF are fine.
+        std::fs::write(
+            &p,
+            b"{\"text\": \"a\", \"label\": 0}\n{\"text\": \"\xff\", \"label\": 1}\n",
+        )
+        .unwrap();
+        let e = load_jsonl(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("d.jsonl:2:") && e.contains("not valid UTF-8"),
+            "{e}"
+        );
+        std::fs::write(
+            &p,
+            "\u{feff}{\"text\": \"a\", \"label\": 0}\r\n{\"text\": \"b\", \"label\": 1}\r\n",
+        )
+        .unwrap();
+        let rows = load_jsonl(&p).unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].text, "a");
         std::fs::write(&p, "").unwrap();
         assert!(
             load_jsonl(&p)
                 .unwrap_err()
                 .to_string()
                 .contains("no examples")
+        );
+    }
+
+    #[test]
+    fn labels_must_be_dense_class_ids_with_two_in_training() {
+        let ex = |labels: &[i64]| -> Vec<TextExample> {
+            labels
+                .iter()
+                .map(|&label| TextExample {
+                    text: "t".into(),
+                    label,
+                })
+                .collect()
+        };
+        let p = Path::new("d.jsonl");
+        let (train, held) = (ex(&[0, 1, 2, 1]), ex(&[2, 0]));
+        assert_eq!(
+            check_labels(p, &[("train", &train), ("held", &held)]).unwrap(),
+            3
+        );
+        // One label only in training.
+        let e = check_labels(p, &[("train", &ex(&[1, 1])), ("held", &ex(&[0]))])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("d.jsonl") && e.contains("1 distinct label(s) ([1])"),
+            "{e}"
+        );
+        // Labels 0 and 7 only: the unused ids are named.
+        let e = check_labels(p, &[("train", &ex(&[0, 7, 0])), ("held", &ex(&[7]))])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("6 never occur(s): 1, 2, 3, 4, 5, 6"), "{e}");
+        // A class seen only outside training still counts as present.
+        assert_eq!(
+            check_labels(p, &[("train", &ex(&[0, 1])), ("held", &ex(&[2]))]).unwrap(),
+            3
+        );
+        // Through a dataset folder, and an out-of-domain label beyond the classes.
+        let dir = tempfile::tempdir().unwrap();
+        let line = |l: i64| format!("{{\"text\": \"x\", \"label\": {l}}}\n");
+        for (f, ls) in [
+            ("train.jsonl", vec![0, 3]),
+            ("validation.jsonl", vec![0]),
+            ("test_id.jsonl", vec![3]),
+        ] {
+            std::fs::write(
+                dir.path().join(f),
+                ls.into_iter().map(line).collect::<String>(),
+            )
+            .unwrap();
+        }
+        let e = TextClassification::load(dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("2 never occur(s): 1, 2"), "{e}");
+        std::fs::write(dir.path().join("train.jsonl"), line(0) + &line(1)).unwrap();
+        std::fs::write(dir.path().join("test_id.jsonl"), line(1)).unwrap();
+        std::fs::write(dir.path().join("test_ood.jsonl"), line(5)).unwrap();
+        let e = TextClassification::load(dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("test_ood.jsonl") && e.contains("label 5 is not one of the 2 classes"),
+            "{e}"
         );
     }
 

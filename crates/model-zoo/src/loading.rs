@@ -216,7 +216,7 @@ pub fn load_checkpoint(
     let mut values = Vec::with_capacity(params.len());
     for (name, _) in &params {
         let key = &keys[name];
-        let t = layout(name).convert(file.load(key, device)?, key)?;
+        let t = layout(name).convert(file.load_weight(key, device)?, key)?;
         values.push((name.clone(), t));
     }
     model.load_named(&values, true)?;
@@ -395,6 +395,32 @@ mod tests {
             e.contains("missing tensor 'weight'") && e.contains("(and 1 more: 'bias')"),
             "{e}"
         );
+        // An integer weight is refused, not reinterpreted; so are NaN and Inf.
+        let e = err(&[
+            ("p.weight", t(&[3, 2]).to_kind(Kind::Int)),
+            ("bias", t(&[2])),
+        ]);
+        assert!(
+            e.contains("model.safetensors: p.weight: stored as Int"),
+            "{e}"
+        );
+        for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            let e = err(&[
+                ("p.weight", t(&[3, 2])),
+                ("bias", Tensor::full([2], bad, (Kind::Float, Device::Cpu))),
+            ]);
+            assert!(
+                e.contains("model.safetensors: bias: holds 2 non-finite value(s)"),
+                "{e}"
+            );
+        }
+        // Half-precision weights are still accepted (and upcast to the model's dtype).
+        let m = load(&[
+            ("p.weight", t(&[3, 2]).to_kind(Kind::Half)),
+            ("bias", t(&[2]).to_kind(Kind::BFloat16)),
+        ])
+        .unwrap();
+        assert_eq!(m.weight.kind(), Kind::Float);
         let e = open_weights(Path::new("/nonexistent/model.safetensors"), "toy")
             .unwrap_err()
             .to_string();

@@ -104,6 +104,7 @@ const USAGE: &str = "usage: modular <command> [options]   (modular <command> --h
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    cli::install_interrupt_cleanup();
     let result = match args.first().map(String::as_str) {
         Some("demo") => demo::run(&args[1..]),
         None => demo::run(&[]),

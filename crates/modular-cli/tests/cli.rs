@@ -95,6 +95,47 @@ fn help_and_usage_errors_exit_2() {
     assert!(err.contains("unknown method 'prefix'"), "{err}");
     let (_, err) = expect(&["inspect"], 2);
     assert!(err.contains("no folder given"), "{err}");
+    // Alike in every command: learning rates, repeated list entries.
+    for lr in ["0", "-1", "nan", "3"] {
+        let (_, err) = expect(&["tune", "--data", "d", "--out", "o", "--lr", lr], 2);
+        assert!(err.contains("--lr must be a number in (0, 1]"), "{err}");
+    }
+    let (_, err) = expect(&["split", "--out", "o", "--layers", "4,2,4"], 2);
+    assert!(err.contains("--layers: 4 is given twice"), "{err}");
+}
+
+#[test]
+fn outputs_may_not_overwrite_inputs_and_density_zero_warns() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("tiny");
+    tiny_model(&model, 6, 16);
+    // split --out onto its own model folder.
+    let (_, err) = expect(&["split", "--model", s(&model), "--out", s(&model)], 2);
+    assert!(err.contains("would overwrite the input --model"), "{err}");
+    // tune --out inside its data folder.
+    let data = tmp.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    for f in ["train.jsonl", "validation.jsonl", "test_id.jsonl"] {
+        std::fs::write(data.join(f), reviews(8, 0)).unwrap();
+    }
+    let (_, err) = expect(
+        &["tune", "--data", s(&data), "--out", s(&data.join("run")), "--model", s(&model)],
+        2,
+    );
+    assert!(err.contains("would overwrite the input --data"), "{err}");
+    // merge --out onto one of the adapters; density 0 warns and still runs.
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    write_adapter(&a, &lora_task("a", 2, 16, 1));
+    write_adapter(&b, &lora_task("b", 2, 16, 2));
+    let (_, err) = expect(&["merge", s(&a), s(&b), "--out", s(&b)], 2);
+    assert!(err.contains("would overwrite the input ADAPTER_DIR"), "{err}");
+    let out = tmp.path().join("merged");
+    let (_, err) = expect(
+        &["merge", s(&a), s(&b), "--out", s(&out), "--method", "ties", "--density", "0", "--quiet"],
+        0,
+    );
+    assert!(err.contains("warning: --density 0 keeps no entry"), "{err}");
+    no_temp_left(tmp.path());
 }
 
 #[test]
@@ -611,6 +652,7 @@ fn tune_vlpet_on_a_dataset_folder() {
     std::fs::write(data.join("train.jsonl"), reviews(24, 0)).unwrap();
     std::fs::write(data.join("validation.jsonl"), reviews(6, 1)).unwrap();
     std::fs::write(data.join("test_id.jsonl"), reviews(8, 2)).unwrap();
+    std::fs::write(data.join("test_ood.jsonl"), reviews(5, 3)).unwrap();
     let out = tmp.path().join("vl");
     let (stdout, _) = expect(
         &[
@@ -638,9 +680,11 @@ fn tune_vlpet_on_a_dataset_folder() {
         0,
     );
     assert!(stdout.contains("accuracy test_id"), "{stdout}");
+    assert!(stdout.contains("accuracy test_ood"), "{stdout}");
     let doc = json(&out.join("tune.json"));
     assert_eq!(doc["method"], "vlpet");
     assert_eq!(doc["test"]["examples"], 8);
+    assert_eq!(doc["test_ood"]["examples"], 5);
     let cfg = json(&out.join("vlpet_config.json"));
     assert_eq!(cfg["vlpet"]["r"], 4);
     let saved = io::load(out.join("vlpet_model.safetensors"), Device::Cpu).unwrap();
@@ -697,6 +741,29 @@ fn tune_names_missing_or_malformed_inputs() {
         err.contains("none.jsonl") && err.contains("does not exist"),
         "{err}"
     );
+    // Labels that make no sense: one class, ids with gaps, an id that would
+    // allocate a huge head (refused at its line, before any allocation).
+    let one_class = reviews(10, 0).replace("\"label\": 0", "\"label\": 1");
+    std::fs::write(&data, one_class).unwrap();
+    let err = run(&data, &model);
+    assert!(err.contains("1 distinct label(s) ([1])"), "{err}");
+    let gaps = reviews(10, 0).replace("\"label\": 1", "\"label\": 7");
+    std::fs::write(&data, gaps).unwrap();
+    let err = run(&data, &model);
+    assert!(err.contains("6 never occur(s): 1, 2, 3, 4, 5, 6"), "{err}");
+    std::fs::write(
+        &data,
+        format!(
+            "{}{{\"text\": \"good\", \"label\": 1000000000000}}\n",
+            reviews(4, 0)
+        ),
+    )
+    .unwrap();
+    let err = run(&data, &model);
+    assert!(
+        err.contains("data.jsonl:5") && err.contains("above the largest class id"),
+        "{err}"
+    );
     let folder = tmp.path().join("folder");
     std::fs::create_dir(&folder).unwrap();
     std::fs::write(folder.join("train.jsonl"), reviews(4, 0)).unwrap();
@@ -739,4 +806,66 @@ fn inspect_summarises_a_model_and_refuses_other_folders() {
     );
     let (_, err) = expect(&["inspect", s(&tmp.path().join("nope"))], 1);
     assert!(err.contains("does not exist"), "{err}");
+}
+
+/// SIGTERM or SIGINT mid-run: the temporary output is removed and the
+/// process ends by the signal (the shell's 143 / 130); a stale temporary
+/// folder of a dead process is swept by the next run.
+#[test]
+fn interrupts_leave_nothing_behind_and_keep_the_signal_status() {
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::{Command, Stdio};
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("tiny");
+    tiny_model(&model, 6, 16);
+    let data = tmp.path().join("data.jsonl");
+    std::fs::write(&data, reviews(400, 0)).unwrap();
+    let out = tmp.path().join("out");
+    let stale = tmp.path().join(".out.tmp-4294967295");
+    std::fs::create_dir(&stale).unwrap();
+    for (sig, name) in [(15, "TERM"), (2, "INT")] {
+        let child = Command::new(env!("CARGO_BIN_EXE_modular"))
+            .args([
+                "tune",
+                "--data",
+                s(&data),
+                "--out",
+                s(&out),
+                "--model",
+                s(&model),
+                "--quiet",
+                "--epochs",
+                "200",
+            ])
+            .env("OMP_NUM_THREADS", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Wait until training is under way (the stale folder is swept first).
+        let t0 = std::time::Instant::now();
+        while stale.exists() && t0.elapsed().as_secs() < 60 {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        let killed = Command::new("kill")
+            .args([format!("-{name}"), child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        let o = child.wait_with_output().unwrap();
+        assert_eq!(
+            o.status.signal(),
+            Some(sig),
+            "{:?}: {}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(
+            !stale.exists(),
+            "a dead process's temporary folder is swept"
+        );
+        assert!(!out.exists());
+        no_temp_left(tmp.path());
+    }
 }

@@ -313,6 +313,23 @@ fn profile_without_labels_or_with_one_label_writes_the_profile_only() {
 }
 
 #[test]
+fn a_label_field_no_line_has_is_a_usage_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("c.jsonl");
+    std::fs::write(&data, "{\"text\": \"a b\", \"function\": \"x\"}\n").unwrap();
+    let out = tmp.path().join("out");
+    let (_, err) = expect(
+        &["profile", "--data", s(&data), "--out", s(&out), "--label-field", "topic"],
+        2,
+    );
+    assert!(
+        err.contains("--label-field 'topic': no line of") && err.contains("c.jsonl"),
+        "{err}"
+    );
+    assert!(!out.exists());
+}
+
+#[test]
 fn profile_help_and_usage_errors_exit_2() {
     let (out, _) = expect(&["profile", "--help"], 0);
     assert!(

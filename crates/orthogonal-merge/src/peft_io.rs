@@ -36,7 +36,7 @@ use crate::delta::{AdapterMeta, Delta, LoraFactors, TaskDelta};
 use crate::error::{Error, Result};
 use crate::merge::{check_against_model, check_tasks};
 use crate::registry::{check_name, write_text};
-use crate::target::{base_linear, matches_target};
+use crate::target::{base_linear, matches_any, matches_target};
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
@@ -318,7 +318,7 @@ pub fn read_adapter(dir: impl AsRef<Path>, name: Option<&str>) -> Result<Adapter
             .iter()
             .any(|m| rest.starts_with(&format!("{m}.")) || rest.contains(&format!(".{m}.")))
         {
-            saved_modules.push((rest.to_owned(), file.load(&key, Device::Cpu)?));
+            saved_modules.push((rest.to_owned(), file.load_weight(&key, Device::Cpu)?));
         } else {
             return Err(Error::file(
                 &wpath,
@@ -330,6 +330,34 @@ pub fn read_adapter(dir: impl AsRef<Path>, name: Option<&str>) -> Result<Adapter
     }
     if by_module.is_empty() {
         return Err(Error::file(&wpath, "holds no LoRA tensors"));
+    }
+    // PEFT's contract: the modules with tensors are exactly the targets the
+    // config names (a typo or a config from another adapter is an error).
+    let targets = str_list(&cpath, &cfg, "target_modules")?;
+    if targets.is_empty() {
+        return Err(Error::file(
+            &cpath,
+            "'target_modules' is missing or empty; PEFT needs the list of adapted modules",
+        ));
+    }
+    if let Some(m) = by_module.keys().find(|m| !matches_any(m, &targets)) {
+        return Err(Error::file(
+            &cpath,
+            format!(
+                "the weights file has LoRA tensors for '{m}', which target_modules {targets:?} does not name"
+            ),
+        ));
+    }
+    if let Some(t) = targets
+        .iter()
+        .find(|t| !by_module.keys().any(|m| matches_target(m, t)))
+    {
+        return Err(Error::file(
+            &cpath,
+            format!(
+                "target_modules entry '{t}' matches none of the modules the weights file adapts"
+            ),
+        ));
     }
     let task_name = match (name, &meta) {
         (Some(n), _) => n.to_owned(),
@@ -347,8 +375,8 @@ pub fn read_adapter(dir: impl AsRef<Path>, name: Option<&str>) -> Result<Adapter
                 format!("{module}: needs both lora_A.weight and lora_B.weight"),
             ));
         };
-        let a = file.load(ka, Device::Cpu)?;
-        let b = file.load(kb, Device::Cpu)?;
+        let a = file.load_weight(ka, Device::Cpu)?;
+        let b = file.load_weight(kb, Device::Cpu)?;
         let rank = pattern_value(module, &rank_pattern).map_or(r, |x| x as i64);
         let alpha = pattern_value(module, &alpha_pattern).unwrap_or(alpha);
         if rank <= 0 || a.size().first() != Some(&rank) {

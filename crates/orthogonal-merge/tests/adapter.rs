@@ -290,6 +290,65 @@ fn files_round_trip_and_are_checked_against_the_base() {
         .map(|(n, _)| n)
         .collect();
     assert!(tr.iter().all(|n| n.contains(".lora_A.a.")), "{tr:?}");
+    // A NaN or Inf in either factor (or in a saved module) is refused by the
+    // reader, naming the file and the tensor, before any merge sees it.
+    for (key, poison) in [
+        (format!("base_model.model.bert.{Q}.lora_A.weight"), f64::NAN),
+        (
+            format!("base_model.model.bert.{Q}.lora_B.weight"),
+            f64::INFINITY,
+        ),
+        ("base_model.model.classifier.weight".to_owned(), f64::NAN),
+    ] {
+        let bad = tempfile::tempdir().unwrap();
+        std::fs::copy(
+            dir.path().join("adapter_config.json"),
+            bad.path().join("adapter_config.json"),
+        )
+        .unwrap();
+        let w = bad.path().join("adapter_model.safetensors");
+        let mut tensors =
+            tensor_core::io::load(dir.path().join("adapter_model.safetensors"), Device::Cpu)
+                .unwrap();
+        for (k, t) in tensors.iter_mut() {
+            if *k == key {
+                *t = t.index_fill(0, &Tensor::from_slice(&[0i64]), poison);
+            }
+        }
+        let refs: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        tensor_core::io::save(&w, &refs, None).unwrap();
+        let e = read_adapter(bad.path(), None).unwrap_err().to_string();
+        assert!(
+            e.contains("adapter_model.safetensors") && e.contains(&key) && e.contains("non-finite"),
+            "{e}"
+        );
+    }
+    // target_modules must name exactly the modules the file adapts.
+    let cfg_text = std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap();
+    for (edit, needle) in [
+        ("add", "matches none of the modules"),
+        ("drop", "which target_modules"),
+    ] {
+        let bad = tempfile::tempdir().unwrap();
+        std::fs::copy(
+            dir.path().join("adapter_model.safetensors"),
+            bad.path().join("adapter_model.safetensors"),
+        )
+        .unwrap();
+        let mut cfg: serde_json::Value = serde_json::from_str(&cfg_text).unwrap();
+        let list = cfg["target_modules"].as_array_mut().unwrap();
+        if edit == "add" {
+            list.push("nonexistent".into());
+        } else {
+            list.remove(0);
+        }
+        std::fs::write(bad.path().join("adapter_config.json"), cfg.to_string()).unwrap();
+        let e = read_adapter(bad.path(), None).unwrap_err().to_string();
+        assert!(
+            e.contains("adapter_config.json") && e.contains(needle),
+            "{edit}: {e}"
+        );
+    }
     // Loading twice under one name, into another base, or into other shapes fails clearly.
     assert!(matches!(
         load_adapter(&mut fresh, dir.path(), "a"),

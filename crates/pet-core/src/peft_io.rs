@@ -28,6 +28,7 @@ use crate::ia3::Ia3;
 use crate::linear::{AdaptedLinear, LinearAdapter, LinearDelta};
 use crate::lora::{Lora, LoraConfig, LoraScaling};
 use crate::model::{AddReport, adapter_names, is_feedforward, linear_paths};
+use crate::target::matches_any;
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
@@ -248,6 +249,64 @@ fn refuse_set(path: &Path, v: &Value, key: &str, what: &str) -> Result<()> {
     }
 }
 
+/// PEFT's contract between a config's `target_modules` and the tensors:
+/// every module with tensors must be a target, and every `Linear` of the
+/// model the targets name must have tensors. Either way round, a mismatch
+/// (a typo in `target_modules`, a file cut short, a config from another
+/// adapter) is an error naming the config, the module and the patterns.
+fn check_targets<'a>(
+    cpath: &Path,
+    targets: &[String],
+    with_tensors: impl IntoIterator<Item = &'a String>,
+    model_linears: &[String],
+) -> Result<()> {
+    if targets.is_empty() {
+        return Err(Error::file(
+            cpath,
+            "'target_modules' is missing or empty; PEFT needs the list of adapted modules",
+        ));
+    }
+    let with_tensors: Vec<&String> = with_tensors.into_iter().collect();
+    if let Some(m) = with_tensors.iter().find(|m| !matches_any(m, targets)) {
+        return Err(Error::file(
+            cpath,
+            format!(
+                "the weights file has tensors for '{m}', which target_modules {targets:?} does not name"
+            ),
+        ));
+    }
+    if let Some(p) = model_linears
+        .iter()
+        .find(|p| matches_any(p, targets) && !with_tensors.contains(p))
+    {
+        return Err(Error::file(
+            cpath,
+            format!(
+                "target_modules {targets:?} names '{p}', but the weights file has no tensors for it"
+            ),
+        ));
+    }
+    if !targets.iter().all(|t| {
+        model_linears
+            .iter()
+            .any(|p| matches_any(p, std::slice::from_ref(t)))
+    }) {
+        let unmatched: Vec<&String> = targets
+            .iter()
+            .filter(|t| {
+                !model_linears
+                    .iter()
+                    .any(|p| matches_any(p, std::slice::from_ref(t)))
+            })
+            .collect();
+        return Err(Error::file(
+            cpath,
+            format!("target_modules entries {unmatched:?} match no Linear module of the model"),
+        ));
+    }
+    Ok(())
+}
+
 /// Load a PEFT adapter folder into `model` under `name`. The model must
 /// hold every module the file names (as `Linear`s, possibly already adapted).
 pub fn load_adapter<M: ModuleExt + ?Sized>(
@@ -323,6 +382,12 @@ pub fn load_adapter<M: ModuleExt + ?Sized>(
     if by_module.is_empty() {
         return Err(Error::file(&wpath, "holds no adapter tensors"));
     }
+    check_targets(
+        &cpath,
+        &str_list(&cpath, &cfg, "target_modules")?,
+        by_module.keys(),
+        &paths,
+    )?;
     let dev = model
         .named_parameters()
         .first()
@@ -388,8 +453,8 @@ pub fn load_adapter<M: ModuleExt + ?Sized>(
                         ));
                     }
                 };
-                let a = file.load(ka, dev)?;
-                let b = file.load(kb, dev)?;
+                let a = file.load_weight(ka, dev)?;
+                let b = file.load_weight(kb, dev)?;
                 let (rank, alpha) = lcfg.rank_alpha(module);
                 if a.size().first() != Some(&rank) {
                     return Err(Error::file(
@@ -412,7 +477,7 @@ pub fn load_adapter<M: ModuleExt + ?Sized>(
             let ff = str_list(&cpath, &cfg, "feedforward_modules")?;
             for (module, keys) in &by_module {
                 let key = &keys[".ia3_l"];
-                let t = file.load(key, dev)?;
+                let t = file.load_weight(key, dev)?;
                 let w = &base_weight(model, module)?;
                 let on_input = is_feedforward(module, &ff);
                 let ia3 = Ia3::from_peft(&t, w, on_input, key)?;

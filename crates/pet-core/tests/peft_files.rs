@@ -205,6 +205,65 @@ fn malformed_files_are_clear_errors_and_leave_the_model_alone() {
     std::fs::write(&p, text).unwrap();
     let e = load_adapter(&mut m, d.path(), "x").unwrap_err();
     assert!(e.to_string().contains("modules_to_save"), "{e}");
+    // target_modules must agree with the tensors and with the model (PEFT's
+    // contract): an entry that matches nothing, or a target with no tensors.
+    for (targets, needle) in [
+        (
+            "[\"query\", \"value\", \"nonexistent\"]",
+            "match no Linear module",
+        ),
+        ("[\"query\", \"value\", \"key\"]", "has no tensors for it"),
+        (
+            "[\"query\"]",
+            "which target_modules [\"query\"] does not name",
+        ),
+        ("[]", "missing or empty"),
+    ] {
+        let d = copy_fixture("lora");
+        let p = d.path().join("adapter_config.json");
+        let mut cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        cfg["target_modules"] = serde_json::from_str(targets).unwrap();
+        std::fs::write(&p, cfg.to_string()).unwrap();
+        let e = load_adapter(&mut m, d.path(), "x").unwrap_err().to_string();
+        assert!(
+            e.contains("adapter_config.json") && e.contains(needle),
+            "{targets}: {e}"
+        );
+    }
+    // A NaN or Inf in either factor, or an integer factor, is refused
+    // naming the file and the tensor.
+    for (suffix, poison) in [
+        ("lora_A.weight", Some(f64::NAN)),
+        ("lora_B.weight", Some(f64::INFINITY)),
+        ("lora_A.weight", None),
+    ] {
+        let d = copy_fixture("lora");
+        let w = d.path().join("adapter_model.safetensors");
+        let mut tensors = tensor_core::io::load(&w, tensor_core::tch::Device::Cpu).unwrap();
+        let (key, t) = tensors
+            .iter_mut()
+            .find(|(k, _)| k.ends_with(suffix))
+            .unwrap();
+        let key = key.clone();
+        *t = match poison {
+            Some(v) => t.index_fill(0, &tensor_core::tch::Tensor::from_slice(&[0i64]), v),
+            None => t.to_kind(tensor_core::tch::Kind::Int),
+        };
+        let refs: Vec<(&str, &tensor_core::tch::Tensor)> =
+            tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        tensor_core::io::save(&w, &refs, None).unwrap();
+        let e = load_adapter(&mut m, d.path(), "x").unwrap_err().to_string();
+        let why = if poison.is_some() {
+            "non-finite"
+        } else {
+            "stored as Int"
+        };
+        assert!(
+            e.contains("adapter_model.safetensors") && e.contains(&key) && e.contains(why),
+            "{e}"
+        );
+    }
     // A model without the named modules (refused before any compute).
     let mut other = tensor_core::module::Sequential::new().push_named(
         "proj",

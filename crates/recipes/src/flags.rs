@@ -5,7 +5,7 @@
 //! error exits with 1).
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 /// Any error, boxed: what the commands return.
@@ -249,6 +249,60 @@ impl Flags {
         Ok(seeds)
     }
 
+    /// A learning rate: a finite number above 0 (and at most 1, beyond which
+    /// no optimiser here converges), checked alike in every command.
+    pub fn learning_rate(&self, name: &str, default: f64) -> AnyResult<f64> {
+        let lr: f64 = self.parsed_or(name, default)?;
+        if !(lr.is_finite() && lr > 0.0 && lr <= 1.0) {
+            return usage(
+                self.cmd,
+                format!("{name} must be a number in (0, 1], got {lr}"),
+            );
+        }
+        Ok(lr)
+    }
+
+    /// A comma-separated list in which no value appears twice.
+    pub fn distinct_list<T: FromStr + PartialEq + fmt::Display>(
+        &self,
+        name: &str,
+    ) -> AnyResult<Option<Vec<T>>>
+    where
+        T::Err: fmt::Display,
+    {
+        let Some(v) = self.list::<T>(name)? else {
+            return Ok(None);
+        };
+        if let Some(x) = v
+            .iter()
+            .enumerate()
+            .find_map(|(i, x)| v[..i].contains(x).then_some(x))
+        {
+            return usage(self.cmd, format!("{name}: {x} is given twice"));
+        }
+        Ok(Some(v))
+    }
+
+    /// The `--out` path must not be one of the inputs (nor inside one, nor
+    /// hold one): writing it would replace what is being read.
+    pub fn out_not_input(&self, out: &Path, inputs: &[(&str, &Path)]) -> AnyResult<()> {
+        let o = absolute(out);
+        for (flag, input) in inputs {
+            let i = absolute(input);
+            if o == i || o.starts_with(&i) || i.starts_with(&o) {
+                return usage(
+                    self.cmd,
+                    format!(
+                        "--out {} would overwrite the input {flag} {}; choose another output",
+                        out.display(),
+                        input.display()
+                    ),
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// Fail on positional arguments the subcommand does not take.
     pub fn no_positional(&self) -> AnyResult<()> {
         match self.positional.first() {
@@ -311,6 +365,55 @@ mod tests {
     }
 
     #[test]
+    fn learning_rates_lists_and_outputs_are_checked_alike() {
+        let f = |xs: &[&str]| Flags::parse("t", &args(xs), &["--lr", "--layers"], &[]).unwrap();
+        assert_eq!(f(&[]).learning_rate("--lr", 1e-3).unwrap(), 1e-3);
+        assert_eq!(
+            f(&["--lr", "5e-5"]).learning_rate("--lr", 1e-3).unwrap(),
+            5e-5
+        );
+        for bad in ["0", "-1e-3", "nan", "inf", "2"] {
+            let e = f(&["--lr", bad]).learning_rate("--lr", 1e-3).unwrap_err();
+            assert_eq!(exit_code(e.as_ref()), 2);
+            assert!(
+                e.to_string().contains("--lr must be a number in (0, 1]"),
+                "{e}"
+            );
+        }
+        assert_eq!(
+            f(&["--layers", "3,1"])
+                .distinct_list::<usize>("--layers")
+                .unwrap(),
+            Some(vec![3, 1])
+        );
+        let e = f(&["--layers", "1,3,1"])
+            .distinct_list::<usize>("--layers")
+            .unwrap_err();
+        assert_eq!(exit_code(e.as_ref()), 2);
+        assert!(e.to_string().contains("--layers: 1 is given twice"), "{e}");
+        // --out may not be an input, inside one, or hold one (through `..` too).
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("adapters/a");
+        std::fs::create_dir_all(&input).unwrap();
+        let g = f(&[]);
+        g.out_not_input(&dir.path().join("merged"), &[("ADAPTER", &input)])
+            .unwrap();
+        for out in [
+            input.clone(),
+            input.join("x"),
+            dir.path().join("adapters"),
+            dir.path().join("adapters/b/../a"),
+        ] {
+            let e = g.out_not_input(&out, &[("ADAPTER", &input)]).unwrap_err();
+            assert_eq!(exit_code(e.as_ref()), 2);
+            assert!(
+                e.to_string().contains("would overwrite the input ADAPTER"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
     fn seeds_default_parse_and_must_be_distinct() {
         let seeds = |xs: &[&str]| {
             Flags::parse("t", &args(xs), &["--seeds"], &[]).and_then(|f| f.seeds(vec![0, 1, 2]))
@@ -327,4 +430,39 @@ mod tests {
                 .contains("--seeds")
         );
     }
+}
+
+/// `p` made absolute and with symbolic links resolved as far as it exists
+/// (an output usually does not exist yet).
+fn absolute(p: &Path) -> PathBuf {
+    let abs = std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
+    // `a/b/../c` as `a/c` (lexically), so a path that does not exist yet
+    // still compares by what it names.
+    let mut abs_clean = PathBuf::new();
+    for c in abs.components() {
+        match c {
+            std::path::Component::ParentDir => {
+                abs_clean.pop();
+            }
+            std::path::Component::CurDir => {}
+            other => abs_clean.push(other),
+        }
+    }
+    let abs = abs_clean;
+    let mut head = abs.clone();
+    let mut tail = Vec::new();
+    while !head.exists() {
+        match (head.file_name().map(|n| n.to_owned()), head.parent()) {
+            (Some(n), Some(parent)) => {
+                tail.push(n);
+                head = parent.to_owned();
+            }
+            _ => return abs,
+        }
+    }
+    let mut out = head.canonicalize().unwrap_or(head);
+    for n in tail.into_iter().rev() {
+        out.push(n);
+    }
+    out
 }

@@ -12,8 +12,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// libtorch refused an operation.
-    #[error("{op}: {source}")]
+    /// libtorch refused an operation. Shown as libtorch's message without
+    /// the C++ stack it appends (see [`torch_message`]).
+    #[error("{op}: {}", torch_message(.source))]
     Torch {
         op: String,
         #[source]
@@ -158,6 +159,48 @@ impl Error {
     }
 }
 
+/// The environment variable that brings back libtorch's full error text
+/// (its C++ stack frames included) when set to anything but `0` or empty.
+pub const TORCH_BACKTRACE_VAR: &str = "MODULAR_TORCH_BACKTRACE";
+
+/// What a user should read of a libtorch error: its message, without the
+/// `Exception raised from ...` line and the `frame #N: ...` lines libtorch
+/// appends, and without tch's `Internal torch error: ` prefix. With
+/// [`TORCH_BACKTRACE_VAR`] set, the full text.
+pub fn torch_message(e: &TchError) -> String {
+    let full = match e {
+        TchError::Torch(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let wanted = std::env::var(TORCH_BACKTRACE_VAR).is_ok_and(|v| !v.is_empty() && v != "0");
+    if wanted {
+        return full;
+    }
+    trim_torch_text(&full)
+}
+
+/// [`torch_message`]'s trimming, on text.
+fn trim_torch_text(full: &str) -> String {
+    let mut kept = Vec::new();
+    for line in full.lines() {
+        let l = line.trim_start();
+        if l.starts_with("Exception raised from") || l.starts_with("frame #") {
+            break;
+        }
+        kept.push(line.trim_end());
+    }
+    while kept.last().is_some_and(|l| l.is_empty()) {
+        kept.pop();
+    }
+    let text = kept.join("\n");
+    if text.is_empty() {
+        // Nothing before the stack: keep its first line rather than nothing.
+        full.lines().next().unwrap_or_default().trim().to_owned()
+    } else {
+        text
+    }
+}
+
 /// Attach the operation's name to tch results: `x.f_matmul(&w).op("Linear")?`.
 pub trait TchResultExt<T> {
     fn op(self, op: &str) -> Result<T>;
@@ -190,5 +233,53 @@ pub trait ResultExt<T> {
 impl<T> ResultExt<T> for Result<T> {
     fn within(self, outer: &str) -> Result<T> {
         self.map_err(|e| e.within(outer))
+    }
+}
+
+#[cfg(test)]
+mod torch_text_tests {
+    use super::*;
+
+    const RAW: &str = "The size of tensor a (3) must match the size of tensor b (4) at non-singleton dimension 1
+Exception raised from infer_size_impl at /pytorch/aten/src/ATen/ExpandUtils.cpp:31 (most recent call first):
+frame #0: c10::Error::Error(c10::SourceLocation, std::string) + 0x96 (0x7f in libc10.so)
+frame #1: at::infer_size_dimvector(c10::ArrayRef<long>, c10::ArrayRef<long>) + 0x3c1 (0x7f in libtorch_cpu.so)
+";
+
+    #[test]
+    fn the_stack_is_cut_and_the_message_kept() {
+        assert_eq!(
+            trim_torch_text(RAW),
+            "The size of tensor a (3) must match the size of tensor b (4) at non-singleton dimension 1"
+        );
+        // Several message lines survive; a text that is all stack keeps its first line.
+        assert_eq!(trim_torch_text("a\nb\n\nframe #0: x"), "a\nb");
+        assert_eq!(trim_torch_text("frame #0: x\nframe #1: y"), "frame #0: x");
+        // Through the error type: the user's line names the operation, no frame.
+        let e = Error::Torch {
+            op: "Linear".into(),
+            source: TchError::Torch(RAW.into()),
+        };
+        let shown = e.to_string();
+        assert!(
+            shown.starts_with("Linear: The size of tensor a (3)"),
+            "{shown}"
+        );
+        assert!(
+            !shown.contains("frame #") && !shown.contains("Exception raised"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn a_real_libtorch_error_reaches_the_user_without_frames() {
+        let a = tch::Tensor::zeros([2, 3], (Kind::Float, tch::Device::Cpu));
+        let b = tch::Tensor::zeros([4, 5], (Kind::Float, tch::Device::Cpu));
+        let e: Error = a.f_matmul(&b).op("matmul").unwrap_err();
+        let shown = e.to_string();
+        assert!(shown.starts_with("matmul: "), "{shown}");
+        assert!(!shown.contains("frame #"), "{shown}");
+        assert!(!shown.contains("Exception raised from"), "{shown}");
+        assert!(shown.lines().count() <= 2, "{shown}");
     }
 }

@@ -184,13 +184,58 @@ impl SafetensorsFile {
         let e = self.entry(name)?;
         let bytes = &self.map[e.start..e.end];
         let t = Tensor::f_from_data_size(bytes, &e.shape, e.kind)
-            .map_err(|err| file_err(&self.path, name, err.to_string()))?;
+            .map_err(|err| file_err(&self.path, name, crate::error::torch_message(&err)))?;
         if device == Device::Cpu {
             Ok(t)
         } else {
             t.f_to_device(device)
-                .map_err(|err| file_err(&self.path, name, err.to_string()))
+                .map_err(|err| file_err(&self.path, name, crate::error::torch_message(&err)))
         }
+    }
+
+    /// Read one floating-point weight onto `device`, refusing what a model
+    /// or adapter must never be given: a tensor stored with an integer or
+    /// bool dtype (copying it into a float parameter would turn codes into
+    /// numbers silently) and a tensor holding NaN or Inf. Both errors name the
+    /// file and the tensor. The stored float dtype is kept (callers upcast).
+    pub fn load_weight(&self, name: &str, device: Device) -> Result<Tensor> {
+        let e = self.entry(name)?;
+        if !crate::device::is_float(e.kind) {
+            return Err(file_err(
+                &self.path,
+                name,
+                format!(
+                    "stored as {:?}, but a weight must be floating point (F32, F16, BF16 or F64)",
+                    e.kind
+                ),
+            ));
+        }
+        let t = self.load(name, device)?;
+        let bad = t
+            .f_isfinite()
+            .and_then(|f| f.f_logical_not())
+            .and_then(|f| f.f_sum(Kind::Int64))
+            .map_err(|err| file_err(&self.path, name, crate::error::torch_message(&err)))?
+            .int64_value(&[]);
+        if bad > 0 {
+            return Err(file_err(
+                &self.path,
+                name,
+                format!(
+                    "holds {bad} non-finite value(s) (NaN or Inf) of {}",
+                    t.numel()
+                ),
+            ));
+        }
+        Ok(t)
+    }
+
+    /// [`SafetensorsFile::load_weight`] for every tensor of the file.
+    pub fn load_all_weights(&self, device: Device) -> Result<Vec<(String, Tensor)>> {
+        self.entries
+            .keys()
+            .map(|n| Ok((n.clone(), self.load_weight(n, device)?)))
+            .collect()
     }
 
     /// Read every tensor onto `device`.
@@ -232,18 +277,18 @@ impl View for &HostTensor {
 fn to_host(path: &Path, name: &str, t: &Tensor) -> Result<HostTensor> {
     let kind = t
         .f_kind()
-        .map_err(|e| file_err(path, name, e.to_string()))?;
+        .map_err(|e| file_err(path, name, crate::error::torch_message(&e)))?;
     let dtype = dtype_of(kind)
         .ok_or_else(|| file_err(path, name, format!("cannot store dtype {kind:?}")))?;
     let t = t
         .f_detach()
         .and_then(|t| t.f_to_device(Device::Cpu))
         .and_then(|t| t.f_contiguous())
-        .map_err(|e| file_err(path, name, e.to_string()))?;
+        .map_err(|e| file_err(path, name, crate::error::torch_message(&e)))?;
     let numel = t.numel();
     let mut data = vec![0u8; numel * kind.elt_size_in_bytes()];
     t.f_copy_data_u8(&mut data, numel)
-        .map_err(|e| file_err(path, name, e.to_string()))?;
+        .map_err(|e| file_err(path, name, crate::error::torch_message(&e)))?;
     Ok(HostTensor {
         dtype,
         shape: t.size().iter().map(|&d| d as usize).collect(),

@@ -114,7 +114,12 @@ pub fn load_checkpoint<M: ModuleExt + ?Sized>(
             ));
             continue;
         }
-        values.push((name.clone(), file.load(name, p.device())?));
+        let value = if float(kind) {
+            file.load_weight(name, p.device())?
+        } else {
+            file.load(name, p.device())?
+        };
+        values.push((name.clone(), value));
     }
     let unexpected: Vec<String> = file
         .names()

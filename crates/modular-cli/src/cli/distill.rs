@@ -167,6 +167,7 @@ pub fn run(args: &[String]) -> AnyResult<()> {
         require_model_dir(m)?;
     }
     let source = ModelSource::resolve(model_flag.as_deref())?;
+    f.out_not_input(&out, &[("--data", &data_path), ("--model", &source.dir)])?;
     if !source.tokenizer_path().is_file() {
         return Err(format!(
             "model folder {} has no tokenizer.json (needed to read text)",

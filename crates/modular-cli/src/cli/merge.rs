@@ -142,6 +142,19 @@ pub fn run(args: &[String]) -> AnyResult<()> {
     // The library validates the rest (density range, sum's unit weights, ...):
     // a config it rejects is a usage error.
     let dirs: Vec<PathBuf> = f.positional.iter().map(PathBuf::from).collect();
+    let mut inputs: Vec<(&str, &Path)> =
+        dirs.iter().map(|d| ("ADAPTER_DIR", d.as_path())).collect();
+    let model_flag = f.path("--model");
+    if let Some(m) = &model_flag {
+        inputs.push(("--model", m));
+    }
+    f.out_not_input(&out, &inputs)?;
+    if cfg.density == 0.0 && f.get("--density").is_some() {
+        eprintln!(
+            "modular merge: warning: --density 0 keeps no entry of any task vector; \
+             the merged adapter will be all zeros"
+        );
+    }
     let t = Instant::now();
 
     let tasks = read_tasks(&dirs)?;

@@ -17,6 +17,7 @@ pub mod split;
 pub mod tune;
 
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
@@ -87,10 +88,97 @@ pub struct AtomicDir {
     committed: bool,
 }
 
+/// The temporary folders this process is building, for the interrupt
+/// handler ([`install_interrupt_cleanup`]).
+static LIVE: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+fn live() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
+    LIVE.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// On SIGINT or SIGTERM, remove the temporary output folders of this
+/// process, then let the signal's default action end it (the shell sees
+/// 130 or 143). The clean-up runs on its own thread, not in the handler.
+pub fn install_interrupt_cleanup() {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) else {
+        return;
+    };
+    std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            for p in live().drain(..) {
+                let _ = std::fs::remove_dir_all(&p);
+            }
+            let _ = signal_hook::low_level::emulate_default_handler(sig);
+            std::process::exit(128 + sig);
+        }
+    });
+}
+
+/// Whether process `pid` is running (Linux: its `/proc` entry; elsewhere
+/// every process counts as running, so nothing is swept).
+fn process_alive(pid: u32) -> bool {
+    if cfg!(target_os = "linux") {
+        Path::new("/proc").join(pid.to_string()).exists()
+    } else {
+        true
+    }
+}
+
+/// Remove `.NAME.tmp-PID` folders and files in `parent` left by processes
+/// that no longer run (a crash or a `kill -9`); returns what was removed.
+pub fn sweep_stale(parent: &Path, name: &str) -> Vec<PathBuf> {
+    let prefix = format!(".{name}.tmp-");
+    let mut removed = Vec::new();
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return removed;
+    };
+    for e in entries.flatten() {
+        let file_name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = file_name
+            .strip_prefix(&prefix)
+            .and_then(|rest| rest.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == std::process::id() || process_alive(pid) {
+            continue;
+        }
+        let p = e.path();
+        let gone = if p.is_dir() {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        };
+        if gone.is_ok() {
+            removed.push(p);
+        }
+    }
+    removed
+}
+
 impl AtomicDir {
     /// Check that `dest` may be written (absent, an empty folder, or
     /// `force`), and create the temporary folder.
     pub fn new(dest: &Path, force: bool) -> AnyResult<Self> {
+        let d = Self::deferred(dest, force)?;
+        d.create()?;
+        Ok(d)
+    }
+
+    /// Create the temporary folder (again, if it was removed).
+    pub fn create(&self) -> AnyResult<()> {
+        std::fs::create_dir_all(&self.tmp)
+            .map_err(|e| format!("cannot create {}: {e}", self.tmp.display()))?;
+        Ok(())
+    }
+
+    /// Check that `dest` may be written, as [`AtomicDir::new`] does, and
+    /// sweep stale temporary outputs of dead processes, but create nothing
+    /// yet: the caller runs [`AtomicDir::create`] when results are about to
+    /// be written, so a run stopped before then leaves no folder at all.
+    pub fn deferred(dest: &Path, force: bool) -> AnyResult<Self> {
         if dest.exists() {
             let empty_dir = dest.is_dir()
                 && std::fs::read_dir(dest)
@@ -118,12 +206,18 @@ impl AtomicDir {
         };
         std::fs::create_dir_all(&parent)
             .map_err(|e| format!("cannot create folder {}: {e}", parent.display()))?;
+        for p in sweep_stale(&parent, &name) {
+            eprintln!(
+                "modular: removed {}, left by an interrupted run",
+                p.display()
+            );
+        }
         let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp)
                 .map_err(|e| format!("cannot clear {}: {e}", tmp.display()))?;
         }
-        std::fs::create_dir(&tmp).map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
+        live().push(tmp.clone());
         Ok(Self {
             tmp,
             dest: dest.to_owned(),
@@ -151,6 +245,7 @@ impl AtomicDir {
             return Err(format!("cannot rename output into {}: {e}", self.dest.display()).into());
         }
         self.committed = true;
+        live().retain(|p| p != &self.tmp);
         if had_dest {
             let _ = std::fs::remove_dir_all(&aside);
         }
@@ -162,6 +257,7 @@ impl Drop for AtomicDir {
     fn drop(&mut self) {
         if !self.committed {
             let _ = std::fs::remove_dir_all(&self.tmp);
+            live().retain(|p| p != &self.tmp);
         }
     }
 }
@@ -256,5 +352,40 @@ mod tests {
         d.commit().unwrap();
         assert!(!dest.join("f").exists() && dest.join("g").is_file());
         assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn deferred_outputs_create_nothing_until_asked_and_stale_ones_are_swept() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dest = tmp.path().join("out");
+        // A dead process's leftovers (pid far above any pid_max) are swept;
+        // a live process's (our parent's) and unrelated names are kept.
+        let dead = tmp.path().join(".out.tmp-4294967295");
+        std::fs::create_dir(&dead).unwrap();
+        std::fs::write(dead.join("half"), "x").unwrap();
+        let dead_file = tmp.path().join(".out.tmp-4294967294");
+        std::fs::write(&dead_file, "x").unwrap();
+        let alive = tmp
+            .path()
+            .join(format!(".out.tmp-{}", std::os::unix::process::parent_id()));
+        std::fs::create_dir(&alive).unwrap();
+        let other = tmp.path().join(".other.tmp-4294967295");
+        std::fs::create_dir(&other).unwrap();
+        let d = AtomicDir::deferred(&dest, false).unwrap();
+        assert!(!dead.exists() && !dead_file.exists());
+        assert!(alive.exists() && other.exists());
+        assert!(
+            !d.path().exists(),
+            "nothing is created before results exist"
+        );
+        assert!(live().contains(&d.path().to_owned()));
+        drop(d);
+        assert!(!live().iter().any(|p| p.starts_with(tmp.path())));
+        let d = AtomicDir::deferred(&dest, false).unwrap();
+        d.create().unwrap();
+        std::fs::write(d.path().join("f"), "1").unwrap();
+        d.commit().unwrap();
+        assert!(dest.join("f").is_file());
+        assert!(!live().iter().any(|p| p.starts_with(tmp.path())));
     }
 }

@@ -116,7 +116,14 @@ impl Label {
 
 /// Read `{"text": ..., "label": ...}` lines (the label, in field `field`,
 /// optional, but on all lines or on none), stopping after `limit` examples.
-fn read_corpus(data: &Path, field: &str, limit: Option<usize>) -> AnyResult<Corpus> {
+/// `explicit`: the field was named by `--label-field`, so a file in which no
+/// line has it is a usage error (exit 2) rather than an unlabelled corpus.
+fn read_corpus(
+    data: &Path,
+    field: &str,
+    explicit: bool,
+    limit: Option<usize>,
+) -> AnyResult<Corpus> {
     if !data.exists() {
         return Err(format!("data {} does not exist", data.display()).into());
     }
@@ -147,6 +154,11 @@ fn read_corpus(data: &Path, field: &str, limit: Option<usize>) -> AnyResult<Corp
         }
         let n = i + 1;
         let line = line.map_err(|e| at(n, format!("cannot read: {e}")))?;
+        // A UTF-8 byte-order mark on the first line is accepted.
+        let line = match (n, line.strip_prefix('\u{feff}')) {
+            (1, Some(rest)) => rest.to_owned(),
+            _ => line,
+        };
         if line.trim().is_empty() {
             continue;
         }
@@ -192,6 +204,15 @@ fn read_corpus(data: &Path, field: &str, limit: Option<usize>) -> AnyResult<Corp
     }
     if texts.is_empty() {
         return Err(format!("{}: no examples", file.display()).into());
+    }
+    if explicit && with.is_none() {
+        return usage(
+            "profile",
+            format!(
+                "--label-field '{field}': no line of {} has this field",
+                file.display()
+            ),
+        );
     }
     if with.is_none() {
         return Ok(Corpus {
@@ -457,6 +478,7 @@ pub fn run(args: &[String]) -> AnyResult<()> {
         require_model_dir(p)?;
     }
     let source = ModelSource::resolve(model_flag.as_deref())?;
+    f.out_not_input(&out, &[("--data", &data_path), ("--model", &source.dir)])?;
     if !source.tokenizer_path().is_file() {
         return Err(format!(
             "model folder {} has no tokenizer.json (needed to read text)",
@@ -464,7 +486,12 @@ pub fn run(args: &[String]) -> AnyResult<()> {
         )
         .into());
     }
-    let corpus = read_corpus(&data_path, label_field, limit)?;
+    let corpus = read_corpus(
+        &data_path,
+        label_field,
+        f.get("--label-field").is_some(),
+        limit,
+    )?;
     let out_dir = AtomicDir::new(&out, f.switch("--force"))?;
     let device = tensor_core::best();
     let model = BertModel::from_folder(&source.dir, device)?;

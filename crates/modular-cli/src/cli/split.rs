@@ -89,7 +89,7 @@ pub fn run(args: &[String]) -> AnyResult<()> {
     let layers_flag = match f.get("--layers") {
         None => None,
         Some("all") => Some(Vec::new()),
-        Some(_) => Some(f.list::<usize>("--layers")?.unwrap_or_default()),
+        Some(_) => Some(f.distinct_list::<usize>("--layers")?.unwrap_or_default()),
     };
     let quiet = f.switch("--quiet");
 
@@ -98,6 +98,7 @@ pub fn run(args: &[String]) -> AnyResult<()> {
         require_model_dir(p)?;
     }
     let source = model_zoo::source::ModelSource::resolve(model_flag.as_deref())?;
+    f.out_not_input(Path::new(&out), &[("--model", &source.dir)])?;
     let dir = source.dir.clone();
     let mut model = BertModel::from_folder(&dir, Device::Cpu)?;
     let num_layers = model.config.num_hidden_layers as usize;

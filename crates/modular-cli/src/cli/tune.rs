@@ -44,7 +44,7 @@ Tune a BERT encoder (the packaged all-MiniLM-L6-v2 unless --model) as a sequence
 classifier (mean pooling + linear head) with LoRA or VL-PET, and print its
 accuracy. Data: JSONL lines {\"text\": \"...\", \"label\": 0}; a FILE is split into
 90% train / 10% held out for validation (seeded); a DIR holds train.jsonl,
-validation.jsonl and test_id.jsonl.
+validation.jsonl and test_id.jsonl, and is also scored on test_ood.jsonl when it has one.
 
 Writes DIR with:
   lora:  adapter_config.json + adapter_model.safetensors (a PEFT LoRA folder on
@@ -154,6 +154,8 @@ impl FinetuneHooks for Hooks {
             .filter(|(n, _)| n.starts_with("classifier."))
             .collect();
         let refs: Vec<(&str, &Tensor)> = head.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        std::fs::create_dir_all(&self.dir)
+            .map_err(|e| model_zoo::Error::file(&self.dir, format!("cannot create: {e}")))?;
         tensor_core::io::save(self.dir.join(HEAD_FILE), &refs, None)?;
         match self.method {
             Method::Lora => save_adapter(model, ADAPTER, &self.dir).map_err(zoo)?,
@@ -191,16 +193,8 @@ fn from_file(path: &Path, seed: u64) -> AnyResult<TextClassification> {
     SplitMix64::new(seed ^ 0x5ba1_d0c5).shuffle(&mut all);
     let held = (all.len() / 10).max(1);
     let validation = all.split_off(all.len() - held);
-    let num_labels = all
-        .iter()
-        .chain(&validation)
-        .map(|e| e.label)
-        .max()
-        .unwrap_or(0)
-        + 1;
-    if num_labels < 2 {
-        return Err(format!("{}: fewer than two labels", path.display()).into());
-    }
+    let num_labels =
+        model_zoo::data::check_labels(path, &[("training", &all), ("held-out", &validation)])?;
     Ok(TextClassification {
         dir: path.to_owned(),
         train: all,
@@ -293,19 +287,13 @@ pub fn run(args: &[String]) -> AnyResult<()> {
         epochs: f.positive_or("--epochs", 1)? as u64,
         batch_size: f.positive_or("--batch", 32)?,
         max_len: f.positive_or("--max-len", 64)?,
-        lr: f.parsed_or("--lr", 1e-3)?,
+        lr: f.learning_rate("--lr", 1e-3)?,
         train_limit: f.parsed("--train-limit")?,
         eval_limit: f.parsed("--eval-limit")?,
         seed,
         progress: !quiet,
         ..FinetuneOptions::default()
     };
-    if !(opts.lr.is_finite() && opts.lr > 0.0) {
-        return usage(
-            "tune",
-            format!("--lr must be a positive number, got {}", opts.lr),
-        );
-    }
     if opts.max_len < 2 {
         return usage("tune", "--max-len must be at least 2 ([CLS] and [SEP])");
     }
@@ -325,8 +313,21 @@ pub fn run(args: &[String]) -> AnyResult<()> {
         )
         .into());
     }
+    f.out_not_input(&out, &[("--data", &data_path), ("--model", &source.dir)])?;
+    let mut opts = opts;
+    let positions = model_zoo::config::JsonConfig::read(source.dir.join("config.json"))?
+        .i64_or("max_position_embeddings", 512)?
+        .max(2) as usize;
+    if opts.max_len > positions {
+        eprintln!(
+            "modular tune: --max-len {} is above the model's {positions} positions; using {positions}",
+            opts.max_len
+        );
+        opts.max_len = positions;
+    }
     let (data, has_test) = load_data(&data_path, seed)?;
-    let out_dir = AtomicDir::new(&out, f.switch("--force"))?;
+    // Checked now, created only once training is done (before_eval).
+    let out_dir = AtomicDir::deferred(&out, f.switch("--force"))?;
     let device = tensor_core::best();
     println!("modular tune");
     println!("  model    {source}");
@@ -391,6 +392,7 @@ pub fn run(args: &[String]) -> AnyResult<()> {
         "total_params": hooks.total,
         "validation": metrics(&r.validation),
         "test": has_test.then(|| metrics(&r.test)),
+        "test_ood": r.test_ood.as_ref().map(metrics),
         "test_majority": r.test_majority,
     });
     super::write_json(&out_dir.path().join("tune.json"), &doc)?;
@@ -413,6 +415,12 @@ pub fn run(args: &[String]) -> AnyResult<()> {
         println!(
             "  accuracy test_id    {:.4} (macro-F1 {:.4}, {} examples; majority class {:.4})",
             r.test.accuracy, r.test.macro_f1, r.test.examples, r.test_majority
+        );
+    }
+    if let Some(m) = &r.test_ood {
+        println!(
+            "  accuracy test_ood   {:.4} (macro-F1 {:.4}, {} examples)",
+            m.accuracy, m.macro_f1, m.examples
         );
     }
     println!("  wrote    {}", written.display());

@@ -165,3 +165,51 @@ fn missing_file_is_an_io_error() {
     assert!(matches!(e, Error::Io { .. }));
     assert!(e.to_string().contains("/nonexistent/model.safetensors"));
 }
+
+#[test]
+fn load_weight_refuses_integer_dtypes_and_non_finite_values_naming_the_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("w.safetensors");
+    let good = randn_seeded(&[2, 3], 4, CPU).unwrap();
+    let half = good.to_kind(Kind::Half);
+    let ints = Tensor::from_slice(&[1i32, 2, 3]);
+    let flags = Tensor::from_slice(&[true, false]);
+    let nan = Tensor::from_slice(&[0.0f32, f32::NAN, 1.0]);
+    let inf = Tensor::from_slice(&[f32::INFINITY, 0.0]).to_kind(Kind::BFloat16);
+    let refs = [
+        ("good", &good),
+        ("half", &half),
+        ("ints", &ints),
+        ("flags", &flags),
+        ("nan", &nan),
+        ("inf", &inf),
+    ];
+    save(&path, &refs, None).unwrap();
+    let f = SafetensorsFile::open(&path).unwrap();
+    // Float weights come back as stored, bit for bit.
+    assert_eq!(bytes(&f.load_weight("good", CPU).unwrap()), bytes(&good));
+    assert_eq!(f.load_weight("half", CPU).unwrap().kind(), Kind::Half);
+    for (name, needle) in [
+        ("ints", "stored as Int"),
+        ("flags", "stored as Bool"),
+        ("nan", "1 non-finite value(s)"),
+        ("inf", "1 non-finite value(s)"),
+    ] {
+        let e = f.load_weight(name, CPU).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            matches!(e, Error::File { ref tensor, .. } if tensor == name),
+            "{msg}"
+        );
+        assert!(msg.contains("w.safetensors"), "{msg}");
+        assert!(msg.contains(needle), "{name}: {msg}");
+    }
+    // `load` itself stays a raw reader.
+    assert_eq!(f.load("ints", CPU).unwrap().kind(), Kind::Int);
+    // The whole-file form stops at the first bad tensor (sorted names: "flags").
+    let e = f.load_all_weights(CPU).unwrap_err();
+    assert!(
+        matches!(e, Error::File { ref tensor, .. } if tensor == "flags"),
+        "{e}"
+    );
+}
