@@ -68,8 +68,11 @@ pub fn check_labels(what: &Path, sets: &[(&str, &[TextExample])]) -> Result<i64>
     Ok(max + 1)
 }
 
-/// Read a JSONL file of `{"text": ..., "label": ...}` rows.
-pub fn load_jsonl(path: impl AsRef<Path>) -> Result<Vec<TextExample>> {
+/// The non-blank lines of a JSONL file, each parsed as a JSON object, with
+/// its 1-based line number. A UTF-8 byte-order mark and CRLF line ends are
+/// accepted; invalid UTF-8, invalid JSON or a line that is not an object is
+/// an error at FILE:LINE, and so is a file with no rows.
+pub fn jsonl_rows(path: impl AsRef<Path>) -> Result<Vec<(usize, Value)>> {
     let path = path.as_ref();
     let bytes = std::fs::read(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
     let err = |line: usize, reason: String| Error::Data {
@@ -77,9 +80,8 @@ pub fn load_jsonl(path: impl AsRef<Path>) -> Result<Vec<TextExample>> {
         line,
         reason,
     };
-    // A UTF-8 byte-order mark (as some editors write) is accepted.
     let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
-    let mut out = Vec::new();
+    let mut rows = Vec::new();
     for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
         let n = i + 1;
         let raw = std::str::from_utf8(raw).map_err(|e| {
@@ -94,11 +96,51 @@ pub fn load_jsonl(path: impl AsRef<Path>) -> Result<Vec<TextExample>> {
         }
         let v: Value =
             serde_json::from_str(raw).map_err(|e| err(n, format!("not valid JSON: {e}")))?;
-        let text = v
-            .get("text")
-            .ok_or_else(|| err(n, "no 'text' field".into()))?
-            .as_str()
-            .ok_or_else(|| err(n, "'text' is not a string".into()))?;
+        if !v.is_object() {
+            return Err(err(n, "not a JSON object".into()));
+        }
+        rows.push((n, v));
+    }
+    if rows.is_empty() {
+        return Err(Error::file(path, "no examples"));
+    }
+    Ok(rows)
+}
+
+/// The `text` of one row, or an error at FILE:LINE.
+fn row_text(path: &Path, n: usize, v: &Value) -> Result<String> {
+    let err = |reason: &str| Error::Data {
+        path: path.to_owned(),
+        line: n,
+        reason: reason.to_owned(),
+    };
+    v.get("text")
+        .ok_or_else(|| err("no 'text' field"))?
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| err("'text' is not a string"))
+}
+
+/// The texts of a JSONL file's rows (any other field is ignored).
+pub fn load_texts(path: impl AsRef<Path>) -> Result<Vec<String>> {
+    let path = path.as_ref();
+    jsonl_rows(path)?
+        .iter()
+        .map(|(n, v)| row_text(path, *n, v))
+        .collect()
+}
+
+/// Read a JSONL file of `{"text": ..., "label": ...}` rows.
+pub fn load_jsonl(path: impl AsRef<Path>) -> Result<Vec<TextExample>> {
+    let path = path.as_ref();
+    let err = |line: usize, reason: String| Error::Data {
+        path: path.to_owned(),
+        line,
+        reason,
+    };
+    let mut out = Vec::new();
+    for (n, v) in jsonl_rows(path)? {
+        let text = row_text(path, n, &v)?;
         let label = v
             .get("label")
             .ok_or_else(|| err(n, "no 'label' field".into()))?
@@ -117,13 +159,7 @@ pub fn load_jsonl(path: impl AsRef<Path>) -> Result<Vec<TextExample>> {
                 ),
             ));
         }
-        out.push(TextExample {
-            text: text.to_owned(),
-            label,
-        });
-    }
-    if out.is_empty() {
-        return Err(Error::file(path, "no examples"));
+        out.push(TextExample { text, label });
     }
     Ok(out)
 }

@@ -116,6 +116,35 @@ fn encode(tok: &TextTokenizer, examples: &[TextExample]) -> Result<Vec<Vec<i64>>
     examples.iter().map(|e| tok.encode_ids(&e.text)).collect()
 }
 
+/// Examples per evaluation batch (fine-tuning's scoring and [`class_logits`]
+/// batch alike, so the two give the same logits bit for bit).
+pub const EVAL_BATCH: usize = 64;
+
+/// The class logits `[n, classes]` (on the host) of `texts` under `model`
+/// in evaluation mode, in consecutive batches of [`EVAL_BATCH`] padded as
+/// fine-tuning's scoring pads them.
+pub fn class_logits(
+    model: &SequenceClassifier,
+    tok: &TextTokenizer,
+    texts: &[&str],
+    device: Device,
+) -> Result<Tensor> {
+    let pad = tok.pad_id as i64;
+    let plan = BatchPlan::new(texts.len(), EVAL_BATCH)?;
+    let mut out = Vec::new();
+    for idx in plan.epoch(0) {
+        let seqs = idx
+            .iter()
+            .map(|&i| tok.encode_ids(texts[i]))
+            .collect::<Result<Vec<_>>>()?;
+        let b = pad_batch_with_labels(&seqs, &vec![0; idx.len()], pad, None, device)?;
+        let logits =
+            tensor_core::tch::no_grad(|| model.logits(&b.input_ids, &b.attention_mask, false))?;
+        out.push(logits.f_to_device(Device::Cpu)?);
+    }
+    Ok(Tensor::f_cat(&out, 0)?)
+}
+
 /// Fine-tune the encoder at `source` on `data`, evaluate on validation and test.
 pub fn finetune(
     source: &ModelSource,
@@ -258,7 +287,7 @@ pub fn finetune_with(
         };
         let ids = encode(&tok, examples)?;
         let labels: Vec<i64> = examples.iter().map(|e| e.label).collect();
-        let plan = BatchPlan::new(examples.len(), 64)?;
+        let plan = BatchPlan::new(examples.len(), EVAL_BATCH)?;
         let out = evaluate(plan.epoch(0), opts.progress, |idx| -> Result<Tensor> {
             let seqs: Vec<&[i64]> = idx.iter().map(|&i| ids[i].as_slice()).collect();
             let b = pad_batch_with_labels(&seqs, &vec![0; idx.len()], pad, None, device)?;

@@ -109,9 +109,10 @@ fn main() -> ExitCode {
         Some("demo") => demo::run(&args[1..]),
         None => demo::run(&[]),
         Some("finetune") => finetune_cmd(&args[1..]),
-        Some(cmd @ ("split" | "merge" | "tune" | "inspect" | "distill" | "profile")) => {
-            cli::run(cmd, &args[1..])
-        }
+        Some(
+            cmd @ ("split" | "merge" | "tune" | "inspect" | "distill" | "profile" | "eval"
+            | "predict" | "embed"),
+        ) => cli::run(cmd, &args[1..]),
         Some("help" | "--help" | "-h") => {
             println!("{USAGE}\n{}", cli::SUMMARY);
             return ExitCode::SUCCESS;

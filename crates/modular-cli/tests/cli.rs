@@ -119,7 +119,15 @@ fn outputs_may_not_overwrite_inputs_and_density_zero_warns() {
         std::fs::write(data.join(f), reviews(8, 0)).unwrap();
     }
     let (_, err) = expect(
-        &["tune", "--data", s(&data), "--out", s(&data.join("run")), "--model", s(&model)],
+        &[
+            "tune",
+            "--data",
+            s(&data),
+            "--out",
+            s(&data.join("run")),
+            "--model",
+            s(&model),
+        ],
         2,
     );
     assert!(err.contains("would overwrite the input --data"), "{err}");
@@ -128,10 +136,24 @@ fn outputs_may_not_overwrite_inputs_and_density_zero_warns() {
     write_adapter(&a, &lora_task("a", 2, 16, 1));
     write_adapter(&b, &lora_task("b", 2, 16, 2));
     let (_, err) = expect(&["merge", s(&a), s(&b), "--out", s(&b)], 2);
-    assert!(err.contains("would overwrite the input ADAPTER_DIR"), "{err}");
+    assert!(
+        err.contains("would overwrite the input ADAPTER_DIR"),
+        "{err}"
+    );
     let out = tmp.path().join("merged");
     let (_, err) = expect(
-        &["merge", s(&a), s(&b), "--out", s(&out), "--method", "ties", "--density", "0", "--quiet"],
+        &[
+            "merge",
+            s(&a),
+            s(&b),
+            "--out",
+            s(&out),
+            "--method",
+            "ties",
+            "--density",
+            "0",
+            "--quiet",
+        ],
         0,
     );
     assert!(err.contains("warning: --density 0 keeps no entry"), "{err}");

@@ -319,7 +319,15 @@ fn a_label_field_no_line_has_is_a_usage_error() {
     std::fs::write(&data, "{\"text\": \"a b\", \"function\": \"x\"}\n").unwrap();
     let out = tmp.path().join("out");
     let (_, err) = expect(
-        &["profile", "--data", s(&data), "--out", s(&out), "--label-field", "topic"],
+        &[
+            "profile",
+            "--data",
+            s(&data),
+            "--out",
+            s(&out),
+            "--label-field",
+            "topic",
+        ],
         2,
     );
     assert!(

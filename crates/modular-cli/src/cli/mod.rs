@@ -1,4 +1,5 @@
-//! The user subcommands of `modular`: `split`, `merge`, `tune`, `profile`, `inspect`.
+//! The user subcommands of `modular`: `split`, `merge`, `tune`, `eval`,
+//! `predict`, `embed`, `distill`, `profile`, `inspect`.
 //!
 //! Each lives in its own file and goes only through the method crates'
 //! public APIs (what a user of the libraries would write). Shared here:
@@ -10,11 +11,15 @@
 //! - progress bars (`indicatif`, on stderr, hidden when it is not a terminal).
 
 pub mod distill;
+pub mod embed;
+pub mod eval;
 pub mod inspect;
 pub mod merge;
+pub mod predict;
 pub mod profile;
 pub mod split;
 pub mod tune;
+pub mod tuned;
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -34,6 +39,9 @@ pub fn run(cmd: &str, args: &[String]) -> AnyResult<()> {
         "inspect" => inspect::run(args),
         "profile" => profile::run(args),
         "distill" => distill::run(args),
+        "eval" => eval::run(args),
+        "predict" => predict::run(args),
+        "embed" => embed::run(args),
         other => usage("--help", format!("unknown command '{other}'")),
     }
 }
@@ -45,6 +53,9 @@ pub const SUMMARY: &str = "\
   modular tune    --data FILE|DIR --out DIR [--method lora|vlpet]   LoRA / VL-PET on a JSONL dataset
   modular distill --data FILE|DIR --out DIR [--modules 3]            m2mKD: distil MiniLM into a modular student
   modular profile --data FILE|DIR --out DIR [--top-fraction X]      neuron profile, FuncScores, functional bricks
+  modular eval    TUNED_DIR [--data FILE|DIR]                      score what tune wrote (accuracy, F1, MCC, confusion)
+  modular predict TUNED_DIR --data FILE [--out FILE]               labels and probabilities as JSONL
+  modular embed   --data FILE --out FILE.safetensors|.jsonl         sentence embeddings
   modular inspect DIR                                             parameters, adapters, experts";
 
 /// `dir` must be an existing folder; `what` says what it should hold.
