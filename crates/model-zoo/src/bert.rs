@@ -314,6 +314,17 @@ impl BertModel {
             "bert."
         };
         let with_pooler = file.contains(&format!("{prefix}pooler.dense.weight"));
+        // Refuse, before allocating anything, a config that implies more
+        // parameters than the file holds (a corrupt or foreign config.json
+        // could otherwise ask for terabytes).
+        let c = &config;
+        let (h, inter) = (c.hidden_size as f64, c.intermediate_size as f64);
+        let layer = 4.0 * (h * h + h) + (h * inter + inter) + (inter * h + h) + 4.0 * h;
+        let implied = (c.vocab_size + c.max_position_embeddings + c.type_vocab_size) as f64 * h
+            + 2.0 * h
+            + c.num_hidden_layers as f64 * layer
+            + if with_pooler { h * h + h } else { 0.0 };
+        loading::check_implied_size(&file, &dir.join("config.json"), implied)?;
         let mut model = Self::new(config, with_pooler, Device::Cpu)?;
         model.load_file(&file, prefix)?;
         model.to_device(device)?;

@@ -98,6 +98,30 @@ pub fn open_weights(path: &Path, model: &str) -> Result<SafetensorsFile> {
     Ok(SafetensorsFile::open(path)?)
 }
 
+/// Refuse a config whose parameters (`implied` values, computed from
+/// `config`) far outnumber the values `file` holds (over 4 times, plus a
+/// million): loading could only fail later, after allocating a model of
+/// that size. Smaller disagreements are left to [`load_checkpoint`], whose
+/// message names each mis-shaped tensor.
+pub fn check_implied_size(file: &SafetensorsFile, config: &Path, implied: f64) -> Result<()> {
+    let mut held = 0f64;
+    for name in file.names() {
+        let (_, shape) = file.info(&name)?;
+        held += shape.iter().map(|&d| d as f64).product::<f64>();
+    }
+    if !implied.is_finite() || implied > 4.0 * held + 1e6 {
+        return Err(Error::file(
+            config,
+            format!(
+                "implies {implied:.3e} parameter values, but {} holds only {held:.0}; \
+                 config.json does not describe these weights",
+                file.path().display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// `key` without `prefix` when it has it, else `key` itself.
 pub fn strip_optional_prefix<'k>(key: &'k str, prefix: &str) -> &'k str {
     key.strip_prefix(prefix).unwrap_or(key)

@@ -231,14 +231,29 @@ impl Lora {
                 ws[1], ws[0]
             )));
         }
-        Ok(Self {
+        let lora = Self {
             a: param(a.f_to_kind(w.kind())?.f_to_device(w.device())?),
             b: param(b.f_to_kind(w.kind())?.f_to_device(w.device())?),
             scale,
             dropout: 0.0,
             magnitude: None,
             detach_norm: true,
-        })
+        };
+        // Finite factors can still make an infinite change (a huge
+        // lora_alpha, or factors at the edge of the dtype's range).
+        let dw = lora.delta_weight()?;
+        let bad = dw
+            .f_isfinite()?
+            .f_logical_not()?
+            .f_any()?
+            .f_int64_value(&[])?;
+        if !scale.is_finite() || bad == 1 {
+            return Err(Error::config(format!(
+                "{what}: the adapter's change s·B·A is not finite (scale s = {scale:e}); \
+                 check lora_alpha and the factors"
+            )));
+        }
+        Ok(lora)
     }
 
     pub fn rank(&self) -> i64 {

@@ -466,7 +466,8 @@ pub fn load_adapter<M: ModuleExt + ?Sized>(
                     ));
                 }
                 let w = &base_weight(model, module)?;
-                let lora = Lora::from_weights(a, b, lcfg.scale(rank, alpha), w, ka)?;
+                let lora = Lora::from_weights(a, b, lcfg.scale(rank, alpha), w, ka)
+                    .map_err(|e| Error::file(&cpath, e.to_string()))?;
                 built.push((
                     module.clone(),
                     LinearAdapter::new(name, LinearDelta::Lora(lora), None),
