@@ -315,13 +315,14 @@ pub fn save<S: AsRef<str>>(
     }
     write_atomic(path, |tmp| {
         safetensors::serialize_to_file(host.iter().map(|(n, t)| (n.as_str(), t)), metadata, tmp)
-            .map_err(|e| file_err(path, "(header)", e.to_string()))
+            .map_err(|e| file_err(path, "(write)", format!("write failed: {e}")))
     })
 }
 
 /// Run `write` on a temporary path beside `path`, sync it, then rename it
 /// over `path`. On any failure the temporary file is removed and `path` is
-/// left as it was.
+/// left as it was. The result has the mode a new file gets (0666 less the
+/// umask), whatever the writer did.
 pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let io = |source| Error::Io {
         path: path.to_owned(),
@@ -337,7 +338,16 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Res
         .to_string_lossy()
         .into_owned();
     let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
-    let result = write(&tmp).and_then(|()| {
+    // The mode a plain new file gets here (0666 less the umask). Writers
+    // that go through a temporary file of their own (safetensors does) would
+    // leave 0600; the output gets the usual mode back before it is renamed.
+    let mode = File::create(&tmp)
+        .and_then(|f| f.metadata())
+        .map(|m| m.permissions())
+        .map_err(io);
+    let result = mode.and_then(|mode| {
+        write(&tmp)?;
+        std::fs::set_permissions(&tmp, mode).map_err(io)?;
         File::open(&tmp).and_then(|f| f.sync_all()).map_err(io)?;
         std::fs::rename(&tmp, path).map_err(io)
     });

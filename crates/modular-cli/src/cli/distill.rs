@@ -167,6 +167,18 @@ pub fn run(args: &[String]) -> AnyResult<()> {
         require_model_dir(m)?;
     }
     let source = ModelSource::resolve(model_flag.as_deref())?;
+    let positions = model_zoo::config::JsonConfig::read(source.dir.join("config.json"))?
+        .i64_or("max_position_embeddings", 512)?
+        .max(4) as usize;
+    let mut baseline_plan = baseline_plan;
+    if p.max_len > positions {
+        eprintln!(
+            "modular distill: --max-len {} is above the model's {positions} positions; using {positions}",
+            p.max_len
+        );
+        p.max_len = positions;
+        baseline_plan.max_len = positions;
+    }
     f.out_not_input(&out, &[("--data", &data_path), ("--model", &source.dir)])?;
     if !source.tokenizer_path().is_file() {
         return Err(format!(

@@ -213,3 +213,25 @@ fn load_weight_refuses_integer_dtypes_and_non_finite_values_naming_the_tensor() 
         "{e}"
     );
 }
+
+#[test]
+fn write_errors_say_write_and_outputs_honour_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let t = Tensor::from_slice(&[1.0f32, 2.0]);
+    // A folder where the file should be: the write fails, and says so.
+    let path = dir.path().join("taken.safetensors");
+    std::fs::create_dir(&path).unwrap();
+    let e = save(&path, &[("t", &t)], None).unwrap_err().to_string();
+    assert!(e.contains("taken.safetensors"), "{e}");
+    assert!(!e.contains("(header)"), "{e}");
+    // The written file gets the usual 0666 minus the umask (0644 under 022),
+    // not a temporary file's 0600.
+    let path = dir.path().join("ok.safetensors");
+    save(&path, &[("t", &t)], None).unwrap();
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    let probe = dir.path().join("probe");
+    std::fs::write(&probe, b"").unwrap();
+    let expected = std::fs::metadata(&probe).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, expected, "{mode:o} vs a plain file's {expected:o}");
+}
