@@ -499,6 +499,46 @@ fn merge_names_missing_or_malformed_inputs() {
     .unwrap();
     let (_, err) = expect(&["merge", s(&a), s(&bad), "--out", s(&out)], 1);
     assert!(err.contains("adapter_model.safetensors"), "{err}");
+    // A NaN in one factor, an Inf in the other, integer factors: refused at
+    // the file, before any merge or SVD (no libtorch frames on screen).
+    for (name, poison) in [
+        ("nan", Some(f64::NAN)),
+        ("inf", Some(f64::INFINITY)),
+        ("int", None),
+    ] {
+        let dir = tmp.path().join(name);
+        write_adapter(&dir, &lora_task(name, 4, 16, 7));
+        let w = dir.join("adapter_model.safetensors");
+        let mut tensors = io::load(&w, Device::Cpu).unwrap();
+        let which = if name == "inf" { "lora_B" } else { "lora_A" };
+        let (key, t) = tensors.iter_mut().find(|(k, _)| k.contains(which)).unwrap();
+        let key = key.clone();
+        *t = match poison {
+            Some(v) => t.index_fill(0, &Tensor::from_slice(&[0i64]), v),
+            None => t.to_kind(Kind::Int),
+        };
+        let refs: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        io::save(&w, &refs, None).unwrap();
+        for method in ["ties", "svd"] {
+            let (_, err) = expect(
+                &[
+                    "merge",
+                    s(&a),
+                    s(&dir),
+                    "--out",
+                    s(&out),
+                    "--method",
+                    method,
+                ],
+                1,
+            );
+            assert!(
+                err.contains("adapter_model.safetensors") && err.contains(&key),
+                "{err}"
+            );
+            assert!(!err.contains("frame #"), "{err}");
+        }
+    }
     // Shapes that disagree between adapters.
     let wide = tmp.path().join("wide");
     write_adapter(&wide, &lora_task("wide", 4, 24, 3));
