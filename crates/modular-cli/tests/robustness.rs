@@ -108,7 +108,7 @@ fn apply(bytes: &[u8], d: &Damage) -> Vec<u8> {
                 _ => unreachable!(),
             }
             let mut h = serde_json::to_vec(&header).unwrap();
-            while h.len() % 8 != 0 {
+            while !h.len().is_multiple_of(8) {
                 h.push(b' ');
             }
             out = (h.len() as u64).to_le_bytes().to_vec();

@@ -315,6 +315,41 @@ impl Flags {
     }
 }
 
+/// `p` made absolute and with symbolic links resolved as far as it exists
+/// (an output usually does not exist yet).
+fn absolute(p: &Path) -> PathBuf {
+    let abs = std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
+    // `a/b/../c` as `a/c` (lexically), so a path that does not exist yet
+    // still compares by what it names.
+    let mut abs_clean = PathBuf::new();
+    for c in abs.components() {
+        match c {
+            std::path::Component::ParentDir => {
+                abs_clean.pop();
+            }
+            std::path::Component::CurDir => {}
+            other => abs_clean.push(other),
+        }
+    }
+    let abs = abs_clean;
+    let mut head = abs.clone();
+    let mut tail = Vec::new();
+    while !head.exists() {
+        match (head.file_name().map(|n| n.to_owned()), head.parent()) {
+            (Some(n), Some(parent)) => {
+                tail.push(n);
+                head = parent.to_owned();
+            }
+            _ => return abs,
+        }
+    }
+    let mut out = head.canonicalize().unwrap_or(head);
+    for n in tail.into_iter().rev() {
+        out.push(n);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -430,39 +465,4 @@ mod tests {
                 .contains("--seeds")
         );
     }
-}
-
-/// `p` made absolute and with symbolic links resolved as far as it exists
-/// (an output usually does not exist yet).
-fn absolute(p: &Path) -> PathBuf {
-    let abs = std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
-    // `a/b/../c` as `a/c` (lexically), so a path that does not exist yet
-    // still compares by what it names.
-    let mut abs_clean = PathBuf::new();
-    for c in abs.components() {
-        match c {
-            std::path::Component::ParentDir => {
-                abs_clean.pop();
-            }
-            std::path::Component::CurDir => {}
-            other => abs_clean.push(other),
-        }
-    }
-    let abs = abs_clean;
-    let mut head = abs.clone();
-    let mut tail = Vec::new();
-    while !head.exists() {
-        match (head.file_name().map(|n| n.to_owned()), head.parent()) {
-            (Some(n), Some(parent)) => {
-                tail.push(n);
-                head = parent.to_owned();
-            }
-            _ => return abs,
-        }
-    }
-    let mut out = head.canonicalize().unwrap_or(head);
-    for n in tail.into_iter().rev() {
-        out.push(n);
-    }
-    out
 }
