@@ -19,7 +19,6 @@
 mod cli;
 mod demo;
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use model_zoo::data::TextClassification;
@@ -36,33 +35,44 @@ linear warm-up/decay) on DIR/{train,validation,test_id}.jsonl
 (default: the project's data/sentiment_domains) and prints the metrics.";
 
 fn finetune_cmd(args: &[String]) -> AnyResult<()> {
-    let mut opts = FinetuneOptions::default();
-    let mut model = None;
-    let mut data = None;
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut value = |name: &str| {
-            it.next()
-                .cloned()
-                .ok_or_else(|| format!("{name} needs a value\n{FINETUNE_HELP}"))
-        };
-        match a.as_str() {
-            "--model" => model = Some(PathBuf::from(value("--model")?)),
-            "--data" => data = Some(PathBuf::from(value("--data")?)),
-            "--epochs" => opts.epochs = value("--epochs")?.parse()?,
-            "--batch" => opts.batch_size = value("--batch")?.parse()?,
-            "--max-len" => opts.max_len = value("--max-len")?.parse()?,
-            "--lr" => opts.lr = value("--lr")?.parse()?,
-            "--train-limit" => opts.train_limit = Some(value("--train-limit")?.parse()?),
-            "--seed" => opts.seed = value("--seed")?.parse()?,
-            "--quiet" => opts.progress = false,
-            "--help" | "-h" => {
-                println!("{FINETUNE_HELP}");
-                return Ok(());
-            }
-            other => return Err(format!("unknown option '{other}'\n{FINETUNE_HELP}").into()),
-        }
+    let Some(f) = cli::Flags::parse_options(
+        "finetune",
+        args,
+        &[
+            "--model",
+            "--data",
+            "--epochs",
+            "--batch",
+            "--max-len",
+            "--lr",
+            "--train-limit",
+            "--seed",
+        ],
+        &["--quiet"],
+        FINETUNE_HELP,
+    )?
+    else {
+        return Ok(());
+    };
+    let d = FinetuneOptions::default();
+    let opts = FinetuneOptions {
+        epochs: f.positive_or("--epochs", d.epochs as usize)? as u64,
+        batch_size: f.positive_or("--batch", d.batch_size)?,
+        max_len: f.positive_or("--max-len", d.max_len)?,
+        lr: f.learning_rate("--lr", d.lr)?,
+        train_limit: match f.get("--train-limit") {
+            None => None,
+            Some(_) => Some(f.positive_or("--train-limit", 1)?),
+        },
+        seed: f.parsed_or("--seed", d.seed)?,
+        progress: !f.switch("--quiet"),
+        ..d
+    };
+    if opts.max_len < 2 {
+        return cli::usage("finetune", "--max-len must be at least 2 ([CLS] and [SEP])");
     }
+    let model = f.path("--model");
+    let data = f.path("--data");
     let source = ModelSource::resolve(model.as_deref())?;
     let data = match data {
         Some(d) => TextClassification::load(d)?,

@@ -100,6 +100,14 @@ fn help_and_usage_errors_exit_2() {
         let (_, err) = expect(&["tune", "--data", "d", "--out", "o", "--lr", lr], 2);
         assert!(err.contains("--lr must be a number in (0, 1]"), "{err}");
     }
+    for (flag, v, msg) in [
+        ("--lr", "0", "--lr must be a number in (0, 1]"),
+        ("--epochs", "0", "--epochs must be at least 1"),
+        ("--frobnicate", "1", "unknown option '--frobnicate'"),
+    ] {
+        let (_, err) = expect(&["finetune", flag, v], 2);
+        assert!(err.contains(msg), "{err}");
+    }
     let (_, err) = expect(&["split", "--out", "o", "--layers", "4,2,4"], 2);
     assert!(err.contains("--layers: 4 is given twice"), "{err}");
 }
