@@ -112,9 +112,36 @@ const USAGE: &str = "usage: modular <command> [options]   (modular <command> --h
   modular finetune [options]                                      full fine-tuning on the sentiment data
   (the real-task results tables: `cargo xtask experiment NAME`, crates/experiments)";
 
+/// A panic is a bug, but even then the user sees one readable line, not
+/// libtorch's C++ stack (a tch call that panics carries it in its message);
+/// `MODULAR_TORCH_BACKTRACE=1` keeps the full text.
+fn install_panic_message() {
+    use tensor_core::error::{TORCH_BACKTRACE_VAR, trim_torch_text};
+    if std::env::var(TORCH_BACKTRACE_VAR).is_ok_and(|v| !v.is_empty() && v != "0") {
+        return;
+    }
+    std::panic::set_hook(Box::new(|info| {
+        let payload = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".to_owned());
+        let at = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        eprintln!(
+            "modular: internal error{at}: {}\n(this is a bug; {TORCH_BACKTRACE_VAR}=1 shows the full text)",
+            trim_torch_text(&payload)
+        );
+    }));
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     cli::install_interrupt_cleanup();
+    install_panic_message();
     let result = match args.first().map(String::as_str) {
         Some("demo") => demo::run(&args[1..]),
         None => demo::run(&[]),

@@ -179,8 +179,9 @@ pub fn torch_message(e: &TchError) -> String {
     trim_torch_text(&full)
 }
 
-/// [`torch_message`]'s trimming, on text.
-fn trim_torch_text(full: &str) -> String {
+/// [`torch_message`]'s trimming, on any text that may carry libtorch's C++
+/// stack (a panic message from a tch call, say).
+pub fn trim_torch_text(full: &str) -> String {
     let mut kept = Vec::new();
     for line in full.lines() {
         let l = line.trim_start();
