@@ -15,8 +15,8 @@
 
 use tensor_core::layers::FeedForward;
 use tensor_core::module::{Context, Identity, Module, ModuleExt, Slot, downcast_ref};
+use tensor_core::seed::randn_seeded;
 use tensor_core::tch::Tensor;
-use tensor_core::testing::randn_seeded;
 
 use crate::error::{Error, Result};
 

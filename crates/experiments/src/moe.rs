@@ -906,7 +906,7 @@ fn train_base(
 ) -> AnyResult<(Base, Vec<(String, Tensor)>)> {
     let start = Instant::now();
     let label = format!("{} seed {seed}", v.name(p));
-    let model = tensor_core::testing::with_seed(seed, || build_model(p, c.vocab, v, device))?;
+    let model = tensor_core::seed::with_seed(seed, || build_model(p, c.vocab, v, device))?;
     // A fresh random offset into the token stream every epoch.
     let epoch = |rng: &mut SplitMix64| windows(&c.train, p.seq, rng.below(p.seq as u64) as usize);
     let train_loss = train(&model, &epoch, p, p.base_steps, p.lr, seed, &label)?;
@@ -953,9 +953,9 @@ fn extend(
 ) -> AnyResult<Extension> {
     let start = Instant::now();
     let mut model =
-        tensor_core::testing::with_seed(seed, || build_model(p, c.vocab, Variant::Mi, device))?;
+        tensor_core::seed::with_seed(seed, || build_model(p, c.vocab, Variant::Mi, device))?;
     model.load_named(base, true)?;
-    tensor_core::testing::with_seed(seed.wrapping_add(1000), || prepare_arm(&mut model, p, arm))?;
+    tensor_core::seed::with_seed(seed.wrapping_add(1000), || prepare_arm(&mut model, p, arm))?;
     let trainable = model.param_count().trainable as i64;
     let label = format!("{} seed {seed}", arm.short());
     let epoch = |_: &mut SplitMix64| s.tweets_train.clone();
@@ -987,7 +987,7 @@ fn extend(
 }
 
 fn param_count(p: &Plan, vocab: i64) -> AnyResult<(f64, f64)> {
-    let m = tensor_core::testing::with_seed(0, || build_model(p, vocab, Variant::Mi, Device::Cpu))?;
+    let m = tensor_core::seed::with_seed(0, || build_model(p, vocab, Variant::Mi, Device::Cpu))?;
     Ok((
         m.param_count().trainable as f64 / 1e6,
         (vocab * p.d_model) as f64 / 1e6,

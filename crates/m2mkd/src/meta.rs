@@ -85,7 +85,7 @@ impl MetaModel {
         let m = self.model.len();
         // The builder's random init is overwritten below; drawing it under
         // the seed lock keeps it out of any other thread's seeded draws.
-        let modules = tensor_core::testing::with_seed_lock(|| {
+        let modules = tensor_core::seed::with_seed_lock(|| {
             (0..m)
                 .map(|i| (self.builder)(i, m))
                 .collect::<Result<Vec<_>>>()

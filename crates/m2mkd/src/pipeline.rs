@@ -26,8 +26,8 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
+use tensor_core::seed::{as_seed_lock_holder, holds_seed_lock, manual_seed, with_seed};
 use tensor_core::tch::{Device, Kind, Tensor};
-use tensor_core::testing::{as_seed_lock_holder, holds_seed_lock, manual_seed, with_seed};
 use tensor_core::{Context, Module, ModuleExt, Slot};
 
 use crate::data::{Batch, BatchSource};

@@ -72,7 +72,7 @@ impl Stitch {
     pub fn identity(width: i64, device: Device) -> Result<Self> {
         // The random init is overwritten; drawing it under the seed lock
         // keeps it out of any other thread's seeded draws.
-        let mut s = tensor_core::testing::with_seed_lock(|| {
+        let mut s = tensor_core::seed::with_seed_lock(|| {
             Self::new(StitchKind::Linear, width, width, device)
         })?;
         let lin = tensor_core::module::downcast_mut::<Linear>(s.linear.as_mut())

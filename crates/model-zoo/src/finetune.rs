@@ -9,8 +9,8 @@
 use std::time::Instant;
 
 use tensor_core::ModuleExt;
+use tensor_core::seed::with_seed;
 use tensor_core::tch::{Device, Tensor};
-use tensor_core::testing::with_seed;
 
 use crate::bert::{BertModel, Pooling, SequenceClassifier};
 use crate::data::{TextClassification, TextExample, majority_rate};
@@ -235,7 +235,7 @@ pub fn finetune_with(
     };
     for epoch in 0..opts.epochs {
         // Dropout masks are drawn from libtorch's global generator: seed it per epoch.
-        tensor_core::testing::manual_seed(opts.seed.wrapping_add(epoch));
+        tensor_core::seed::manual_seed(opts.seed.wrapping_add(epoch));
         let label = format!("epoch {}", epoch + 1);
         let stats = if hooks.after_step(&mut model).is_none() {
             train_epoch(

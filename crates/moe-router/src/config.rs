@@ -211,7 +211,7 @@ pub struct RouterConfig {
     pub num_layers: usize,
     /// Seed of the `hash` gate's hash function (0). Learned router weights,
     /// and rows added by `Router::grow`, come from libtorch's generator:
-    /// seed those with `tensor_core::testing::with_seed`.
+    /// seed those with `tensor_core::seed::with_seed`.
     pub seed: u64,
     /// Take the layers' token mask from `ctx.attention_mask`: padding tokens
     /// are not dispatched and count in no loss or statistic (true).

@@ -370,7 +370,7 @@ pub struct MoeLayer {
 }
 
 impl MoeLayer {
-    /// Fresh router and experts (seed with `tensor_core::testing::with_seed`).
+    /// Fresh router and experts (seed with `tensor_core::seed::with_seed`).
     pub fn new(config: MoeConfig, device: Device) -> Result<Self> {
         config.validate()?;
         let router = Router::new(config.d_model, config.router.clone(), device)?;

@@ -31,7 +31,7 @@
 //! `mean_t → Σ_t m_t (·) / Σ_t m_t`. The layers take `m` from
 //! `ctx.attention_mask` ([`token_mask`]).
 //! Randomness (noise, jitter, sampling, dropout) draws from libtorch's
-//! generator: seed it with `tensor_core::testing::with_seed`.
+//! generator: seed it with `tensor_core::seed::with_seed`.
 
 use tensor_core::tch::{Device, Kind, Tensor};
 use tensor_core::{Context, TchResultExt};

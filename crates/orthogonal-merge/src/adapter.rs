@@ -29,8 +29,8 @@ use tensor_core::layers::Linear;
 use tensor_core::module::{
     Context, Identity, Module, ModuleExt, Slot, downcast_box, downcast_mut, downcast_ref, join_path,
 };
+use tensor_core::seed::with_seed;
 use tensor_core::tch::{self, Kind, Tensor};
-use tensor_core::testing::with_seed;
 
 use crate::basis::FrozenSide;
 use crate::delta::{AdapterMeta, Delta, LoraFactors, OrthoInfo, TaskDelta};

@@ -19,8 +19,8 @@
 //! `ρ ≥ 1` keeps the tensors unchanged (no rescale), as PEFT; `ρ ≤ 0` is an
 //! error (PEFT would divide by zero).
 
+use tensor_core::seed::with_seed;
 use tensor_core::tch::{Device, Kind, Tensor};
-use tensor_core::testing::with_seed;
 
 use crate::error::{Error, Result};
 use crate::prune::{check_same_shape, check_weights};

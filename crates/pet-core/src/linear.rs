@@ -20,10 +20,10 @@
 //! recording what is needed to undo it exactly; unmerging pops in reverse
 //! (LIFO). Data-dependent changes (bottleneck, gated) cannot be merged.
 
+use tensor_core::error::check_finite;
 use tensor_core::layers::Linear;
 use tensor_core::module::{Context, Module, Slot, downcast_mut, downcast_ref};
 use tensor_core::tch::{self, Kind, Tensor};
-use tensor_core::testing::check_finite;
 
 use crate::bottleneck::Bottleneck;
 use crate::error::{Error, Result};

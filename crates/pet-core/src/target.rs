@@ -16,8 +16,8 @@
 use std::collections::BTreeMap;
 
 use tensor_core::module::glob_match;
+use tensor_core::seed::with_seed;
 use tensor_core::tch::{Device, Kind, Tensor};
-use tensor_core::testing::with_seed;
 
 use crate::error::Result;
 

@@ -146,7 +146,7 @@ pub fn embed(model: &dyn Module, batches: &[Batch]) -> tensor_core::Result<Tenso
 pub fn train_probe(x: &Tensor, labels: &[usize]) -> AnyResult<(Tensor, Tensor)> {
     let (n, d) = (x.size()[0], x.size()[1]);
     let y = Tensor::from_slice(&labels.iter().map(|&l| l as i64).collect::<Vec<_>>());
-    let w = tensor_core::testing::randn_seeded(&[5, d], 7, Device::Cpu)?
+    let w = tensor_core::seed::randn_seeded(&[5, d], 7, Device::Cpu)?
         .f_mul_scalar(0.01)?
         .set_requires_grad(true);
     let b = Tensor::zeros([5], (Kind::Float, Device::Cpu)).set_requires_grad(true);

@@ -43,8 +43,8 @@ use model_zoo::vit::{VitConfig, VitLayer, VitModel};
 use moe_router::{ExpertActivation, MoeConfig, MoeLayer, RouterConfig};
 use tensor_core::layers::{LayerNorm, Linear};
 use tensor_core::module::{downcast_box, downcast_mut, is};
+use tensor_core::seed::with_seed;
 use tensor_core::tch::{self, Device, Kind, Tensor};
-use tensor_core::testing::with_seed;
 use tensor_core::{Context, Module, ModuleExt, Slot};
 
 /// The pipeline's sizes: steps, data, the student's shape.

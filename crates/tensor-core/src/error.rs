@@ -202,6 +202,19 @@ pub fn trim_torch_text(full: &str) -> String {
     }
 }
 
+/// Reject NaN/Inf in `t`, naming `what` (one host sync).
+pub fn check_finite(op: &str, what: &str, t: &tch::Tensor) -> Result<()> {
+    let all = t.f_isfinite()?.f_all()?.int64_value(&[]) != 0;
+    if all {
+        Ok(())
+    } else {
+        Err(Error::NonFinite {
+            op: op.to_owned(),
+            what: what.to_owned(),
+        })
+    }
+}
+
 /// Attach the operation's name to tch results: `x.f_matmul(&w).op("Linear")?`.
 pub trait TchResultExt<T> {
     fn op(self, op: &str) -> Result<T>;

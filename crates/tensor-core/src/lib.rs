@@ -14,8 +14,9 @@
 //! 5. [`grouped`]: grouped expert computation (permute, per-expert matmul,
 //!    unpermute), shared by the mixture-of-experts crates.
 //! 6. [`io`]: safetensors, memory-mapped reads and atomic writes.
-//! 7. [`testing`]: the closeness check, seeding, seeded random tensors;
-//!    [`rng`]: the seeded host-side generator.
+//! 7. [`seed`]: seeding libtorch's global generator and seeded random
+//!    tensors; [`rng`]: the seeded host-side generator.
+//! 8. [`testing`]: the closeness check and the test device, for tests.
 
 pub mod device;
 pub mod error;
@@ -24,6 +25,7 @@ pub mod io;
 pub mod layers;
 pub mod module;
 pub mod rng;
+pub mod seed;
 pub mod testing;
 
 pub use device::{DType, best};

@@ -2,7 +2,7 @@
 //! host-side randomness of the method crates (shuffles, k-means++ seeding),
 //! the same sequence on every platform, with no `rand` dependency. Tensor
 //! randomness (initialisation, dropout, noise) stays with libtorch's
-//! generator, see [`crate::testing::with_seed`].
+//! generator, see [`crate::seed::with_seed`].
 
 #[derive(Debug, Clone)]
 pub struct SplitMix64 {

@@ -18,8 +18,8 @@ use pet_core::{VlPetConfig, apply_vlpet, load_adapter};
 use serde_json::Value;
 use tensor_core::io::SafetensorsFile;
 use tensor_core::module::ModuleExt;
+use tensor_core::seed::with_seed;
 use tensor_core::tch::Device;
-use tensor_core::testing::with_seed;
 
 use super::tune::{ADAPTER, HEAD_FILE, VLPET_CONFIG, VLPET_WEIGHTS};
 use super::{AnyResult, read_json, require_dir, require_model_dir};
