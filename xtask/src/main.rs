@@ -13,6 +13,7 @@
 mod bench;
 mod gpu;
 mod setup;
+mod tidy;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -177,6 +178,7 @@ fn test(a: &Args) -> Result<(), Fail> {
         c.args(["--", "--check"]);
         run("format check", c)
     })?;
+    timer.time("tidy", tidy_cmd)?;
     timer.time("clippy", || {
         let mut c = cargo();
         c.arg("clippy")
@@ -299,6 +301,24 @@ fn doctor(a: &Args) -> Result<(), Fail> {
     Ok(())
 }
 
+fn tidy_cmd() -> Result<(), Fail> {
+    let found = tidy::check(&repo_root());
+    if found.is_empty() {
+        println!(
+            "xtask: tidy: method crates depend on tensor-core only; every source file has its //! header; no library reaches outside its crate; every cited path exists"
+        );
+        return Ok(());
+    }
+    for line in &found {
+        eprintln!("tidy: {line}");
+    }
+    Err(Fail::new(
+        "tidy",
+        format!("{} problem(s), listed above", found.len()),
+        "fix each file named above (the rules are in xtask/src/tidy.rs)",
+    ))
+}
+
 fn env_cmd() -> Result<(), Fail> {
     let t = setup::ensure(false)?;
     println!("export LIBTORCH_USE_PYTORCH=1");
@@ -311,7 +331,9 @@ fn env_cmd() -> Result<(), Fail> {
     Ok(())
 }
 
-const USAGE: &str = "usage: cargo xtask <setup|test|bench|demo|finetune|experiment|doctor|env|gpu-check> [-p CRATE]... [-- ARGS]
+const USAGE: &str = "usage: cargo xtask <setup|test|tidy|bench|demo|finetune|experiment|doctor|env|gpu-check> [-p CRATE]... [-- ARGS]
+  tidy              the architecture rules: method crates depend on tensor-core only, //! headers,
+                    no library reaching outside its crate, every cited path exists
   test [--cuda]     fmt, clippy, build and run the tests (--cuda: every suite on CUDA device 0)
   bench [--quick] [TOPIC]...   criterion benches + Python references, target/bench/report.md";
 
@@ -329,6 +351,7 @@ fn main() -> ExitCode {
         "experiment" => experiment(&args),
         "doctor" => doctor(&args),
         "gpu-check" => gpu::gpu_check(),
+        "tidy" => tidy_cmd(),
         "env" => env_cmd(),
         "" | "help" => {
             println!("{USAGE}");

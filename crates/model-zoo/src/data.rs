@@ -16,6 +16,37 @@ pub struct TextExample {
     pub label: i64,
 }
 
+/// The environment variable naming the project's `data/` folder.
+pub const DATA_DIR_VAR: &str = "MODULAR_DATA_DIR";
+
+/// The project's `data/` folder, found at run time (the library bakes in no
+/// path of the checkout it was built in): `$MODULAR_DATA_DIR` when set, else
+/// the `data/` folder beside a `Cargo.toml` in the current directory or the
+/// nearest parent that has one (a checkout of this repository).
+pub fn data_root() -> Result<PathBuf> {
+    if let Some(d) = std::env::var_os(DATA_DIR_VAR).filter(|d| !d.is_empty()) {
+        let p = PathBuf::from(d);
+        return if p.is_dir() {
+            Ok(p)
+        } else {
+            Err(Error::file(&p, format!("{DATA_DIR_VAR} names no folder")))
+        };
+    }
+    let cwd = std::env::current_dir()
+        .map_err(|e| Error::file(".", format!("cannot read the current folder: {e}")))?;
+    cwd.ancestors()
+        .find(|d| d.join("data").is_dir() && d.join("Cargo.toml").is_file())
+        .map(|d| d.join("data"))
+        .ok_or_else(|| {
+            Error::file(
+                &cwd,
+                format!(
+                    "no data/ folder here or in a parent (run inside the repository, or set {DATA_DIR_VAR})"
+                ),
+            )
+        })
+}
+
 /// The most classes a text classifier may have: a label id at or above it is
 /// refused where it is read (FILE:LINE), before anything is allocated for it.
 pub const MAX_LABELS: i64 = 100_000;
@@ -221,7 +252,7 @@ impl TextClassification {
 
     /// The project's sentiment data (`data/sentiment_domains` in the repository).
     pub fn sentiment() -> Result<Self> {
-        Self::load(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/sentiment_domains"))
+        Self::load(data_root()?.join("sentiment_domains"))
     }
 }
 
@@ -313,21 +344,13 @@ pub fn load_idx(dir: impl AsRef<Path>, split: &str, max_pixel: f32) -> Result<Im
 
 /// The project's 8x8 digits (`data/images/digits`), pixels in 0..1.
 pub fn digits(split: &str) -> Result<ImageSet> {
-    load_idx(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/images/digits"),
-        split,
-        16.0,
-    )
+    load_idx(data_root()?.join("images/digits"), split, 16.0)
 }
 
 /// The project's Fashion-MNIST subset (`data/images/fashion_mnist`: 28x28,
 /// 1000 training and 200 test images per class), pixels in 0..1.
 pub fn fashion_mnist(split: &str) -> Result<ImageSet> {
-    load_idx(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/images/fashion_mnist"),
-        split,
-        255.0,
-    )
+    load_idx(data_root()?.join("images/fashion_mnist"), split, 255.0)
 }
 
 #[cfg(test)]

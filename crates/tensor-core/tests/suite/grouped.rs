@@ -1,3 +1,7 @@
+//! The grouped expert primitive against a per-expert reference: outputs and
+//! gradients on random shapes (proptest), capacity drops in token order, the
+//! stable sort and its counts, and bad inputs as errors.
+
 use proptest::prelude::*;
 use tch::{Kind, Tensor};
 use tensor_core::DType;

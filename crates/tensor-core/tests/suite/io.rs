@@ -1,3 +1,7 @@
+//! safetensors I/O: bit-exact round trips for every dtype, truncated and
+//! corrupt files named, weights refused when integer or non-finite, atomic
+//! writes that leave the old file on failure and honour the umask.
+
 use std::collections::HashMap;
 
 use tch::{Device, Kind, Tensor};

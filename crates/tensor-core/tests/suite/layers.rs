@@ -1,3 +1,7 @@
+//! The layers against their formulas: Linear, LayerNorm, Embedding, the
+//! feed-forward variants and attention (self, causal, cross, with padding),
+//! checkpoint parameter names, masks, and bf16 against f32.
+
 use proptest::prelude::*;
 use tch::{Device, Kind, Tensor};
 use tensor_core::layers::*;

@@ -1,3 +1,7 @@
+//! The module tree: Hugging Face parameter paths, lookup by path and type,
+//! wrapping and unwrapping, insertion and removal, trainability patterns,
+//! gradients, `load_named`'s checks, errors naming the failing module.
+
 use tch::{Device, Kind, Tensor};
 use tensor_core::layers::*;
 use tensor_core::module::*;

@@ -1,3 +1,6 @@
+//! The closeness check itself: `atol + rtol |e|`, and NaN or Inf never
+//! passing, so a diverged computation cannot look correct.
+
 use tch::{Device, Kind, Tensor};
 use tensor_core::testing::{closeness, device, randn_seeded, with_seed};
 
