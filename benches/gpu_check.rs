@@ -47,7 +47,7 @@ use tensor_core::testing::{randint_seeded, randn_seeded, with_seed};
 
 type Res<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
-/// bf16 matmul peak measured through tch on an H100 (`shared/docs/GPU.md`).
+/// bf16 matmul peak measured through tch on an H100 (`docs/gpu.md`, "The GPU machine").
 const H100_BF16_PEAK_TFLOPS: f64 = 772.0;
 const D: i64 = 384;
 const FF: i64 = 1536;

@@ -1,5 +1,5 @@
 //! `cargo xtask gpu-check`: gather what a GPU machine runs into `.gpu/`
-//! (git-ignored), following shared/docs/GPU.md: release builds made here
+//! (git-ignored), following docs/gpu.md: release builds made here
 //! against the same PyTorch, checked to link `libtorch_cuda`, and one run
 //! script. On the GPU machine, from the repository root:
 //!

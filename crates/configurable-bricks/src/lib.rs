@@ -7,21 +7,21 @@
 //! Xiao, Zhang, … Sun (2024), "Configurable Foundation Models: Building LLMs
 //! from a Modular Perspective", arXiv 2409.02877; attribution after Zhang et
 //! al. (2023), "Emergent Modularity in Pre-trained Transformers"
-//! (`thunlp/Modularity-Analysis`). Specification: `shared/docs/METHODS.md` §6.
+//! (`thunlp/Modularity-Analysis`). Specification: `docs/configurable-bricks.md` (Method).
 //!
-//! Files in the order of the method:
+//! Files in the order of the method's steps:
 //! 1. [`profile`]: per-example mean indicator `P ∈ R^{examples × neurons}` of
-//!    every FFN of any `tensor-core` model, streamed to safetensors (§6.1);
-//! 2. [`attribution`]: FuncScore `= AP(P[:, n], y_f)`, exact as scikit-learn (§6.3);
+//!    every FFN of any `tensor-core` model, streamed to safetensors (step 1);
+//! 2. [`attribution`]: FuncScore `= AP(P[:, n], y_f)`, exact as scikit-learn (step 3);
 //! 3. [`sets`]: top-p% functional sets, resident neurons, overlap and its
-//!    random baseline, partition by function (§6.4–6);
+//!    random baseline, partition by function (steps 4–6);
 //! 4. [`mask`] and [`analysis`]: neuron masks on FFN activations; the
-//!    perturbation matrix and the sparsity curve (§6.5);
-//! 5. [`partition`]: balanced co-activation bricks (§6.6);
-//! 6. [`route`]: activation-predicting router, retrieval by signature (§6.7);
-//! 7. [`combine`]: weighted sums, task arithmetic with negation, soups (§6.8);
-//! 8. [`edit`]: ROME's rank-one edit of an FFN output matrix (§6.9);
-//! 9. [`grow`]: widen an FFN with new trainable neurons, old ones frozen (§6.9–10);
+//!    perturbation matrix and the sparsity curve (step 5);
+//! 5. [`partition`]: balanced co-activation bricks (step 6);
+//! 6. [`route`]: activation-predicting router, retrieval by signature (step 7);
+//! 7. [`combine`]: weighted sums, task arithmetic with negation, soups (step 8);
+//! 8. [`edit`]: ROME's rank-one edit of an FFN output matrix (step 9);
+//! 9. [`grow`]: widen an FFN with new trainable neurons, old ones frozen (steps 9–10);
 //! 10. [`svg`]: the figures of the analysis.
 
 pub mod analysis;

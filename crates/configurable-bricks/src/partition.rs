@@ -1,5 +1,6 @@
-//! Partition of an FFN's neurons into bricks by co-activation (survey §6
-//! step 6; MoEfication's co-activation graph split, Zhang et al. 2022).
+//! Partition of an FFN's neurons into bricks by co-activation
+//! (docs/configurable-bricks.md, Method step 6; MoEfication's co-activation
+//! graph split, Zhang et al. 2022).
 //!
 //! Each neuron is described by its activation over examples (a column of
 //! the profile `P`, or over tokens), centred and L2-normalised, so that

@@ -9,8 +9,9 @@
 //! its random baseline is the top fraction, 0.05 for 5%), or Jaccard
 //! `|S_f ∩ S_g| / |S_f ∪ S_g|`. The survey does not state its formula.
 //!
-//! Partition by function (§6 step 6): each neuron of some set goes to the
-//! functionality where its FuncScore is highest among the sets holding it.
+//! Partition by function (docs/configurable-bricks.md, Method step 6): each
+//! neuron of some set goes to the functionality where its FuncScore is highest
+//! among the sets holding it.
 
 use serde::{Deserialize, Serialize};
 use tensor_core::rng::SplitMix64;

@@ -1,7 +1,7 @@
 //! Apply EMoE to a model and fold it back: steps 1–8 of EMoE (Qiu et al.
-//! 2023, "Emergent Modularity in Pre-trained Transformers", §3.1 of
-//! METHODS.md) over chosen layers; MoEfication (Zhang et al. 2022) splits
-//! through the same entry point with given labels.
+//! 2023, "Unlocking Emergent Modularity in LLMs";
+//! docs/emergent-split.md, Method, part 1) over chosen layers; MoEfication
+//! (Zhang et al. 2022) splits through the same entry point with given labels.
 //!
 //! For each chosen `FeedForward` (found by type through `ModuleExt::find`,
 //! e.g. `encoder.layer.7.(ffn)`): split its neurons (`a: [d_ff] → [N]`, by
@@ -13,8 +13,8 @@
 //! selection; `b2` is kept as is when it is added once, or becomes
 //! `k · mean_e b2_e` under the Tutel bookkeeping, `fold_b2 = k_mean`).
 //!
-//! [`EmoeConfig`] holds every open point of METHODS.md §3.1 (the gate's, the
-//! split's and `labels_from_file`) and reads from / writes to JSON.
+//! [`EmoeConfig`] holds every open choice of docs/emergent-split.md, Method, part 1
+//! (the gate's, the split's and `labels_from_file`) and reads from / writes to JSON.
 //!
 //! Layers are named by index, the last all-digit segment of the FFN's path
 //! (`encoder.layer.7.(ffn)` → 7, `h.3.(ffn)` → 3), or chosen by a predicate on

@@ -1,5 +1,5 @@
-//! Errors of the expert split (EMoE, Qiu et al. 2023, "Emergent Modularity in
-//! Pre-trained Transformers"; MoEfication, Zhang et al. 2022).
+//! Errors of the expert split (EMoE, Qiu et al. 2023, "Unlocking Emergent
+//! Modularity in LLMs"; MoEfication, Zhang et al. 2022).
 //!
 //! No equation here: this file names what can go wrong before any of the
 //! algorithm's equations run. The split needs `N | d_ff` (experts of exactly

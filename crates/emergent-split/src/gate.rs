@@ -1,7 +1,7 @@
 //! The avg-key gate: routing with no new parameters, steps 3, 4 and 6 of
-//! EMoE (Qiu et al. 2023, "Emergent Modularity in Pre-trained Transformers",
-//! §3.1 of METHODS.md); MoEfication (Zhang et al. 2022) selects experts the
-//! same way from its `similarity` centres.
+//! EMoE (Qiu et al. 2023, "Unlocking Emergent Modularity in LLMs";
+//! docs/emergent-split.md, Method, part 1); MoEfication (Zhang et al. 2022)
+//! selects experts the same way from its `similarity` centres.
 //!
 //! - **Centroids (step 3)**: `c_e = (1/m) Σ_{i ∈ e} k_i`, the mean of expert
 //!   `e`'s *raw* (un-normalised) key rows `k_i` (rows of `W1`; rows of `W_G`
@@ -80,7 +80,7 @@ impl SelectSignal {
 }
 
 /// How `b2` is kept while split and folded back (the spec's `fold_b2`,
-/// METHODS.md §3.1 steps 5 and 8).
+/// docs/emergent-split.md, Method, part 1 steps 5 and 8).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FoldB2 {
@@ -99,7 +99,7 @@ pub enum FoldB2 {
 }
 
 /// Configuration of the avg-key gate and of the split FFN around it: every
-/// open point of METHODS.md §3.1 that concerns routing (`select_signal`,
+/// open choice of the Method (docs/emergent-split.md, part 1) on routing (`select_signal`,
 /// `gate_refresh_momentum`, `weight_mode`, `fold_b2`), JSON-serialisable.
 /// In JSON only `num_experts` and `top_k` are required; a missing
 /// `noise_std` means the Tutel path's `1/N` (as [`GateConfig::new`]), an

@@ -1,6 +1,7 @@
 //! The Gram matrix `G = X Xᵀ` of the key vectors, in f64, for the balanced
-//! k-means of EMoE step 1 (Qiu et al. 2023, "Emergent Modularity in
-//! Pre-trained Transformers", §3.1 of METHODS.md): `G[i][j] = x_i · x_j`.
+//! k-means of EMoE step 1 (Qiu et al. 2023, "Unlocking Emergent
+//! Modularity in LLMs"; docs/emergent-split.md, Method, part 1):
+//! `G[i][j] = x_i · x_j`.
 //!
 //! [`crate::kmeans`] works on `G` alone (centroid dot products, norms and the
 //! objective are sums of its entries), so this is the only `O(n² d)` step of

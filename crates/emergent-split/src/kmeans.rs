@@ -1,6 +1,6 @@
 //! Balanced k-means on the FFN's key vectors: step 1 of EMoE (Qiu et al.
-//! 2023, "Emergent Modularity in Pre-trained Transformers", §3.1 of
-//! METHODS.md) and MoEfication's `param_cluster` (Zhang et al. 2022).
+//! 2023, "Unlocking Emergent Modularity in LLMs";
+//! docs/emergent-split.md, Method, part 1) and MoEfication's `param_cluster` (Zhang et al. 2022).
 //!
 //! Points are the L2-normalised rows of `W1` (the gate rows `W_G` for
 //! SwiGLU). With `N` clusters of exactly `m = n / N` points each, Lloyd's
@@ -366,8 +366,8 @@ pub fn normalize_rows(t: &Tensor) -> Result<Tensor> {
     Ok(x.f_div(&norm)?)
 }
 
-/// The balanced assignment step of [`balanced_kmeans`] (METHODS.md §3.1,
-/// open point `kmeans_solver`).
+/// The balanced assignment step of [`balanced_kmeans`] (docs/emergent-split.md,
+/// Method, part 1, open choice `kmeans_solver`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum KMeansSolver {
@@ -395,7 +395,7 @@ fn default_n_init() -> usize {
     10
 }
 
-/// Configuration of [`balanced_kmeans`]. Defaults follow METHODS.md §3.1
+/// Configuration of [`balanced_kmeans`]. Defaults follow docs/emergent-split.md, Method, part 1
 /// (seed 0, at most 1000 iterations, exact min-cost-flow assignment); the
 /// rest follow `k-means-constrained`, the reference implementation
 /// (`n_init = 10` restarts, greedy k-means++ with `2 + ⌊ln N⌋` candidates),
@@ -421,7 +421,8 @@ pub struct KMeansConfig {
     /// result does not depend on the number of threads.
     #[serde(default = "default_n_init")]
     pub n_init: usize,
-    /// `kmeans_solver` of METHODS.md §3.1: `min_cost_flow` (default) or `greedy_balanced`.
+    /// The open choice `kmeans_solver` (docs/emergent-split.md, Method, part 1):
+    /// `min_cost_flow` (default) or `greedy_balanced`.
     #[serde(default)]
     pub kmeans_solver: KMeansSolver,
     /// Candidates per k-means++ draw (greedy k-means++); `None` = scikit-learn's

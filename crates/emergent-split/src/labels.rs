@@ -1,5 +1,5 @@
-//! Cached expert labels: the spec's `labels_from_file` (METHODS.md §3.1,
-//! open points). Different balanced k-means solvers reach different
+//! Cached expert labels: the spec's `labels_from_file` (docs/emergent-split.md,
+//! Method, part 1, open choices). Different balanced k-means solvers reach different
 //! labellings `a: [d_ff] → [N]` of equal quality, so reproducing a published
 //! EMoE / MoEfication split (Qiu et al. 2023; Zhang et al. 2022) means
 //! loading its labels rather than re-clustering.

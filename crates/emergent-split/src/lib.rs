@@ -3,14 +3,13 @@
 //! Split a pretrained dense feed-forward network into experts with no new
 //! parameters, route tokens to a few of them, and fold the model back to
 //! dense after tuning:
-//! - **EMoE**: Qiu, Huang, Fu (2023), "Emergent Modularity in Pre-trained
-//!   Transformers" / "Unlocking Emergent Modularity in Large Language
+//! - **EMoE**: Qiu, Huang, Fu (2023), "Unlocking Emergent Modularity in Large Language
 //!   Models" (arXiv 2310.10908), `qiuzh20/EMoE`;
 //! - **MoEfication**: Zhang et al. (2022), "MoEfication: Transformer
 //!   Feed-forward Layers are Mixtures of Experts" (arXiv 2110.01786),
 //!   `thunlp/MoEfication`.
 //!
-//! Specification: `shared/docs/METHODS.md` §3. Files in the order of the
+//! Specification: `docs/emergent-split.md` (Method). Files in the order of the
 //! algorithm:
 //! 1. [`error`]: what can be wrong with a request (`N ∤ d_ff`, `k ∉ 1..=N`,
 //!    NaN weights, unknown layers), as errors, never panics;

@@ -1,7 +1,7 @@
 //! `EmoeFfn`: a dense FFN run as a mixture of its own neuron blocks, step 5
-//! of EMoE (Qiu et al. 2023, "Emergent Modularity in Pre-trained
-//! Transformers", §3.1 of METHODS.md); MoEfication's "compute only the
-//! selected experts" (Zhang et al. 2022, §3.2 step 3).
+//! of EMoE (Qiu et al. 2023, "Unlocking Emergent Modularity
+//! in LLMs"; docs/emergent-split.md, Method, part 1); MoEfication's
+//! "compute only the selected experts" (Zhang et al. 2022; part 2 step 3 there).
 //!
 //! With neurons permuted so that expert `e` owns rows `e m .. (e+1) m` of
 //! `W1` (blocks `W1_e: [m, d]`, `b1_e`, gated `W_G,e`) and the same columns

@@ -1,5 +1,5 @@
-//! EMoE's Tutel-path regularisers (METHODS.md §3.1 step 7): the reference
-//! implementation trains its BERT, GPT-2 and ViT experts through Tutel's MoE
+//! EMoE's Tutel-path regularisers (docs/emergent-split.md, Method, part 1 step 7):
+//! the reference implementation trains its BERT, GPT-2 and ViT experts through Tutel's MoE
 //! layer, which adds three things to the plain avg-k computation:
 //!
 //! - **dropout inside the experts**, `p = 0.1`, on each expert's hidden

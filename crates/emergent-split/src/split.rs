@@ -1,7 +1,7 @@
 //! Which neurons form which expert, and the permutation that makes experts
-//! contiguous: steps 1–2 of EMoE (Qiu et al. 2023, "Emergent Modularity in
-//! Pre-trained Transformers", §3.1 of METHODS.md) and MoEfication's splits
-//! (Zhang et al. 2022, §3.2).
+//! contiguous: steps 1–2 of EMoE (Qiu et al. 2023, "Unlocking Emergent
+//! Modularity in LLMs"; docs/emergent-split.md, Method, part 1) and
+//! MoEfication's splits (Zhang et al. 2022; part 2 there).
 //!
 //! A split is a balanced labelling `a: [d_ff] → [N]` with `m = d_ff / N`
 //! neurons per expert. Sources of labels:

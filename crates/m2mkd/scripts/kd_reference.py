@@ -62,7 +62,7 @@ def case(name, zs, zt, y, tau, norm, kind, alpha, smoothing):
 def main():
     g = torch.Generator().manual_seed(20240226)
     cases = []
-    # The spec's test vector (METHODS.md §4).
+    # The spec's test vector (docs/m2mkd.md, Method, "Tests the spec asks for").
     zs = torch.tensor([[1.0, 0.0, -1.0], [0.2, 0.1, 0.0]])
     zt = torch.tensor([[2.0, 0.5, -1.0], [0.0, 0.3, 0.1]])
     y = torch.tensor([0, 1])

@@ -9,7 +9,7 @@
 //! frozen shallow "meta" model behave like the teacher module does in it;
 //! the student is then assembled and trained end to end.
 //!
-//! Specification: `shared/docs/METHODS.md` §4. Files in the order of the algorithm:
+//! Specification: `docs/m2mkd.md` (Method). Files in the order of the algorithm:
 //! 1. [`error`]: bad boundaries, width mismatches, unknown losses, NaN;
 //! 2. [`stage`]: [`LayerStack`] (a monolithic model, `forward(x, start, end)`),
 //!    [`Stage`] and [`ModularModel`] (M modules in a row);

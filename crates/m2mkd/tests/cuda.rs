@@ -1,4 +1,4 @@
-//! One module's distillation step on CUDA (GPU.md), against the same step on
+//! One module's distillation step on CUDA (docs/gpu.md), against the same step on
 //! the CPU. Skipped (passes, printing why) when CUDA is not available.
 
 mod common;

@@ -1,4 +1,4 @@
-//! The ModuleFormer block (METHODS.md §2.2 step 1; Shen et al., arXiv
+//! The ModuleFormer block (docs/moe-router.md, Method, part 2 step 1; Shen et al., arXiv
 //! 2306.04640 eqs. 1–2): pre-LN residual sub-layers, attention experts then
 //! FFN experts, no positional embedding (stick-breaking attention orders tokens):
 //!

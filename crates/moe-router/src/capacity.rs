@@ -1,4 +1,4 @@
-//! Expert capacity and token dropping, step 6 of METHODS.md §2.1 (Switch,
+//! Expert capacity and token dropping, docs/moe-router.md, Method, part 1 step 6 (Switch,
 //! arXiv 2101.03961, eq. "expert capacity"; GShard; DeepSpeed-MoE
 //! `sharded_moe.py`; fairseq `top2gate.py`; MegaBlocks).
 //!

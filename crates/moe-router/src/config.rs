@@ -1,4 +1,4 @@
-//! The router's configuration: every open point of METHODS.md §2.1 as a
+//! The router's configuration: every open choice of docs/moe-router.md, Method, part 1, as a
 //! JSON-serialisable field with the spec's default (Switch, arXiv 2101.03961;
 //! ST-MoE, arXiv 2202.08906; Expert Choice, arXiv 2202.09368; noisy top-k,
 //! arXiv 1701.06538; ModuleFormer, arXiv 2306.04640).

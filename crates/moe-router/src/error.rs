@@ -1,5 +1,5 @@
 //! Errors of the mixture-of-experts layers (Switch, arXiv 2101.03961;
-//! ModuleFormer, arXiv 2306.04640; METHODS.md §2).
+//! ModuleFormer, arXiv 2306.04640; `docs/moe-router.md`, Method).
 //!
 //! No equation here: this file names what can be wrong before any of the
 //! routing equations run: `1 <= k <= E`, a capacity factor `cf >= 0`, shapes

@@ -1,6 +1,7 @@
 //! Growing and pruning a trained MoE (ModuleFormer, Shen et al., arXiv
-//! 2306.04640 §4.3 "expanding" and §4.4 "pruning"; METHODS.md §2.2 open
-//! points `grow_experts(n_new, freeze_old)` and `prune_experts(usage < threshold)`).
+//! 2306.04640 §4.3 "expanding" and §4.4 "pruning"; docs/moe-router.md,
+//! Method, part 2, open choices `grow_experts(n_new, freeze_old)` and
+//! `prune_experts(usage < threshold)`).
 //!
 //! **Grow.** `E → E + n` experts: `n` freshly initialised experts are
 //! appended, and the router gets `n` new rows (linear weight rows, `mlp`

@@ -12,7 +12,7 @@
 //!   Mixture-of-Experts" (arXiv 2306.04640), `IBM/ModuleFormer`;
 //!   stick-breaking attention: Tan et al. (arXiv 2410.17980).
 //!
-//! Specification: `shared/docs/METHODS.md` §2. Files in reading order:
+//! Specification: `docs/moe-router.md` (Method). Files in reading order:
 //! 1. [`error`]: what can be wrong (`k ∉ 1..=E`, bad shapes, missing ids), as errors;
 //! 2. [`config`]: [`RouterConfig`], every open point as a JSON field with the spec's default;
 //! 3. [`router`]: logits (linear, MLP, cosine, hash, fixed), jitter and

@@ -1,4 +1,4 @@
-//! Auxiliary routing losses, step 9 of METHODS.md §2.1: Switch load balancing
+//! Auxiliary routing losses (docs/moe-router.md, Method, part 1 step 9): Switch load balancing
 //! (arXiv 2101.03961 eq. 4), DeepSpeed/MegaBlocks top-k variants, the router
 //! z-loss (ST-MoE, arXiv 2202.08906 eq. 5), importance/load CV² (Shazeer et
 //! al., arXiv 1701.06538 eqs. 6–10), ModuleFormer's mutual-information loss

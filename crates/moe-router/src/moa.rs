@@ -1,7 +1,7 @@
 //! Mixture of attention heads (MoA), ModuleFormer's attention experts
-//! (METHODS.md §2.2 step 3; Shen et al., arXiv 2306.04640 eqs. 4–6; Zhang et
-//! al., "Mixture of Attention Heads", arXiv 2210.05144), with stick-breaking
-//! attention ([`crate::stick_breaking`]).
+//! (docs/moe-router.md, Method, part 2 step 3; Shen et al., arXiv 2306.04640
+//! eqs. 4–6; Zhang et al., "Mixture of Attention Heads", arXiv 2210.05144),
+//! with stick-breaking attention ([`crate::stick_breaking`]).
 //!
 //! Keys and values are shared by all experts: `K = x W_kᵀ`, `V = x W_vᵀ`
 //! (identities with `kv_projection = false`, which needs `att_hidden = d`;

@@ -1,7 +1,7 @@
-//! The sparse MoE feed-forward layer: dispatch (step 8 of METHODS.md §2.1),
+//! The sparse MoE feed-forward layer: dispatch (docs/moe-router.md, Method, part 1 step 8),
 //! expert computation and combine (Switch, arXiv 2101.03961 eq. 1–2;
-//! MegaBlocks dMoE, arXiv 2211.15841; ModuleFormer MoE_FFN, arXiv 2306.04640
-//! §2.2 step 2).
+//! MegaBlocks dMoE, arXiv 2211.15841; ModuleFormer MoE_FFN, arXiv 2306.04640;
+//! Method, part 2 step 2).
 //!
 //! For token `x_t`, its chosen experts `e_t1..e_tk` with gates `g_tj` (0 for
 //! a dropped assignment):

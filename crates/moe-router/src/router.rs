@@ -1,4 +1,4 @@
-//! Routers: steps 1–7 of METHODS.md §2.1 (Switch, arXiv 2101.03961; noisy
+//! Routers: docs/moe-router.md, Method, part 1 steps 1–7 (Switch, arXiv 2101.03961; noisy
 //! top-k, Shazeer et al. arXiv 1701.06538; Tutel `gates/top.py`; Expert
 //! Choice, arXiv 2202.09368; Hash Layers, arXiv 2106.04426; ModuleFormer
 //! `utils/gate.py`, arXiv 2306.04640).

@@ -1,5 +1,5 @@
-//! Stick-breaking attention in log space with `O(T²)` memory (METHODS.md
-//! §2.2 steps 4–6; ModuleFormer, arXiv 2306.04640 eq. 3; Tan et al.,
+//! Stick-breaking attention in log space with `O(T²)` memory (docs/moe-router.md,
+//! Method, part 2 steps 4–6; ModuleFormer, arXiv 2306.04640 eq. 3; Tan et al.,
 //! "Scaling Stick-Breaking Attention", arXiv 2410.17980 eqs. 1–3,
 //! `shawntan/stickbreaking-attention` `sb_ref.py`).
 //!

@@ -1,4 +1,4 @@
-//! Routers, capacity and the auxiliary losses (METHODS.md §2.1 "Tests").
+//! Routers, capacity and the auxiliary losses (docs/moe-router.md, Method, part 1 tests).
 
 mod common;
 

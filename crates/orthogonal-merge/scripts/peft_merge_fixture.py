@@ -17,7 +17,7 @@ Writes crates/orthogonal-merge/tests/fixtures/:
     masks (checked here against the masks). `seed7_mask_{i}`: the masks drawn
     after `torch.manual_seed(7)` at density 0.3, to check that the Rust side
     draws the same ones;
-  - the TIES test vector of METHODS.md §5.2 (`tv_*`);
+  - the TIES test vector of docs/orthogonal-merge.md, Method, part 2 (`tv_*`);
   - LoRA merging through `add_weighted_adapter` on a one-Linear model (in 10,
     out 6): adapters a0, a1, a2 with r = 2 and lora_alpha 2, 4, 1 (s = 1, 2, 0.5),
     random A and B (`lora_{A,B}_{i}`), weights W; for each combination type the

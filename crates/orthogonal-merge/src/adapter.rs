@@ -1,11 +1,12 @@
 //! Orthogonal LoRA-style adapters on `Linear` layers (Po et al., CVPR 2024,
-//! arXiv 2312.02432; METHODS.md §5.1 step 3), in any `tensor-core` model.
+//! arXiv 2312.02432; docs/orthogonal-merge.md, Method, part 1 step 3), in any
+//! `tensor-core` model.
 //!
 //! For a frozen `Linear` `y = x Wᵀ + b`, `W ∈ R^{out×in}`, adapter `i` adds
 //!
 //! ```text
 //! y += s · Dropout(x) Aᵀ Bᵀ,   ΔW_i = s · B A,   A ∈ R^{r×in},  B ∈ R^{out×r}
-//! frozen input side:   A = B_iᵀ (basis bin, frozen),  B = 0 (trained)   ΔW_i = s·A_i B_iᵀ in §5.1's notation
+//! frozen input side:   A = B_iᵀ (basis bin, frozen),  B = 0 (trained)   ΔW_i = s·A_i B_iᵀ, A_i=B
 //! frozen output side:  B = B_i  (basis bin, frozen),  A = 0 (trained)   ΔW_i = s·B_i A_i
 //! plain LoRA (control): A ~ U(±1/√in) seeded, B = 0, both trained
 //! ```

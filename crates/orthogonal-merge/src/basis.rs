@@ -1,6 +1,7 @@
 //! Per-layer shared orthogonal bases and their disjoint bins (Po, Yang,
 //! Aberman, Wetzstein, "Orthogonal Adaptation for Modular Customization of
-//! Diffusion Models", CVPR 2024, arXiv 2312.02432; METHODS.md §5.1 steps 1–2).
+//! Diffusion Models", CVPR 2024, arXiv 2312.02432;
+//! docs/orthogonal-merge.md, Method, part 1 steps 1–2).
 //!
 //! For a layer whose frozen side has size `n`:
 //!

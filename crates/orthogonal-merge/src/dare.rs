@@ -1,7 +1,8 @@
 //! DARE, "drop and rescale" (Yu, Yu, Yu, Huang, Li, "Language Models are
 //! Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch",
 //! ICML 2024, arXiv 2311.03099), as PEFT computes it (`utils/merge_utils.py`:
-//! `random_pruning`, `dare_linear`, `dare_ties`; METHODS.md §5.2 step 4):
+//! `random_pruning`, `dare_linear`, `dare_ties`; docs/orthogonal-merge.md, Method, part 2
+//! step 4):
 //!
 //! ```text
 //! m_t ~ Bernoulli(ρ) per entry,   τ̃_t = m_t ⊙ τ_t / ρ

@@ -1,4 +1,4 @@
-//! Errors of orthogonal adaptation and merging (`shared/docs/METHODS.md` §5).
+//! Errors of orthogonal adaptation and merging (`docs/orthogonal-merge.md`, Method).
 //!
 //! No equation here: this file names what can go wrong before the equations
 //! of [`crate::basis`], [`mod@crate::merge`] and the operators run: a registry

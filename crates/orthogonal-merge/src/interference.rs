@@ -1,5 +1,5 @@
-//! The interference report at merge time (METHODS.md §5.1 "Why it works"):
-//! per layer and per pair of tasks,
+//! The interference report at merge time (docs/orthogonal-merge.md, Method, part 1,
+//! "Why it works"): per layer and per pair of tasks,
 //!
 //! ```text
 //! cos_F(ΔW_i, ΔW_j) = ⟨ΔW_i, ΔW_j⟩_F / (‖ΔW_i‖_F ‖ΔW_j‖_F)

@@ -17,7 +17,7 @@
 //!   overlaps of their subspaces, per layer, and, given each task's recorded
 //!   inputs, the crosstalk `‖ΔW_j X_i‖ / ‖ΔW_i X_i‖`.
 //!
-//! Specification: `shared/docs/METHODS.md` §5. Reading order:
+//! Specification: `docs/orthogonal-merge.md` (Method). Reading order:
 //! 1. [`error`]: what can be wrong (full registry, bins claimed twice, mismatched shapes, ranks, bases, base models);
 //! 2. [`basis`]: the seeded bases and bins; [`registry`]: concept → bin, persisted;
 //! 3. [`adapter`]: [`OrthoLinear`], adding/removing adapters by PEFT target patterns, training set-up;

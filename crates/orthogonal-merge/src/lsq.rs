@@ -2,7 +2,7 @@
 //! Mix-of-Show's gradient fusion solves by iteration (Gu et al.,
 //! "Mix-of-Show: Decentralized Low-Rank Adaptation for Multi-Concept
 //! Customization of Diffusion Models", NeurIPS 2023, arXiv 2305.18292;
-//! METHODS.md §5.2 step 5).
+//! docs/orthogonal-merge.md, Method, part 2 step 5).
 //!
 //! Per layer, with task `i`'s fine-tuned weight `W_i = W_0 + w_i ΔW_i` and its
 //! recorded inputs `X_i ∈ R^{N_i×in}` (one row per token):
@@ -13,7 +13,7 @@
 //!     = W_0 + (Σ_i w_i ΔW_i G_i)(Σ_i G_i + λI)⁻¹
 //! ```
 //!
-//! The ridge pulls `W` toward the base `W_0` (METHODS.md writes the ridge
+//! The ridge pulls `W` toward the base `W_0` (the Method writes the ridge
 //! toward 0, `(Σ_i W_i G_i)(Σ_i G_i + λI)⁻¹`; both agree as `λ → 0`, and this
 //! form needs no `W_0`). Solved in f64 by a Cholesky factorisation; a Gram
 //! that is singular with `λ = 0` is an error asking for `λ > 0`.

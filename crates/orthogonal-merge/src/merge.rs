@@ -1,5 +1,5 @@
-//! Merging LoRA adapters or full weight deltas, per layer (METHODS.md §5.1
-//! step 4 and §5.2; PEFT `add_weighted_adapter` and `utils/merge_utils.py`).
+//! Merging LoRA adapters or full weight deltas, per layer (docs/orthogonal-merge.md,
+//! Method, part 1 step 4 and part 2; PEFT `add_weighted_adapter` and `utils/merge_utils.py`).
 //!
 //! With task deltas `ΔW_t` (a LoRA pair gives `ΔW_t = s_t B_t A_t`), weights
 //! `w_t` and a global `λ`, the merged change of a layer is
@@ -116,8 +116,8 @@ impl Method {
     }
 }
 
-/// A merge's settings. Defaults follow METHODS.md §5.2: `λ = 1`, density
-/// 0.2, `total` election, fp32, no SVD clamp, no factor-wise LoRA merging.
+/// A merge's settings. Defaults follow docs/orthogonal-merge.md, Method, part 2:
+/// `λ = 1`, density 0.2, `total` election, fp32, no SVD clamp, no factor-wise LoRA merging.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct MergeConfig {

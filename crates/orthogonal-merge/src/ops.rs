@@ -1,6 +1,6 @@
 //! Task arithmetic (Ilharco et al., "Editing Models with Task Arithmetic",
-//! arXiv 2212.04089; PEFT `task_arithmetic`; METHODS.md §5.2 step 1), the
-//! weighted sum every other operator ends with:
+//! arXiv 2212.04089; PEFT `task_arithmetic`; docs/orthogonal-merge.md, Method,
+//! part 2 step 1), the weighted sum every other operator ends with:
 //!
 //! ```text
 //! τ_m = Σ_t w_t τ_t        (a negative w_t subtracts task t)

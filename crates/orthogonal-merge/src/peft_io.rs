@@ -1,5 +1,5 @@
-//! PEFT-style LoRA adapter folders, read and written here (METHODS.md §1.2
-//! step 8 layout; this crate does not depend on `pet-core`):
+//! PEFT-style LoRA adapter folders, read and written here (the layout of
+//! docs/pet-core.md, Method, part 2 step 8; this crate does not depend on `pet-core`):
 //! `adapter_config.json` + `adapter_model.safetensors`, tensor keys
 //! `base_model.model.<module path>.lora_A.weight` (`[r, in]`) and
 //! `.lora_B.weight` (`[out, r]`), no adapter name in the key, and

@@ -1,6 +1,7 @@
 //! Magnitude pruning of task vectors (TIES-Merging's trim step, Yadav et
 //! al., arXiv 2306.01708; PEFT `utils/merge_utils.py`
-//! `magnitude_based_pruning` / `magnitude_prune`; METHODS.md §5.2 step 2).
+//! `magnitude_based_pruning` / `magnitude_prune`; docs/orthogonal-merge.md,
+//! Method, part 2 step 2).
 //!
 //! ```text
 //! k = ⌊ρ · numel⌋            (as PEFT: int(density * numel), in f64)

@@ -1,4 +1,4 @@
-//! The persisted bin registry (METHODS.md §5.1, open point `bin_registry`):
+//! The persisted bin registry (docs/orthogonal-merge.md, Method, part 1, open choices):
 //! which concept owns which bin of every layer's shared basis, and what the
 //! basis is made from, so that trainers who never talk to each other build
 //! orthogonal adapters.

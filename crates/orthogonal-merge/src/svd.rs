@@ -1,6 +1,6 @@
 //! Truncated SVD of a merged delta back to LoRA factors (PEFT
 //! `add_weighted_adapter(combination_type="svd" | "*_svd")`, after kohya-ss
-//! `svd_merge_lora.py`; METHODS.md §5.2 step 8):
+//! `svd_merge_lora.py`; docs/orthogonal-merge.md, Method, part 2 step 8):
 //!
 //! ```text
 //! ΔW = U S Vᵀ,   B = U_r S_r,   A = V_rᵀ,   s = 1   (PEFT sets α = r)

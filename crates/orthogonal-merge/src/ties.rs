@@ -1,7 +1,8 @@
 //! TIES-Merging (Yadav, Tam, Choshen, Raffel, Bansal, "TIES-Merging:
 //! Resolving Interference When Merging Models", NeurIPS 2023, arXiv
 //! 2306.01708), as PEFT computes it (`utils/merge_utils.py`: `ties`,
-//! `calculate_majority_sign_mask`, `disjoint_merge`; METHODS.md §5.2 step 3):
+//! `calculate_majority_sign_mask`, `disjoint_merge`; docs/orthogonal-merge.md, Method,
+//! part 2 step 3):
 //!
 //! ```text
 //! (i)   τ̂_t = prune_ρ(τ_t)                                   (magnitude trim)

@@ -1,4 +1,5 @@
-//! METHODS.md §5.1 tests on the bases and the registry: disjoint bins are
+//! The tests that docs/orthogonal-merge.md (Method, part 1) asks for on the
+//! bases and the registry: disjoint bins are
 //! orthogonal (1e-6 in f32, 1e-12 in f64), bases are reproducible from
 //! (seed, layer), the Gaussian variant is near-orthogonal with mean |cos|
 //! ≈ √(2/(πn)), `N·r > n` is an error, and the registry file round-trips.

@@ -1,7 +1,7 @@
-//! METHODS.md §5.2 tests: one task, identical tasks, pruning counts, DARE's
-//! mean, cat vs factor-wise, SVD exactness and error, least squares as
-//! λ → 0, merge order, negation; and the errors for mismatched shapes,
-//! ranks, bases and base models.
+//! The tests of docs/orthogonal-merge.md, Method, part 2: one task, identical
+//! tasks, pruning counts, DARE's mean, cat vs factor-wise, SVD exactness and
+//! error, least squares as λ → 0, merge order, negation; and the errors for
+//! mismatched shapes, ranks, bases and base models.
 
 mod common;
 

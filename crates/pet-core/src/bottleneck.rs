@@ -2,7 +2,7 @@
 //! "Parameter-Efficient Transfer Learning for NLP"; Pfeiffer et al. 2021,
 //! "AdapterFusion"; He et al. 2022, "Towards a Unified View of
 //! Parameter-Efficient Transfer Learning" for the parallel form; VL-PET §3.1,
-//! §1.1 steps 1–2 of METHODS.md):
+//! docs/pet-core.md, Method, part 1 steps 1–2):
 //!
 //! `D = concat_h(H W_down^hᵀ + b_down^h)` over `N_h` heads with
 //! `W_down^h ∈ R^{(r/N_h)×d}`, which is exactly one `Linear(d → r)` (so it is

@@ -1,5 +1,5 @@
 //! Errors of parameter-efficient tuning (LoRA, DoRA, IA3, bottleneck
-//! adapters, VL-PET; `shared/docs/METHODS.md` §1).
+//! adapters, VL-PET; `docs/pet-core.md`, Method).
 //!
 //! No equation here: this file names what can go wrong before the modules'
 //! equations run: a rank of 0, a pattern that targets nothing, an adapter

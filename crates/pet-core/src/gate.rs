@@ -1,6 +1,7 @@
 //! VL-PET's granularity-controlled gate `G` (Hu et al., ICCV 2023,
 //! "VL-PET: Vision-and-Language Parameter-Efficient Tuning via Granularity
-//! Control", arXiv 2308.09804, §3.2; `HenryHZY/VL-PET`), §1.1 of METHODS.md.
+//! Control", arXiv 2308.09804, §3.2; `HenryHZY/VL-PET`); docs/pet-core.md,
+//! Method, part 1.
 //!
 //! With `X` the site's input, `H` the frozen sub-module's output and `ΔH`
 //! the adapter's change, the modified output is `H' = s·(H + ΔH) ⊙ G`

@@ -1,5 +1,5 @@
-//! What every adapter-holding wrapper offers the lifecycle (METHODS.md §1.2
-//! step 5): PEFT's `add_adapter` / `set_adapter` / `disable_adapter` /
+//! What every adapter-holding wrapper offers the lifecycle (docs/pet-core.md,
+//! Method, part 2 step 5): PEFT's `add_adapter` / `set_adapter` / `disable_adapter` /
 //! `delete_adapter` / `merge` / `unmerge`, layer by layer.
 //!
 //! Two wrappers hold adapters: [`crate::linear::AdaptedLinear`] around a

@@ -11,7 +11,7 @@
 //!   (large, middle-X, middle-Y, small), `H' = s·(H + ΔH) ⊙ G`, its
 //!   lightweight placement, and `G` on LoRA and adapters.
 //!
-//! Specification: `shared/docs/METHODS.md` §1. Reading order:
+//! Specification: `docs/pet-core.md` (Method). Reading order:
 //! 1. [`error`]: what can be wrong (rank 0, no target, unknown adapter, unsafe merge, bad files);
 //! 2. [`target`]: PEFT's module-matching rules and per-module seeded initialisation;
 //! 3. [`lora`], [`ia3`], [`bottleneck`], [`gate`]: the modules' equations;

@@ -1,5 +1,5 @@
 //! [`AdaptedLinear`]: a frozen `Linear` with named adapters beside it
-//! (PEFT's `LoraLayer` / `IA3Layer`), METHODS.md §1.2.
+//! (PEFT's `LoraLayer` / `IA3Layer`); docs/pet-core.md, Method, part 2.
 //!
 //! Unmerged forward with active adapters `A` (see [`crate::lora`],
 //! [`crate::ia3`], [`crate::bottleneck`], [`crate::gate`]):

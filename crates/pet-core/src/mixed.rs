@@ -1,4 +1,4 @@
-//! Mixed-adapter batches (METHODS.md §1.2 step 7): each sample names an
+//! Mixed-adapter batches (docs/pet-core.md, Method, part 2 step 7): each sample names an
 //! adapter, or `"__base__"` for none, and one forward serves them all.
 //!
 //! The base output is computed once for the whole batch. Each adapted layer

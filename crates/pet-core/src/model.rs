@@ -1,5 +1,5 @@
 //! The adapter lifecycle over a whole model, by adapter name (PEFT's
-//! `PeftModel` / `LoraModel`, METHODS.md §1.2 steps 5–6): add, activate
+//! `PeftModel` / `LoraModel`; docs/pet-core.md, Method, part 2 steps 5–6): add, activate
 //! (several active adapters add their changes), disable, delete, merge
 //! (optionally safe), unmerge (last merged first), merge-and-unload, and
 //! the trainable-parameter report.

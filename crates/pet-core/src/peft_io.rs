@@ -1,5 +1,5 @@
-//! Adapter folders that Python PEFT reads and writes (METHODS.md §1.2 step
-//! 8): `adapter_config.json` + `adapter_model.safetensors`, tensor keys
+//! Adapter folders that Python PEFT reads and writes (docs/pet-core.md,
+//! Method, part 2 step 8): `adapter_config.json` + `adapter_model.safetensors`, tensor keys
 //! `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight`
 //! (LoRA) and `base_model.model.<module path>.ia3_l` (IA3), with no adapter
 //! name in the key. IA3 vectors are `[out, 1]` (output side) or `[1, in]`

@@ -1,6 +1,6 @@
 //! [`AdapterSite`]: a whole sub-module (self-attention or FFN) with named
 //! bottleneck adapters around it — Houlsby/Pfeiffer adapters and VL-PET's
-//! sites (METHODS.md §1.1 steps 1–5, §1.2 step 4).
+//! sites (docs/pet-core.md, Method, part 1 steps 1–5 and part 2 step 4).
 //!
 //! With `X` the site's input and `H = f(X)` the frozen sub-module's output
 //! before the residual add, an active adapter `a` gives

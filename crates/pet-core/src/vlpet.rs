@@ -1,5 +1,5 @@
 //! VL-PET's lightweight placement (Hu et al., ICCV 2023, arXiv 2308.09804,
-//! §3.3; METHODS.md §1.1 step 6) as one call:
+//! §3.3; docs/pet-core.md, Method, part 1 step 6) as one call:
 //!
 //! - encoder: a gated bottleneck site after every self-attention and every
 //!   FFN, `H' = s·(H + ΔH) ⊙ G`, and the encoder LayerNorms trainable;

@@ -1,4 +1,4 @@
-//! VL-PET (METHODS.md §1.1 "Tests"): parameter arithmetic on BART-base
+//! VL-PET (docs/pet-core.md, Method, part 1 tests): parameter arithmetic on BART-base
 //! dimensions, gate shapes and ranges, identity at zero, T5 gates at 0.5,
 //! the trainable set, token-permutation invariance of the small gate,
 //! head-wise down-projection = one Linear, and G on LoRA / adapters.
