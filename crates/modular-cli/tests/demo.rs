@@ -199,6 +199,16 @@ fn distill_names_bad_inputs() {
         2,
     );
     assert!(err.contains("--experts"), "{err}");
+    // Step counts are checked alike in every command: at least 1.
+    for flag in [
+        "--teacher-steps",
+        "--meta-steps",
+        "--incubate-steps",
+        "--steps",
+    ] {
+        let (_, err) = expect(&["distill", "--data", "d", "--out", s(&out), flag, "0"], 2);
+        assert!(err.contains(&format!("{flag} must be at least 1")), "{err}");
+    }
     let (_, err) = expect(
         &["distill", "--data", "d", "--out", s(&out), "--steps", "1"],
         2,
