@@ -286,19 +286,15 @@ fn check_targets<'a>(
             ),
         ));
     }
-    if !targets.iter().all(|t| {
-        model_linears
-            .iter()
-            .any(|p| matches_any(p, std::slice::from_ref(t)))
-    }) {
-        let unmatched: Vec<&String> = targets
-            .iter()
-            .filter(|t| {
-                !model_linears
-                    .iter()
-                    .any(|p| matches_any(p, std::slice::from_ref(t)))
-            })
-            .collect();
+    let unmatched: Vec<&String> = targets
+        .iter()
+        .filter(|t| {
+            !model_linears
+                .iter()
+                .any(|p| matches_any(p, std::slice::from_ref(t)))
+        })
+        .collect();
+    if !unmatched.is_empty() {
         return Err(Error::file(
             cpath,
             format!("target_modules entries {unmatched:?} match no Linear module of the model"),

@@ -98,12 +98,7 @@ pub fn run(args: &[String]) -> AnyResult<()> {
                 lines.push_str(&json!({"line": i + 1, "embedding": row}).to_string());
                 lines.push('\n');
             }
-            tensor_core::io::write_atomic(&out, |tmp| {
-                std::fs::write(tmp, &lines).map_err(|source| tensor_core::Error::Io {
-                    path: out.clone(),
-                    source,
-                })
-            })?;
+            super::write_text(&out, &lines)?;
         }
     }
     println!(

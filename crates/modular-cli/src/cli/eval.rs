@@ -148,13 +148,7 @@ pub fn run(args: &[String]) -> AnyResult<()> {
         println!("{HELP}");
         return Ok(());
     }
-    let dir = match f.positional.as_slice() {
-        [d] => PathBuf::from(d),
-        [] => return super::usage("eval", "no tuned folder given"),
-        [_, extra, ..] => {
-            return super::usage("eval", format!("unexpected argument '{extra}'"));
-        }
-    };
+    let dir = super::one_positional("eval", &f, "tuned folder")?;
     let device = tensor_core::best();
     let tuned = load_tuned(&dir, f.path("--model").as_deref(), device)?;
     let sets = sets(&tuned, f.path("--data").as_deref())?;

@@ -275,14 +275,34 @@ impl Drop for AtomicDir {
 
 /// Write `value` as pretty JSON to `path`, atomically.
 pub fn write_json(path: &Path, value: &serde_json::Value) -> AnyResult<()> {
-    let text = serde_json::to_string_pretty(value)?;
+    write_text(
+        path,
+        &format!(
+            "{}
+",
+            serde_json::to_string_pretty(value)?
+        ),
+    )
+}
+
+/// Write `text` to `path`, atomically.
+pub fn write_text(path: &Path, text: &str) -> AnyResult<()> {
     tensor_core::io::write_atomic(path, |tmp| {
-        std::fs::write(tmp, format!("{text}\n")).map_err(|source| tensor_core::Error::Io {
+        std::fs::write(tmp, text).map_err(|source| tensor_core::Error::Io {
             path: path.to_owned(),
             source,
         })
     })?;
     Ok(())
+}
+
+/// The one positional argument `cmd` takes, or a usage error.
+pub fn one_positional(cmd: &str, f: &Flags, what: &str) -> AnyResult<PathBuf> {
+    match f.positional.as_slice() {
+        [d] => Ok(PathBuf::from(d)),
+        [] => usage(cmd, format!("no {what} given")),
+        [_, extra, ..] => usage(cmd, format!("unexpected argument '{extra}'")),
+    }
 }
 
 /// Read and parse a JSON file, naming it in every error.

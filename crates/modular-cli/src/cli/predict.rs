@@ -36,13 +36,7 @@ pub fn run(args: &[String]) -> AnyResult<()> {
         println!("{HELP}");
         return Ok(());
     }
-    let dir = match f.positional.as_slice() {
-        [d] => PathBuf::from(d),
-        [] => return super::usage("predict", "no tuned folder given"),
-        [_, extra, ..] => {
-            return super::usage("predict", format!("unexpected argument '{extra}'"));
-        }
-    };
+    let dir = super::one_positional("predict", &f, "tuned folder")?;
     let data = PathBuf::from(f.required("--data")?);
     let out = f.path("--out");
     if let Some(o) = &out {
@@ -71,12 +65,7 @@ pub fn run(args: &[String]) -> AnyResult<()> {
     }
     match out {
         Some(o) => {
-            tensor_core::io::write_atomic(&o, |tmp| {
-                std::fs::write(tmp, &lines).map_err(|source| tensor_core::Error::Io {
-                    path: o.clone(),
-                    source,
-                })
-            })?;
+            super::write_text(&o, &lines)?;
             eprintln!(
                 "modular predict: {} predictions written to {}",
                 texts.len(),

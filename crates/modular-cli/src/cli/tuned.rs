@@ -131,13 +131,14 @@ pub fn load_tuned(dir: &Path, model: Option<&Path>, device: Device) -> AnyResult
         }
     };
     let file = SafetensorsFile::open(&weights)?;
+    let shapes: std::collections::HashMap<String, Vec<i64>> = model
+        .named_parameters()
+        .into_iter()
+        .map(|(n, p)| (n, p.size()))
+        .collect();
     let mut values = Vec::new();
     for name in file.names() {
-        let Some((_, p)) = model
-            .named_parameters()
-            .into_iter()
-            .find(|(n, _)| *n == name)
-        else {
+        let Some(shape) = shapes.get(&name) else {
             return Err(format!(
                 "{}: tensor '{name}' is not a parameter of the rebuilt {method} classifier",
                 weights.display()
@@ -145,12 +146,11 @@ pub fn load_tuned(dir: &Path, model: Option<&Path>, device: Device) -> AnyResult
             .into());
         };
         let t = file.load_weight(&name, device)?;
-        if t.size() != p.size() {
+        if &t.size() != shape {
             return Err(format!(
-                "{}: tensor '{name}' has shape {:?}, the model's parameter {:?}",
+                "{}: tensor '{name}' has shape {:?}, the model's parameter {shape:?}",
                 weights.display(),
                 t.size(),
-                p.size()
             )
             .into());
         }
