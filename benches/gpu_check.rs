@@ -31,7 +31,6 @@ use emergent_split::{EmoeFfn, GateConfig};
 use model_zoo::bert::{BertModel, Pooling, SequenceClassifier};
 use model_zoo::config::BertConfig;
 use model_zoo::source::ModelSource;
-use model_zoo::train::optim::{AdamW, AdamWConfig};
 use moe_router::{
     DroplessKernel, MoeConfig, MoeLayer, MoePath, RouterConfig, Routing, SbVariant,
     stick_breaking_attention, stick_breaking_naive,
@@ -44,6 +43,7 @@ use pet_core::{LoraConfig, LoraInit, add_lora, mark_only_adapters_trainable};
 use tensor_core::prelude::*;
 use tensor_core::tch;
 use tensor_core::testing::{randint_seeded, randn_seeded, with_seed};
+use tensor_core::train::optim::{AdamW, AdamWConfig};
 
 type Res<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 

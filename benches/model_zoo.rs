@@ -6,10 +6,10 @@
 use criterion::criterion_main;
 use model_zoo::bert::{BertModel, Pooling, SequenceClassifier};
 use model_zoo::source::ModelSource;
-use model_zoo::train::optim::{AdamW, AdamWConfig};
 use tensor_core::ModuleExt;
 use tensor_core::tch::{self, Device, Kind, Tensor};
 use tensor_core::testing::randint_seeded;
+use tensor_core::train::optim::{AdamW, AdamWConfig};
 
 const B: i64 = 32;
 const T: i64 = 128;

@@ -11,7 +11,6 @@
 use criterion::criterion_main;
 use model_zoo::bert::{BertModel, Pooling, SequenceClassifier};
 use model_zoo::source::ModelSource;
-use model_zoo::train::optim::{AdamW, AdamWConfig};
 use pet_core::{
     LoraConfig, LoraInit, add_lora, disable_adapters, enable_adapters,
     mark_only_adapters_trainable, merge_adapter, mixed_batch, set_adapter, unmerge_adapter,
@@ -20,6 +19,7 @@ use tensor_core::ModuleExt;
 use tensor_core::module::{Context, Module};
 use tensor_core::tch::{self, Device, Kind, Tensor};
 use tensor_core::testing::randint_seeded;
+use tensor_core::train::optim::{AdamW, AdamWConfig};
 
 fn batch(b: i64, t: i64, pad: bool) -> (Tensor, Tensor) {
     let ids = randint_seeded(29000, &[b, t], 1, Device::Cpu).unwrap() + 1000;

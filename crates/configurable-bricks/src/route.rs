@@ -16,6 +16,7 @@
 use serde::{Deserialize, Serialize};
 use tensor_core::rng::SplitMix64;
 use tensor_core::tch::{self, Device, Kind, Reduction, Tensor};
+use tensor_core::train::{AdamW, AdamWConfig};
 
 use crate::error::{Error, Result, check_finite};
 
@@ -153,7 +154,13 @@ impl ActivationRouter {
             uniform([1, k], config.hidden)?.f_view([k])?,
         ]
         .map(|t| t.set_requires_grad(true));
-        let mut adam = Adam::new(&params, config.lr)?;
+        // Adam: the kit's AdamW without weight decay.
+        let named = ["w1", "b1", "w2", "b2"]
+            .iter()
+            .zip(&params)
+            .map(|(n, p)| ((*n).to_owned(), p.shallow_clone()))
+            .collect();
+        let mut adam = AdamW::new(named, AdamWConfig::new(config.lr).with_weight_decay(0.0))?;
         let mut order: Vec<i64> = (0..n).collect();
         let mut cursor = n as usize;
         for _ in 0..config.steps {
@@ -176,62 +183,12 @@ impl ActivationRouter {
                 None,
                 Reduction::Mean,
             )?;
-            let grads = Tensor::f_run_backward(&[loss], &params, false, false)?;
-            adam.step(&params, &grads)?;
+            loss.f_backward()?;
+            adam.step()?;
+            adam.zero_grad()?;
         }
         let [w1, b1, w2, b2] = params.map(|p| p.detach());
         Ok(Self { w1, b1, w2, b2 })
-    }
-}
-
-/// Adam (Kingma & Ba 2015) on plain tensors, for the router's few parameters.
-struct Adam {
-    lr: f64,
-    t: i32,
-    m: Vec<Tensor>,
-    v: Vec<Tensor>,
-}
-
-impl Adam {
-    fn new(params: &[Tensor], lr: f64) -> Result<Self> {
-        let z = |p: &Tensor| p.f_zeros_like();
-        Ok(Self {
-            lr,
-            t: 0,
-            m: params
-                .iter()
-                .map(z)
-                .collect::<std::result::Result<_, _>>()?,
-            v: params
-                .iter()
-                .map(z)
-                .collect::<std::result::Result<_, _>>()?,
-        })
-    }
-
-    fn step(&mut self, params: &[Tensor], grads: &[Tensor]) -> Result<()> {
-        let (b1, b2, eps) = (0.9f64, 0.999f64, 1e-8);
-        self.t += 1;
-        let (c1, c2) = (1.0 - b1.powi(self.t), 1.0 - b2.powi(self.t));
-        tch::no_grad(|| -> Result<()> {
-            for ((p, g), (m, v)) in params
-                .iter()
-                .zip(grads)
-                .zip(self.m.iter_mut().zip(self.v.iter_mut()))
-            {
-                *m = m.f_mul_scalar(b1)?.f_add(&g.f_mul_scalar(1.0 - b1)?)?;
-                *v = v
-                    .f_mul_scalar(b2)?
-                    .f_add(&g.f_square()?.f_mul_scalar(1.0 - b2)?)?;
-                let upd = m
-                    .f_div_scalar(c1)?
-                    .f_div(&v.f_div_scalar(c2)?.f_sqrt()?.f_add_scalar(eps)?)?
-                    .f_mul_scalar(self.lr)?;
-                let mut p = p.shallow_clone();
-                let _ = p.f_sub_(&upd)?;
-            }
-            Ok(())
-        })
     }
 }
 

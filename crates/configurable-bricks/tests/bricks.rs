@@ -413,6 +413,8 @@ fn masks_zero_nothing_everything_and_empty_bricks_change_nothing() {
             indicator: Indicator::Activation,
         })
         .unwrap();
+    // The masked FFNs keep the module contract.
+    tensor_core::contract::check_contract(&mut model).unwrap();
     let y = outputs(&model, &x, &mask);
     let b2 = model
         .get_as::<configurable_bricks::mask::MaskedFfn>("1")
@@ -595,6 +597,7 @@ fn growing_leaves_outputs_unchanged_and_trains_only_new_neurons() {
             trainable.iter().all(|n| n.contains("grown_")),
             "{trainable:?}"
         );
+        tensor_core::contract::check_contract(&mut model).unwrap();
         let grown = model.get_as::<GrownFfn>("0").unwrap();
         close(
             &outputs(&grown.widened().unwrap(), &x, &mask),

@@ -110,6 +110,8 @@ fn convert_chosen_layers_keeps_names_and_all_experts_keep_outputs() {
         let dense = run(&m, &x);
         let layers = every_other_in_last_half(6);
         let r = convert(&mut m, &layers, &EmoeConfig::new(8, 2)).unwrap();
+        // The expert FFNs keep the module contract.
+        tensor_core::contract::check_contract(&mut m).unwrap();
         assert_eq!(r.layers.len(), 2);
         assert_eq!(r.layers[0].path, "encoder.layer.3.(ffn)");
         for l in &r.layers {

@@ -29,7 +29,6 @@ use model_zoo::data::TextExample;
 use model_zoo::finetune::{FinetuneOptions, finetune_with};
 use model_zoo::source::ModelSource;
 use model_zoo::tokenizer::TextTokenizer;
-use model_zoo::train::{BatchPlan, SplitMix64, evaluate, pad_batch_with_labels};
 use orthogonal_merge::{
     Features, MergeConfig, Merged, Method, Registry, TaskDelta, apply_merged,
     interference_with_features, merge, merge_with_features, record_features,
@@ -37,6 +36,7 @@ use orthogonal_merge::{
 use recipes::flags::{AnyResult, Flags, usage};
 use recipes::merge::*;
 use tensor_core::tch::{Device, Tensor};
+use tensor_core::train::{BatchPlan, SplitMix64, evaluate, pad_batch_with_labels};
 
 pub const MERGE_HELP: &str = "usage: cargo xtask experiment merge [--seeds 0,1,2] [--arms LIST] [--train-limit N] [--epochs N]
                                     [--rank R] [--lr X] [--lambdas X,..] [--density X] [--out DIR]
@@ -311,7 +311,7 @@ fn task_features(
         train.truncate(256);
         let set = encode(tok, &train)?;
         let f = record_features(&mut model, &TARGETS, |m| {
-            let plan = BatchPlan::new(set.ids.len(), 64).map_err(zoo_om)?;
+            let plan = BatchPlan::new(set.ids.len(), 64)?;
             evaluate(plan.epoch(0), false, |idx| -> model_zoo::Result<Tensor> {
                 let seqs: Vec<&[i64]> = idx.iter().map(|&i| set.ids[i].as_slice()).collect();
                 let b = pad_batch_with_labels(&seqs, &vec![0; idx.len()], pad, None, device)?;

@@ -35,7 +35,6 @@ use model_zoo::data::load_jsonl;
 use model_zoo::gpt::{Gpt2Config, Gpt2Model};
 use model_zoo::source::ModelSource;
 use model_zoo::tokenizer::TextTokenizer;
-use model_zoo::train::{AdamW, AdamWConfig, LrSchedule, ScheduleKind, SplitMix64, clip_grad_norm};
 use moe_router::router::GateParams;
 use moe_router::{
     ExpertWeights, MixtureOfAttention, MoaConfig, MoeConfig, MoeLayer, Router, grow_experts,
@@ -43,6 +42,9 @@ use moe_router::{
 use recipes::flags::{AnyResult, Flags, usage};
 use tensor_core::module::downcast_ref;
 use tensor_core::tch::{self, Device, Kind, Reduction, Tensor};
+use tensor_core::train::{
+    AdamW, AdamWConfig, LrSchedule, ScheduleKind, SplitMix64, clip_grad_norm,
+};
 use tensor_core::{Context, Module, ModuleExt, Slot};
 
 pub const MOE_HELP: &str = "usage: cargo xtask experiment moe [--seeds 0,1,2] [--base-steps N] [--ext-steps N] [--mi-weight X]

@@ -1,20 +1,23 @@
-//! The optimiser of every m2mKD run (module distillation, meta and
-//! end-to-end training): AdamW (libtorch's `torch::optim::AdamW`, the same
-//! update as `torch.optim.AdamW`) with no weight decay on biases and norms,
-//! a warm-up then cosine / linear / constant schedule, and gradient-norm
-//! clipping (`torch.nn.utils.clip_grad_norm_`).
+//! The optimiser recipe of every m2mKD run (module distillation, meta and
+//! end-to-end training), on the workspace's training kit
+//! (`tensor_core::train`): its AdamW (the update of `torch.optim.AdamW`)
+//! with no weight decay on biases and norms, its warm-up then cosine /
+//! linear / constant schedule, and its gradient-norm clipping (as
+//! `torch.nn.utils.clip_grad_norm_`).
 //!
 //! The paper's recipe: AdamW, weight decay 0.05, cosine with warm-up,
-//! clipping at 1 for end-to-end training. model-zoo has its own training
-//! kit; this crate may depend only on tensor-core, hence this small one.
+//! clipping at 1 for end-to-end training.
 //!
-//! Schedule factor at step `s` of `S` with `W` warm-up steps:
-//! `s / W` during warm-up, then `½(1 + cos(π p))` (cosine), `1 − p`
-//! (linear) or 1 (constant), `p = (s − W) / (S − W)`.
+//! Schedule factor at step `s` of `S` with `W = round(warmup_ratio · S)`
+//! warm-up steps: `(s + 1) / W` during warm-up (the first step is not
+//! spent at rate 0), then `½(1 + cos(π p))` (cosine), `1 − p` (linear) or 1
+//! (constant), `p = (s − W) / max(1, S − W)`.
 
 use serde::{Deserialize, Serialize};
-use tensor_core::module::glob_match;
-use tensor_core::tch::{COptimizer, Kind, Tensor};
+use tensor_core::tch::Tensor;
+use tensor_core::train::{
+    AdamW, AdamWConfig, LrSchedule, ScheduleKind, WarmupStart, clip_grad_norm, grad_norm,
+};
 
 use crate::error::{Error, Result};
 
@@ -80,18 +83,31 @@ impl OptimConfig {
         }
     }
 
+    /// The kit schedule of a run of `total` steps.
+    pub fn schedule(&self, total: u64) -> Result<LrSchedule> {
+        let kind = match self.schedule {
+            Schedule::Cosine => ScheduleKind::Cosine,
+            Schedule::Linear => ScheduleKind::Linear,
+            Schedule::Constant => ScheduleKind::Constant,
+        };
+        let warmup = ((self.warmup_ratio * total as f64).round() as u64).min(total);
+        Ok(LrSchedule::new(kind, warmup, total)?.with_warmup_start(WarmupStart::FirstStep))
+    }
+
     /// The schedule's factor at `step` (0-based) of `total`.
-    pub fn factor(&self, step: u64, total: u64) -> f64 {
-        let warmup = (self.warmup_ratio * total as f64).round() as u64;
-        if step < warmup {
-            return (step + 1) as f64 / warmup as f64;
-        }
-        let span = total.saturating_sub(warmup).max(1) as f64;
-        let p = ((step - warmup) as f64 / span).min(1.0);
-        match self.schedule {
-            Schedule::Cosine => 0.5 * (1.0 + (std::f64::consts::PI * p).cos()),
-            Schedule::Linear => 1.0 - p,
-            Schedule::Constant => 1.0,
+    pub fn factor(&self, step: u64, total: u64) -> Result<f64> {
+        Ok(self.schedule(total)?.factor(step.min(total)))
+    }
+
+    /// The kit optimiser's settings.
+    pub fn adamw(&self) -> AdamWConfig {
+        AdamWConfig {
+            lr: self.lr,
+            betas: (self.beta1, self.beta2),
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+            no_decay: self.no_decay.clone(),
+            master_weights: true,
         }
     }
 }
@@ -99,15 +115,14 @@ impl OptimConfig {
 /// AdamW over named parameters, stepping through a schedule of `total` steps.
 #[derive(Debug)]
 pub struct Optimizer {
-    opt: COptimizer,
+    adamw: AdamW,
+    schedule: LrSchedule,
+    clip_norm: Option<f64>,
     params: Vec<Tensor>,
-    config: OptimConfig,
-    total: u64,
-    step: u64,
 }
 
 impl Optimizer {
-    /// Group 0 decays, group 1 (names matching `no_decay`) does not.
+    /// Parameters matching `no_decay` get no weight decay.
     pub fn new(named: Vec<(String, Tensor)>, config: OptimConfig, total: u64) -> Result<Self> {
         config.validate()?;
         if named.is_empty() {
@@ -118,103 +133,44 @@ impl Optimizer {
         if total == 0 {
             return Err(Error::config("the number of steps must be positive"));
         }
-        let mut opt = COptimizer::adamw(
-            config.lr,
-            config.beta1,
-            config.beta2,
-            config.weight_decay,
-            config.eps,
-            false,
-        )?;
-        let (mut decay, mut plain) = (Vec::new(), Vec::new());
-        for (name, t) in &named {
-            if config.no_decay.iter().any(|p| glob_match(p, name)) {
-                plain.push(t.shallow_clone());
-            } else {
-                decay.push(t.shallow_clone());
-            }
-        }
-        // Group 0 must exist before group 1 can be addressed.
-        let groups: Vec<(Vec<Tensor>, f64)> = [(decay, config.weight_decay), (plain, 0.0)]
-            .into_iter()
-            .filter(|(g, _)| !g.is_empty())
-            .collect();
-        for (gi, (g, _)) in groups.iter().enumerate() {
-            for t in g {
-                opt.add_parameters(t, gi)?;
-            }
-        }
-        for (gi, (_, wd)) in groups.iter().enumerate() {
-            opt.set_weight_decay_group(gi, *wd)?;
-        }
-        let params = named.into_iter().map(|(_, t)| t).collect();
+        let adamw = AdamW::new(named, config.adamw())?;
         Ok(Self {
-            opt,
-            params,
-            config,
-            total,
-            step: 0,
+            params: adamw.parameters(),
+            schedule: config.schedule(total)?,
+            clip_norm: config.clip_norm,
+            adamw,
         })
     }
 
     pub fn zero_grad(&mut self) -> Result<()> {
-        Ok(self.opt.zero_grad()?)
+        Ok(self.adamw.zero_grad()?)
     }
 
     /// Clip, set the scheduled learning rate, update. Returns the gradient
     /// norm before clipping.
     pub fn step(&mut self) -> Result<f64> {
-        let norm = clip_grad_norm(&self.params, self.config.clip_norm)?;
-        let lr = self.config.lr * self.config.factor(self.step, self.total);
-        self.opt.set_learning_rate(lr)?;
-        self.opt.step()?;
-        self.step += 1;
+        let norm = match self.clip_norm {
+            Some(max) => clip_grad_norm(&self.params, max),
+            None => grad_norm(&self.params),
+        }
+        .map_err(|e| match e {
+            tensor_core::Error::Invalid(_) => Error::NonFinite {
+                what: "the gradient norm".into(),
+            },
+            other => other.into(),
+        })?;
+        self.adamw.set_lr(self.lr())?;
+        self.adamw.step()?;
         Ok(norm)
     }
 
     pub fn steps_done(&self) -> u64 {
-        self.step
+        self.adamw.step_count()
     }
 
     /// The learning rate of the next step.
     pub fn lr(&self) -> f64 {
-        self.config.lr * self.config.factor(self.step, self.total)
+        let step = self.adamw.step_count().min(self.schedule.total_steps);
+        self.adamw.base_lr() * self.schedule.factor(step)
     }
-}
-
-/// Global L2 norm of the gradients; scaled by `max / (norm + 1e-6)` when above `max`.
-pub fn clip_grad_norm(params: &[Tensor], max: Option<f64>) -> Result<f64> {
-    let grads: Vec<Tensor> = params
-        .iter()
-        .map(Tensor::grad)
-        .filter(Tensor::defined)
-        .collect();
-    if grads.is_empty() {
-        return Ok(0.0);
-    }
-    let sq = grads
-        .iter()
-        .map(|g| g.f_square()?.f_sum(Kind::Float))
-        .collect::<std::result::Result<Vec<_>, _>>()?;
-    let norm = Tensor::f_stack(&sq, 0)?
-        .f_sum(Kind::Float)?
-        .f_sqrt()?
-        .double_value(&[]);
-    if !norm.is_finite() {
-        return Err(Error::NonFinite {
-            what: "the gradient norm".into(),
-        });
-    }
-    if let Some(m) = max
-        && norm > m
-    {
-        let c = m / (norm + 1e-6);
-        tensor_core::tch::no_grad(|| -> Result<()> {
-            for mut g in grads {
-                let _ = g.f_mul_scalar_(c)?;
-            }
-            Ok(())
-        })?;
-    }
-    Ok(norm)
 }

@@ -158,7 +158,7 @@ fn hybrid_with_the_teacher_module_equals_the_teacher_hybrid() {
             module: student,
             post: (index < 2).then(|| Box::new(m2mkd::Stitch::identity(D, dev()).unwrap()) as Slot),
         });
-        let h2 = Hybrid::new(
+        let mut h2 = Hybrid::new(
             meta(3, D, 3).replica().unwrap(),
             index,
             Some((teacher.unwrap(), D)),
@@ -168,6 +168,8 @@ fn hybrid_with_the_teacher_module_equals_the_teacher_hybrid() {
             dev(),
         )
         .unwrap();
+        // The hybrid (meta replica, stitched student, teacher) keeps the module contract.
+        tensor_core::contract::check_contract(&mut h2).unwrap();
         let zs2 = h2.student_forward(&x, &mut ctx, false).unwrap().logits;
         let (atol, rtol) = f32_tol(1e-6, 1e-5);
         assert_close(&zs2, &zt, atol, rtol);

@@ -17,7 +17,7 @@ use crate::data::{TextClassification, TextExample, majority_rate};
 use crate::error::{Error, Result};
 use crate::source::ModelSource;
 use crate::tokenizer::TextTokenizer;
-use crate::train::{
+use tensor_core::train::{
     AdamW, AdamWConfig, BatchPlan, ClassificationMetrics, LrSchedule, TrainOptions, evaluate,
     pad_batch_with_labels, train_epoch,
 };
@@ -62,29 +62,17 @@ impl Default for FinetuneOptions {
     }
 }
 
-/// Ways for a method crate to take part in the recipe without model-zoo
-/// knowing it: change the classifier before training (convert FFNs into
-/// experts, wrap projections with adapters, freeze parameters), act after
-/// every optimiser step (refresh a gate), and change it before evaluation
-/// (fold back, merge). Each returns a short description for the report.
-pub trait FinetuneHooks {
-    fn prepare(&mut self, _model: &mut SequenceClassifier) -> Result<String> {
-        Ok(String::new())
-    }
-    /// Called after each optimiser step; `None` means the recipe need not call it.
-    fn after_step(&mut self, _model: &mut SequenceClassifier) -> Option<Result<()>> {
-        None
-    }
-    fn before_eval(&mut self, _model: &mut SequenceClassifier) -> Result<String> {
-        Ok(String::new())
-    }
-}
+/// The hooks of this recipe: any [`TrainHooks`] on a [`SequenceClassifier`]
+/// with model-zoo's error (implement `TrainHooks<SequenceClassifier,
+/// model_zoo::Error>`; this trait follows). Through them a method crate
+/// converts FFNs into experts or wraps projections before training,
+/// refreshes a gate after each step, and folds back or merges before
+/// evaluation, without model-zoo knowing it.
+pub trait FinetuneHooks: TrainHooks<SequenceClassifier, Error> {}
 
-/// The plain recipe: no hooks.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct NoHooks;
+impl<T: TrainHooks<SequenceClassifier, Error> + ?Sized> FinetuneHooks for T {}
 
-impl FinetuneHooks for NoHooks {}
+pub use tensor_core::train::{NoHooks, TrainHooks};
 
 /// What a run measured.
 #[derive(Debug, Clone)]
@@ -181,7 +169,7 @@ pub fn finetune_with(
     let mut notes = vec![hooks.prepare(&mut model)?];
 
     let mut train: Vec<TextExample> = data.train.clone();
-    let mut rng = crate::train::SplitMix64::new(opts.seed);
+    let mut rng = tensor_core::train::SplitMix64::new(opts.seed);
     rng.shuffle(&mut train);
     if let Some(n) = opts.train_limit {
         train.truncate(n);
@@ -192,7 +180,7 @@ pub fn finetune_with(
     let plan = BatchPlan::new(train.len(), opts.batch_size)?.shuffled(opts.seed);
     let total = plan.num_batches() as u64 * opts.epochs;
     let schedule = LrSchedule::with_warmup_ratio(
-        crate::train::ScheduleKind::Linear,
+        tensor_core::train::ScheduleKind::Linear,
         opts.warmup_ratio,
         total,
     )?;
@@ -207,15 +195,15 @@ pub fn finetune_with(
 
     let start = Instant::now();
     let mut last = 0.0;
-    let batch_of = |idx: &[usize]| -> Result<crate::train::Batch> {
+    let batch_of = |idx: &[usize]| -> Result<tensor_core::train::Batch> {
         let seqs: Vec<&[i64]> = idx.iter().map(|&i| train_ids[i].as_slice()).collect();
         let labels: Vec<i64> = idx.iter().map(|&i| train_labels[i]).collect();
-        pad_batch_with_labels(&seqs, &labels, pad, None, device)
+        Ok(pad_batch_with_labels(&seqs, &labels, pad, None, device)?)
     };
     // Cross-entropy plus whatever auxiliary losses the model's modules added
     // to the forward context (already weighted by the modules: a MoE layer's
     // balance loss, EMoE's CV² loss).
-    let loss_of = |model: &SequenceClassifier, b: &crate::train::Batch| -> Result<Tensor> {
+    let loss_of = |model: &SequenceClassifier, b: &tensor_core::train::Batch| -> Result<Tensor> {
         let (logits, aux) = model.logits_with_aux(&b.input_ids, &b.attention_mask, true)?;
         let y = b
             .labels
@@ -279,7 +267,7 @@ pub fn finetune_with(
             Some(n) if n < examples.len() => {
                 // One fixed subset per set, independent of the run's seed.
                 let mut idx: Vec<usize> = (0..examples.len()).collect();
-                crate::train::SplitMix64::new(0x5eed_e7a1).shuffle(&mut idx);
+                tensor_core::train::SplitMix64::new(0x5eed_e7a1).shuffle(&mut idx);
                 subset = idx[..n].iter().map(|&i| examples[i].clone()).collect();
                 &subset[..]
             }

@@ -39,7 +39,9 @@
 use std::path::Path;
 
 use serde_json::{Value, json};
-use tensor_core::layers::{Activation, Embedding, FeedForward, FfnNames, LayerNorm, Linear};
+use tensor_core::layers::{
+    Activation, BlockNames, Embedding, FeedForward, FfnNames, LayerNorm, Linear, PreNormBlock,
+};
 use tensor_core::module::{Context, Module, ModuleExt, Slot};
 use tensor_core::tch::{Device, Kind, Reduction, Tensor};
 use tensor_core::{Error as TensorError, Result as TensorResult, TchResultExt};
@@ -471,70 +473,29 @@ impl Module for Gpt2Mlp {
     }
 }
 
-/// One pre-LN block: `x + attn(ln_1(x))`, then `x + mlp(ln_2(x))`.
-#[derive(Debug)]
-pub struct Gpt2Block {
-    pub ln_1: Slot,
-    pub attn: Slot,
-    pub ln_2: Slot,
-    pub mlp: Slot,
-}
-
-impl Gpt2Block {
-    pub fn new(config: &Gpt2Config, layer: i64, device: Device) -> Result<Self> {
-        let (d, eps) = (config.n_embd, config.layer_norm_epsilon);
-        let std = config.initializer_range;
-        let proj_std = std / (2.0 * config.n_layer as f64).sqrt();
-        let mut ffn = FeedForward::from_weights(
-            randn(&[config.inner_dim(), d], std, device)?,
-            Some(zeros(&[config.inner_dim()], device)?),
-            None,
-            randn(&[d, config.inner_dim()], proj_std, device)?,
-            Some(zeros(&[d], device)?),
-            config.activation()?,
-            FfnNames::gpt2(),
-        )?;
-        ffn.dropout = config.resid_pdrop;
-        Ok(Self {
-            ln_1: Box::new(LayerNorm::new(d, eps, true, device)?),
-            attn: Box::new(Gpt2Attention::new(config, layer, device)?),
-            ln_2: Box::new(LayerNorm::new(d, eps, true, device)?),
-            mlp: Box::new(Gpt2Mlp { ffn: Box::new(ffn) }),
-        })
-    }
-}
-
-impl Module for Gpt2Block {
-    fn kind(&self) -> &'static str {
-        "Gpt2Block"
-    }
-
-    fn forward(&self, xs: &Tensor, ctx: &mut Context) -> TensorResult<Tensor> {
-        let a = ctx.call("ln_1", self.ln_1.as_ref(), xs)?;
-        let a = ctx.call("attn", self.attn.as_ref(), &a)?;
-        let h = xs.f_add(&a).op("Gpt2Block residual")?;
-        let m = ctx.call("ln_2", self.ln_2.as_ref(), &h)?;
-        let m = ctx.call("mlp", self.mlp.as_ref(), &m)?;
-        h.f_add(&m).op("Gpt2Block residual")
-    }
-
-    fn children(&self) -> Vec<(&str, &dyn Module)> {
-        vec![
-            ("ln_1", self.ln_1.as_ref()),
-            ("attn", self.attn.as_ref()),
-            ("ln_2", self.ln_2.as_ref()),
-            ("mlp", self.mlp.as_ref()),
-        ]
-    }
-
-    fn children_mut(&mut self) -> Vec<(&str, &mut Slot)> {
-        vec![
-            ("ln_1", &mut self.ln_1),
-            ("attn", &mut self.attn),
-            ("ln_2", &mut self.ln_2),
-            ("mlp", &mut self.mlp),
-        ]
-    }
+/// One pre-LN block, `tensor-core`'s [`PreNormBlock`] with GPT-2's names
+/// (kind `Gpt2Block`): `x + attn(ln_1(x))`, then `x + mlp(ln_2(x))`.
+pub fn gpt2_block(config: &Gpt2Config, layer: i64, device: Device) -> Result<PreNormBlock> {
+    let (d, eps) = (config.n_embd, config.layer_norm_epsilon);
+    let std = config.initializer_range;
+    let proj_std = std / (2.0 * config.n_layer as f64).sqrt();
+    let mut ffn = FeedForward::from_weights(
+        randn(&[config.inner_dim(), d], std, device)?,
+        Some(zeros(&[config.inner_dim()], device)?),
+        None,
+        randn(&[d, config.inner_dim()], proj_std, device)?,
+        Some(zeros(&[d], device)?),
+        config.activation()?,
+        FfnNames::gpt2(),
+    )?;
+    ffn.dropout = config.resid_pdrop;
+    Ok(PreNormBlock::new(
+        BlockNames::gpt2(),
+        Box::new(LayerNorm::new(d, eps, true, device)?),
+        Box::new(Gpt2Attention::new(config, layer, device)?),
+        Box::new(LayerNorm::new(d, eps, true, device)?),
+        Box::new(Gpt2Mlp { ffn: Box::new(ffn) }),
+    ))
 }
 
 /// A GPT-2 decoder: `wte`, `wpe`, blocks `h.0 .. h.{n_layer-1}`, `ln_f`.
@@ -564,7 +525,7 @@ impl Gpt2Model {
         let wpe = Embedding::from_weight(randn(&[config.n_positions, d], std, device)?)?;
         let mut h = Vec::new();
         for layer in 0..config.n_layer {
-            h.push(Box::new(Gpt2Block::new(&config, layer, device)?) as Slot);
+            h.push(Box::new(gpt2_block(&config, layer, device)?) as Slot);
         }
         let h_names = (0..config.n_layer).map(|i| format!("h.{i}")).collect();
         let ln_f = LayerNorm::new(d, config.layer_norm_epsilon, true, device)?;
@@ -925,7 +886,9 @@ mod tests {
 
     #[test]
     fn parameter_names_equal_checkpoint_keys() {
-        let model = load();
+        let mut model = load();
+        let report = tensor_core::contract::check_contract(&mut model).unwrap();
+        assert!(report.parameters > 0, "{report:?}");
         let file = SafetensorsFile::open(fixture().join("model.safetensors")).unwrap();
         let mut keys: Vec<String> = file
             .names()
@@ -1045,7 +1008,8 @@ mod tests {
         // AdamW rather than plain SGD: SGD at a rate that learns in 40 steps
         // diverges for some initialisations, AdamW learns from all we tried.
         let mut opt =
-            crate::train::AdamW::new(params, crate::train::AdamWConfig::new(1e-2)).unwrap();
+            tensor_core::train::AdamW::new(params, tensor_core::train::AdamWConfig::new(1e-2))
+                .unwrap();
         let mut losses = Vec::new();
         for _ in 0..40 {
             let loss = model.lm_loss(&ids, None, &mut Context::train()).unwrap();

@@ -11,7 +11,7 @@
 //!   the packaged default); [`config`]: Hugging Face `config.json`;
 //!   [`tokenizer`]: `tokenizer.json` through the `tokenizers` crate;
 //! - [`data`]: the project's real datasets (JSONL);
-//! - [`train`]: AdamW, schedules, clipping, batching, loops, metrics, checkpoints.
+//! - [`finetune`]: the text-classification recipe, on `tensor_core::train`.
 //!
 //! Every sub-module is reachable by its Hugging Face path through
 //! `tensor_core::ModuleExt` (`encoder.layer.3.attention.self.query`,
@@ -26,7 +26,6 @@ pub mod gpt;
 pub mod loading;
 pub mod source;
 pub mod tokenizer;
-pub mod train;
 pub mod vit;
 
 pub use error::{Error, Result};

@@ -279,18 +279,10 @@ pub(crate) mod fixtures {
     use std::path::{Path, PathBuf};
 
     use serde_json::{Map, Value};
-    use tensor_core::DType;
     use tensor_core::io;
     use tensor_core::tch::{Device, Tensor};
-    use tensor_core::testing::{device, tolerances};
 
-    /// How much looser a bound against a reference computed elsewhere
-    /// (`transformers`, torch, a naive formula) is on the test device than
-    /// on the CPU: as much as `tolerances` loosens f32's (1 on the CPU, 10
-    /// on CUDA).
-    pub fn slack() -> f64 {
-        tolerances(DType::F32, device()).0 / DType::F32.tolerances().0
-    }
+    pub use tensor_core::testing::slack;
 
     /// `tests/fixtures/<name>`.
     pub fn folder(name: &str) -> PathBuf {

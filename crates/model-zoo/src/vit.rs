@@ -32,8 +32,8 @@ use std::path::Path;
 
 use serde_json::{Map, Value, json};
 use tensor_core::layers::{
-    Activation, Attention, AttentionConfig, AttentionNames, FeedForward, FfnNames, LayerNorm,
-    Linear,
+    Activation, Attention, AttentionConfig, AttentionNames, BlockNames, FeedForward, FfnNames,
+    LayerNorm, Linear, PreNormBlock,
 };
 use tensor_core::module::{Context, Module, ModuleExt, Slot};
 use tensor_core::tch::{Device, Kind, Reduction, Tensor};
@@ -464,85 +464,42 @@ pub fn vit_attention_names() -> AttentionNames {
     }
 }
 
-/// One pre-LN encoder layer:
+/// One pre-LN encoder layer, `tensor-core`'s [`PreNormBlock`] with ViT's
+/// names (kind `VitLayer`):
 /// `z' = z + drop(attention(layernorm_before(z)))`, `z' + ffn(layernorm_after(z'))`.
-#[derive(Debug)]
-pub struct VitLayer {
-    pub layernorm_before: Slot,
-    /// [`Attention`] with [`vit_attention_names`].
-    pub attention: Slot,
-    pub layernorm_after: Slot,
-    /// [`FeedForward`] with [`FfnNames::bert`] (`intermediate.dense`, `output.dense`), label `(ffn)`.
-    pub ffn: Slot,
-    /// Dropout on the attention output (training only).
-    pub dropout: f64,
-}
-
-impl VitLayer {
-    pub fn new(config: &VitConfig, device: Device) -> Result<Self> {
-        let (d, std) = (config.hidden_size, config.initializer_range);
-        let mut acfg = AttentionConfig::new(d, config.num_attention_heads);
-        acfg.dropout = config.attention_probs_dropout_prob;
-        acfg.bias = config.qkv_bias;
-        let mut attention = Attention::new(acfg, vit_attention_names(), device)?;
-        attention.query = Box::new(linear(d, d, config.qkv_bias, std, device)?);
-        attention.key = Box::new(linear(d, d, config.qkv_bias, std, device)?);
-        attention.value = Box::new(linear(d, d, config.qkv_bias, std, device)?);
-        attention.output = Box::new(linear(d, d, true, std, device)?);
-        let i = config.intermediate_size;
-        let mut ffn = FeedForward::from_weights(
-            trunc_normal(&[i, d], std, device)?,
-            Some(zeros(&[i], device)?),
-            None,
-            trunc_normal(&[d, i], std, device)?,
-            Some(zeros(&[d], device)?),
-            config.activation()?,
-            FfnNames::bert(),
-        )?;
-        ffn.dropout = config.hidden_dropout_prob;
-        let eps = config.layer_norm_eps;
-        Ok(Self {
-            layernorm_before: Box::new(LayerNorm::new(d, eps, true, device)?),
-            attention: Box::new(attention),
-            layernorm_after: Box::new(LayerNorm::new(d, eps, true, device)?),
-            ffn: Box::new(ffn),
-            dropout: config.hidden_dropout_prob,
-        })
-    }
-}
-
-impl Module for VitLayer {
-    fn kind(&self) -> &'static str {
-        "VitLayer"
-    }
-
-    fn forward(&self, xs: &Tensor, ctx: &mut Context) -> TensorResult<Tensor> {
-        let a = ctx.call("layernorm_before", self.layernorm_before.as_ref(), xs)?;
-        let a = ctx.call("attention", self.attention.as_ref(), &a)?;
-        let a = dropout(a, self.dropout, ctx.train, "VitLayer dropout")?;
-        let h = xs.f_add(&a).op("VitLayer residual")?;
-        let m = ctx.call("layernorm_after", self.layernorm_after.as_ref(), &h)?;
-        let m = ctx.call("(ffn)", self.ffn.as_ref(), &m)?;
-        h.f_add(&m).op("VitLayer residual")
-    }
-
-    fn children(&self) -> Vec<(&str, &dyn Module)> {
-        vec![
-            ("layernorm_before", self.layernorm_before.as_ref()),
-            ("attention", self.attention.as_ref()),
-            ("layernorm_after", self.layernorm_after.as_ref()),
-            ("(ffn)", self.ffn.as_ref()),
-        ]
-    }
-
-    fn children_mut(&mut self) -> Vec<(&str, &mut Slot)> {
-        vec![
-            ("layernorm_before", &mut self.layernorm_before),
-            ("attention", &mut self.attention),
-            ("layernorm_after", &mut self.layernorm_after),
-            ("(ffn)", &mut self.ffn),
-        ]
-    }
+/// The attention is an [`Attention`] with [`vit_attention_names`]; the FFN
+/// a [`FeedForward`] with [`FfnNames::bert`] (`intermediate.dense`,
+/// `output.dense`) under the label `(ffn)`, the block's `mlp` slot.
+pub fn vit_layer(config: &VitConfig, device: Device) -> Result<PreNormBlock> {
+    let (d, std) = (config.hidden_size, config.initializer_range);
+    let mut acfg = AttentionConfig::new(d, config.num_attention_heads);
+    acfg.dropout = config.attention_probs_dropout_prob;
+    acfg.bias = config.qkv_bias;
+    let mut attention = Attention::new(acfg, vit_attention_names(), device)?;
+    attention.query = Box::new(linear(d, d, config.qkv_bias, std, device)?);
+    attention.key = Box::new(linear(d, d, config.qkv_bias, std, device)?);
+    attention.value = Box::new(linear(d, d, config.qkv_bias, std, device)?);
+    attention.output = Box::new(linear(d, d, true, std, device)?);
+    let i = config.intermediate_size;
+    let mut ffn = FeedForward::from_weights(
+        trunc_normal(&[i, d], std, device)?,
+        Some(zeros(&[i], device)?),
+        None,
+        trunc_normal(&[d, i], std, device)?,
+        Some(zeros(&[d], device)?),
+        config.activation()?,
+        FfnNames::bert(),
+    )?;
+    ffn.dropout = config.hidden_dropout_prob;
+    let eps = config.layer_norm_eps;
+    Ok(PreNormBlock::new(
+        BlockNames::vit(),
+        Box::new(LayerNorm::new(d, eps, true, device)?),
+        Box::new(attention),
+        Box::new(LayerNorm::new(d, eps, true, device)?),
+        Box::new(ffn),
+    )
+    .with_dropout(config.hidden_dropout_prob))
 }
 
 /// A ViT image classifier: `embeddings`, `encoder.layer.0 ..`, `layernorm`,
@@ -588,7 +545,7 @@ impl VitModel {
         };
         let mut layers = Vec::new();
         for _ in 0..config.num_hidden_layers {
-            layers.push(Box::new(VitLayer::new(&config, device)?) as Slot);
+            layers.push(Box::new(vit_layer(&config, device)?) as Slot);
         }
         let layer_names = (0..config.num_hidden_layers)
             .map(|i| format!("encoder.layer.{i}"))
@@ -830,7 +787,9 @@ mod tests {
 
     #[test]
     fn parameter_names_equal_hf_keys() {
-        let model = load();
+        let mut model = load();
+        let report = tensor_core::contract::check_contract(&mut model).unwrap();
+        assert!(report.parameters > 0, "{report:?}");
         let file = SafetensorsFile::open(fixture().join("model.safetensors")).unwrap();
         let mut keys = file.names();
         keys.sort();
@@ -1092,9 +1051,9 @@ mod tests {
         );
         let x = x + sign * left;
         // AdamW: SGD with momentum stalls for some initialisations.
-        let mut opt = crate::train::AdamW::new(
+        let mut opt = tensor_core::train::AdamW::new(
             model.trainable_parameters(),
-            crate::train::AdamWConfig::new(1e-2),
+            tensor_core::train::AdamWConfig::new(1e-2),
         )
         .unwrap();
         let mut losses = Vec::new();

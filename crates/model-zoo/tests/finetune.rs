@@ -7,7 +7,7 @@
 
 use model_zoo::bert::SequenceClassifier;
 use model_zoo::data::TextClassification;
-use model_zoo::finetune::{FinetuneHooks, FinetuneOptions, FinetuneReport, finetune_with};
+use model_zoo::finetune::{FinetuneOptions, FinetuneReport, TrainHooks, finetune_with};
 use model_zoo::source::ModelSource;
 use tensor_core::tch::{Kind, Tensor};
 use tensor_core::testing::device;
@@ -69,7 +69,7 @@ impl Module for AuxHead {
 
 struct WrapHead(f64);
 
-impl FinetuneHooks for WrapHead {
+impl TrainHooks<SequenceClassifier, model_zoo::Error> for WrapHead {
     fn prepare(&mut self, model: &mut SequenceClassifier) -> model_zoo::Result<String> {
         let loss = self.0;
         model.wrap("classifier", |inner| Box::new(AuxHead { inner, loss }))?;

@@ -10,6 +10,7 @@ use model_zoo::bert::{BertModel, Pooling, SentenceEncoder, SequenceClassifier};
 use model_zoo::config::BertConfig;
 use model_zoo::source::ModelSource;
 use model_zoo::tokenizer::TextTokenizer;
+use tensor_core::contract::check_contract;
 use tensor_core::io::{SafetensorsFile, save};
 use tensor_core::tch::{self, Device, Kind, Tensor};
 use tensor_core::testing::{closeness, device, tolerances};
@@ -114,7 +115,11 @@ fn hidden_states_of_layers_1_3_6_match_transformers() {
 
 #[test]
 fn every_submodule_is_reachable_by_its_hugging_face_path() {
-    let enc = encoder();
+    let mut enc = encoder();
+    // The module contract holds over the whole encoder, whose names are the
+    // checkpoint's keys (below).
+    let report = check_contract(&mut enc.model).unwrap();
+    assert!(report.modules > 50, "{report:?}");
     let m = &enc.model;
     assert_eq!(
         m.get("encoder.layer.3.attention.self.query")

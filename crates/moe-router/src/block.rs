@@ -11,9 +11,8 @@
 //! `model.replace("h.3.mlp.(ffn)", Box::new(moe))`. Dropout is 0.
 
 use serde::{Deserialize, Serialize};
-use tensor_core::layers::LayerNorm;
-use tensor_core::tch::{Device, Tensor};
-use tensor_core::{Context, Module, Slot, TchResultExt};
+use tensor_core::layers::{BlockNames, LayerNorm, PreNormBlock};
+use tensor_core::tch::Device;
 
 use crate::error::{Error, Result};
 use crate::moa::{MixtureOfAttention, MoaConfig};
@@ -88,59 +87,19 @@ impl ModuleFormerConfig {
     }
 }
 
-/// `h + MoA(LN₁ h)`, then `+ MoE(LN₂ ·)`; input `[B, T, d]`.
-#[derive(Debug)]
-pub struct ModuleFormerBlock {
-    pub ln_1: Slot,
-    pub attn: Slot,
-    pub ln_2: Slot,
-    pub mlp: Slot,
-}
-
-impl ModuleFormerBlock {
-    pub fn new(config: &ModuleFormerConfig, device: Device) -> Result<Self> {
-        if config.layer_norm_eps.is_nan() || config.layer_norm_eps <= 0.0 {
-            return Err(Error::config("layer_norm_eps must be > 0"));
-        }
-        let d = config.d_model;
-        Ok(Self {
-            ln_1: Box::new(LayerNorm::new(d, config.layer_norm_eps, true, device)?),
-            attn: Box::new(MixtureOfAttention::new(config.moa(), device)?),
-            ln_2: Box::new(LayerNorm::new(d, config.layer_norm_eps, true, device)?),
-            mlp: Box::new(MoeLayer::new(config.moe(), device)?),
-        })
+/// The block: `tensor-core`'s [`PreNormBlock`] with GPT-2's part names
+/// (kind `ModuleFormerBlock`): `h + MoA(LN₁ h)`, then `+ MoE(LN₂ ·)`;
+/// input `[B, T, d]`.
+pub fn moduleformer_block(config: &ModuleFormerConfig, device: Device) -> Result<PreNormBlock> {
+    if config.layer_norm_eps.is_nan() || config.layer_norm_eps <= 0.0 {
+        return Err(Error::config("layer_norm_eps must be > 0"));
     }
-}
-
-impl Module for ModuleFormerBlock {
-    fn kind(&self) -> &'static str {
-        "ModuleFormerBlock"
-    }
-
-    fn forward(&self, xs: &Tensor, ctx: &mut Context) -> tensor_core::Result<Tensor> {
-        let a = ctx.call("ln_1", self.ln_1.as_ref(), xs)?;
-        let a = ctx.call("attn", self.attn.as_ref(), &a)?;
-        let h = xs.f_add(&a).op("ModuleFormerBlock residual")?;
-        let m = ctx.call("ln_2", self.ln_2.as_ref(), &h)?;
-        let m = ctx.call("mlp", self.mlp.as_ref(), &m)?;
-        h.f_add(&m).op("ModuleFormerBlock residual")
-    }
-
-    fn children(&self) -> Vec<(&str, &dyn Module)> {
-        vec![
-            ("ln_1", self.ln_1.as_ref()),
-            ("attn", self.attn.as_ref()),
-            ("ln_2", self.ln_2.as_ref()),
-            ("mlp", self.mlp.as_ref()),
-        ]
-    }
-
-    fn children_mut(&mut self) -> Vec<(&str, &mut Slot)> {
-        vec![
-            ("ln_1", &mut self.ln_1),
-            ("attn", &mut self.attn),
-            ("ln_2", &mut self.ln_2),
-            ("mlp", &mut self.mlp),
-        ]
-    }
+    let d = config.d_model;
+    Ok(PreNormBlock::new(
+        BlockNames::gpt2_named("ModuleFormerBlock"),
+        Box::new(LayerNorm::new(d, config.layer_norm_eps, true, device)?),
+        Box::new(MixtureOfAttention::new(config.moa(), device)?),
+        Box::new(LayerNorm::new(d, config.layer_norm_eps, true, device)?),
+        Box::new(MoeLayer::new(config.moe(), device)?),
+    ))
 }

@@ -30,7 +30,7 @@
 //!    MF/SB variants, remainder options; the `O(T³)` reference;
 //! 8. [`moa`]: [`MixtureOfAttention`], per-expert query/output projections
 //!    over shared keys and values;
-//! 9. [`block`]: [`ModuleFormerBlock`] (pre-LN MoA + MoE FFN), slots named as GPT-2's;
+//! 9. [`block`]: [`moduleformer_block`] (pre-LN MoA + MoE FFN on `tensor-core`'s `PreNormBlock`), slots named as GPT-2's;
 //! 10. [`extend`]: grow a trained MoE FFN or MoA with new (masked) experts,
 //!     freeze the old ones, prune the experts a dataset does not use.
 //!
@@ -66,7 +66,7 @@ pub mod moe;
 pub mod router;
 pub mod stick_breaking;
 
-pub use block::{ModuleFormerBlock, ModuleFormerConfig};
+pub use block::{ModuleFormerConfig, moduleformer_block};
 pub use config::{
     BalanceVariant, CapacityRule, CvVariance, DropPolicy, GateType, LoadEstimator, Noise,
     RouterConfig, RoutingMode, ScoreFn, WeightMode,

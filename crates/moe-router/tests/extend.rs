@@ -33,8 +33,11 @@ fn grow_keeps_old_outputs_and_freezes_old_experts() {
         let mut m = layer(gate, WeightMode::Raw, ExpertActivation::SwiGlu, 1);
         let x = randn64(&[10, D], 2);
         let before = m.forward(&x, &mut Context::eval()).unwrap();
+        tensor_core::contract::check_contract(&mut m).unwrap();
         with_seed(3, || grow_experts(&mut m, 2, true, true)).unwrap();
         assert_eq!(m.num_experts(), 6);
+        // Frozen old experts beside the new ones: the contract still holds.
+        tensor_core::contract::check_contract(&mut m).unwrap();
         assert_eq!(m.expert_weights().unwrap().w1.size(), [6, 5, D]);
         let after = m.forward(&x, &mut Context::eval()).unwrap();
         assert_close(&after, &before, atomics_tol(1e-12), 0.0);
@@ -182,6 +185,7 @@ fn grown_moa_keeps_outputs_and_freezes_old_experts_and_shared_kv() {
         let before = m.forward(&x, &mut Context::eval()).unwrap();
         with_seed(22, || grow_attention_experts(&mut m, 3, true, true)).unwrap();
         assert_eq!(m.num_experts(), 7);
+        tensor_core::contract::check_contract(&mut m).unwrap();
         let (q, o) = m.expert_projections().unwrap();
         assert_eq!((q.size(), o.size()), (vec![7, 6, 8], vec![7, 8, 6]));
         assert_close(

@@ -6,7 +6,7 @@
 mod common;
 
 use common::{atomics_tol, dev, grads, leaf, randn64, seeded_f64, to_vec, trainable};
-use moe_router::block::{ModuleFormerBlock, ModuleFormerConfig};
+use moe_router::block::{ModuleFormerConfig, moduleformer_block};
 use moe_router::config::{GateType, WeightMode};
 use moe_router::moa::{KvCache, MixtureOfAttention, MoaConfig};
 use moe_router::moe::MoePath;
@@ -263,9 +263,16 @@ fn block_config() -> ModuleFormerConfig {
 
 #[test]
 fn block_is_causal_and_names_its_slots_like_gpt2() {
-    let block = seeded_f64(35, || {
-        ModuleFormerBlock::new(&block_config(), Device::Cpu).unwrap()
+    let mut block = seeded_f64(35, || {
+        moduleformer_block(&block_config(), Device::Cpu).unwrap()
     });
+    // The block, its MoA and its MoE layer keep the module contract.
+    let report = tensor_core::contract::check_contract(&mut block).unwrap();
+    assert_eq!(
+        report.parameters,
+        block.named_parameters().len(),
+        "{report:?}"
+    );
     let x = randn64(&[2, 7, 8], 36);
     let y = block.forward(&x, &mut Context::eval()).unwrap();
     // Perturb tokens 4.. : outputs 0..4 unchanged.
@@ -323,7 +330,7 @@ fn block_is_causal_and_names_its_slots_like_gpt2() {
     let mut gpt = tensor_core::module::Sequential::new().push_named(
         "h.0",
         Box::new(seeded_f64(38, || {
-            ModuleFormerBlock::new(&block_config(), Device::Cpu).unwrap()
+            moduleformer_block(&block_config(), Device::Cpu).unwrap()
         })),
     );
     let moa2 = seeded_f64(39, || {

@@ -46,6 +46,8 @@ fn adapters_have_peft_names_start_at_zero_and_train_one_factor() {
     let rep = add_orthogonal(&mut m, "a", &reg, &AdapterConfig::new(&["query", "value"])).unwrap();
     assert_eq!(rep.paths.len(), 4);
     assert_eq!(rep.trainable, 4 * 4 * 16);
+    // The adapted layers keep the module contract.
+    tensor_core::contract::check_contract(&mut m).unwrap();
     assert_eq!(rep.frozen, 4 * 16 * 4);
     let names: Vec<String> = m.named_parameters().into_iter().map(|(n, _)| n).collect();
     assert!(names.contains(&format!("{Q}.weight")));

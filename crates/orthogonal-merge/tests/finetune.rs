@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use model_zoo::bert::{BertModel, Pooling, SequenceClassifier};
 use model_zoo::data::TextClassification;
-use model_zoo::finetune::{FinetuneHooks, FinetuneOptions, finetune_with};
+use model_zoo::finetune::{FinetuneOptions, TrainHooks, finetune_with};
 use model_zoo::source::ModelSource;
 use orthogonal_merge::{
     AdapterConfig, BasisKind, FrozenSide, MergeConfig, Method, OrthoLinear, Registry, SaveOptions,
@@ -34,7 +34,7 @@ struct OrthoHooks {
     out: PathBuf,
 }
 
-impl FinetuneHooks for OrthoHooks {
+impl TrainHooks<SequenceClassifier, model_zoo::Error> for OrthoHooks {
     fn prepare(&mut self, model: &mut SequenceClassifier) -> model_zoo::Result<String> {
         let cfg = AdapterConfig::new(&TARGETS).with_alpha(16.0);
         let rep = add_orthogonal(model, &self.concept, &self.registry, &cfg).map_err(zoo)?;

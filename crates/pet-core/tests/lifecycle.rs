@@ -384,3 +384,50 @@ fn gradients_reach_only_trainable_adapter_parameters() {
         }
     }
 }
+
+/// Every wrapper pet-core puts into a model (LoRA, DoRA, IA3 on one
+/// `Linear`; bottleneck and VL-PET sites) keeps the module contract, and
+/// unloading gives back the plain tree.
+#[test]
+fn adapted_models_keep_the_module_contract() {
+    use tensor_core::contract::check_contract;
+    let mut m = base_model();
+    let plain = check_contract(&mut m).unwrap();
+    add_lora(
+        &mut m,
+        "a",
+        &lora(4, &["query", "value"], LoraInit::Random, 1),
+    )
+    .unwrap();
+    let mut dora = lora(2, &["query"], LoraInit::Random, 2);
+    dora.use_dora = true;
+    add_lora(&mut m, "d", &dora).unwrap();
+    add_ia3(
+        &mut m,
+        "i",
+        &Ia3Config {
+            target_modules: vec!["key".into(), "output.dense".into()],
+            feedforward_modules: vec!["layer.0.output.dense".into()],
+        },
+    )
+    .unwrap();
+    let adapters = pet_core::bottleneck::AdapterConfig {
+        r: 8,
+        target_modules: vec!["(ffn)".into()],
+        ..Default::default()
+    };
+    pet_core::add_adapter(&mut m, "b", &adapters, 32).unwrap();
+    let adapted = check_contract(&mut m).unwrap();
+    assert!(adapted.parameters > plain.parameters, "{adapted:?}");
+    assert!(adapted.modules > plain.modules, "{adapted:?}");
+    pet_core::delete_adapter(&mut m, "b").unwrap();
+    merge_and_unload(&mut m, true).unwrap();
+    assert_eq!(check_contract(&mut m).unwrap(), plain);
+
+    let mut v = base_model();
+    let mut cfg = pet_core::VlPetConfig::with_granularity(pet_core::Granularity::MiddleY);
+    cfg.r = 8;
+    cfg.heads = 4;
+    pet_core::apply_vlpet(&mut v, "vl", &cfg, 32).unwrap();
+    assert!(check_contract(&mut v).unwrap().parameters > plain.parameters);
+}

@@ -38,13 +38,13 @@ use model_zoo::config::BertConfig;
 use model_zoo::data::{ImageSet, TextClassification, TextExample};
 use model_zoo::source::ModelSource;
 use model_zoo::tokenizer::TextTokenizer;
-use model_zoo::train::{ClassificationMetrics, SplitMix64, class_ids, pad_batch};
-use model_zoo::vit::{VitConfig, VitLayer, VitModel};
+use model_zoo::vit::{VitConfig, VitModel};
 use moe_router::{ExpertActivation, MoeConfig, MoeLayer, RouterConfig};
-use tensor_core::layers::{LayerNorm, Linear};
+use tensor_core::layers::{LayerNorm, Linear, PreNormBlock};
 use tensor_core::module::{downcast_box, downcast_mut, is};
 use tensor_core::seed::with_seed;
 use tensor_core::tch::{self, Device, Kind, Tensor};
+use tensor_core::train::{ClassificationMetrics, SplitMix64, class_ids, pad_batch};
 use tensor_core::{Context, Module, ModuleExt, Slot};
 
 /// The pipeline's sizes: steps, data, the student's shape.
@@ -268,8 +268,8 @@ impl Arch {
             if let Some(l) = downcast_mut::<BertLayer>(layer.as_mut()) {
                 return Ok(&mut l.ffn);
             }
-        } else if let Some(l) = downcast_mut::<VitLayer>(layer.as_mut()) {
-            return Ok(&mut l.ffn);
+        } else if let Some(l) = downcast_mut::<PreNormBlock>(layer.as_mut()) {
+            return Ok(&mut l.mlp);
         }
         Err(format!("a BERT or ViT layer was expected, not a {kind}").into())
     }

@@ -16,10 +16,9 @@ use std::path::Path;
 use crate::{AnyResult, repo_root};
 use model_zoo::bert::{BertModel, Pooling, SequenceClassifier};
 use model_zoo::data::{TextClassification, TextExample};
-use model_zoo::finetune::FinetuneHooks;
+use model_zoo::finetune::TrainHooks;
 use model_zoo::source::ModelSource;
 use model_zoo::tokenizer::TextTokenizer;
-use model_zoo::train::{BatchPlan, SplitMix64, evaluate, pad_batch_with_labels};
 use orthogonal_merge::{
     AdapterConfig, BasisKind, FrozenSide, Merged, Registry, TaskDelta, add_lora, add_orthogonal,
     apply_merged, mark_only_trainable, task_delta,
@@ -27,6 +26,7 @@ use orthogonal_merge::{
 use tensor_core::layers::Linear;
 use tensor_core::module::downcast_ref;
 use tensor_core::tch::{Device, Tensor};
+use tensor_core::train::{BatchPlan, SplitMix64, evaluate, pad_batch_with_labels};
 
 pub const TARGETS: [&str; 2] = ["query", "value"];
 
@@ -249,7 +249,7 @@ pub struct MergeHooks<'a> {
     pub out: Option<Trained>,
 }
 
-impl FinetuneHooks for MergeHooks<'_> {
+impl TrainHooks<SequenceClassifier, model_zoo::Error> for MergeHooks<'_> {
     fn prepare(&mut self, model: &mut SequenceClassifier) -> model_zoo::Result<String> {
         let cfg = AdapterConfig {
             seed: self.seed,

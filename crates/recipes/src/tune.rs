@@ -7,7 +7,7 @@
 use emergent_split::{EmoeConfig, convert, refresh_gates};
 use model_zoo::bert::SequenceClassifier;
 use model_zoo::data::TextClassification;
-use model_zoo::finetune::{FinetuneHooks, FinetuneOptions, FinetuneReport, finetune_with};
+use model_zoo::finetune::{FinetuneOptions, FinetuneReport, TrainHooks, finetune_with};
 use model_zoo::source::ModelSource;
 use pet_core::{
     AdapterConfig, GateConfig, Granularity, LoraConfig, VlPetConfig, add_adapter, add_lora,
@@ -136,7 +136,7 @@ impl Hooks {
     }
 }
 
-impl FinetuneHooks for Hooks {
+impl TrainHooks<SequenceClassifier, model_zoo::Error> for Hooks {
     fn prepare(&mut self, model: &mut SequenceClassifier) -> model_zoo::Result<String> {
         let d = 384;
         let r = self.setup.adapter_r;

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Reference values for model-zoo's training kit (src/train/).
 
-Writes JSON fixtures under crates/model-zoo/tests/fixtures/train/:
+Writes JSON fixtures under crates/tensor-core/tests/fixtures/train/:
 - adamw.json:    torch.optim.AdamW, two parameter groups (decay / no decay),
                  5 steps on 3 small tensors with given gradients, one tensor
                  without a gradient for the first two steps, lr changed
@@ -14,7 +14,7 @@ Writes JSON fixtures under crates/model-zoo/tests/fixtures/train/:
 
 Run with the project's venv (torch 2.11, sklearn, transformers):
 
-    ~/.cache/modular/torch-2.11.0/bin/python crates/model-zoo/scripts/train_reference.py
+    ~/.cache/modular/torch-2.11.0/bin/python crates/tensor-core/scripts/train_reference.py
 
 Float32 values are written as Python floats (exact: every float32 is a
 float64 and `json` writes the shortest repr that round-trips).

@@ -68,6 +68,13 @@ pub enum Error {
     /// weight of a `Linear` that has been wrapped).
     #[error("{path}: {reason}")]
     Module { path: String, reason: String },
+    /// A file or folder that cannot be written, or whose content does not
+    /// fit what it is loaded into (a checkpoint for another model).
+    #[error("{path}: {reason}")]
+    Path { path: PathBuf, reason: String },
+    /// Invalid arguments or state (an empty batch, a step past the schedule).
+    #[error("{0}")]
+    Invalid(String),
 }
 
 fn hint(available: &[String]) -> String {
@@ -108,6 +115,17 @@ impl Error {
 
     pub fn config(msg: impl Into<String>) -> Self {
         Self::Config(msg.into())
+    }
+
+    pub fn path(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
+        Self::Path {
+            path: path.into(),
+            reason: reason.into(),
+        }
+    }
+
+    pub fn invalid(reason: impl Into<String>) -> Self {
+        Self::Invalid(reason.into())
     }
 
     pub fn module(path: impl Into<String>, reason: impl Into<String>) -> Self {

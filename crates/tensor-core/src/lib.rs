@@ -9,6 +9,7 @@
 //! 3. [`module`]: the extension point, [`Module`] in named [`Slot`]s, the
 //!    forward [`Context`], and [`ModuleExt`] to find, replace, wrap and
 //!    insert-after sub-modules by their Hugging Face paths.
+//!    [`contract`] checks the contract every module's lists must keep.
 //! 4. [`layers`]: `Linear`, `LayerNorm`, `Embedding`, `FeedForward`,
 //!    `Attention`, named as checkpoints name them.
 //! 5. [`grouped`]: grouped expert computation (permute, per-expert matmul,
@@ -16,8 +17,11 @@
 //! 6. [`io`]: safetensors, memory-mapped reads and atomic writes.
 //! 7. [`seed`]: seeding libtorch's global generator and seeded random
 //!    tensors; [`rng`]: the seeded host-side generator.
-//! 8. [`testing`]: the closeness check and the test device, for tests.
+//! 8. [`train`]: the training kit every crate shares: AdamW, schedules,
+//!    clipping, the gradient scaler, batching, loops, metrics, checkpoints.
+//! 9. [`testing`]: the closeness check and the test device, for tests.
 
+pub mod contract;
 pub mod device;
 pub mod error;
 pub mod grouped;
@@ -27,6 +31,7 @@ pub mod module;
 pub mod rng;
 pub mod seed;
 pub mod testing;
+pub mod train;
 
 pub use device::{DType, best};
 pub use error::{Error, Result, ResultExt, TchResultExt};

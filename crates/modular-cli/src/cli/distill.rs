@@ -73,7 +73,7 @@ examples:
                   --meta-steps 2 --incubate-steps 2 --eval-limit 64";
 
 fn metrics(s: &Scores) -> serde_json::Value {
-    let m = |m: &model_zoo::train::ClassificationMetrics| json!({"accuracy": m.accuracy, "macro_f1": m.macro_f1, "mcc": m.mcc, "examples": m.examples});
+    let m = |m: &tensor_core::train::ClassificationMetrics| json!({"accuracy": m.accuracy, "macro_f1": m.macro_f1, "mcc": m.mcc, "examples": m.examples});
     json!({"test": m(&s.id), "test_ood": s.ood.first().map(|o| m(&o.metrics)), "seconds": s.seconds})
 }
 

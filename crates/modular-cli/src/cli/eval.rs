@@ -11,9 +11,9 @@ use std::path::{Path, PathBuf};
 
 use model_zoo::data::{TextExample, load_jsonl};
 use model_zoo::finetune::class_logits;
-use model_zoo::train::{ClassificationMetrics, ConfusionMatrix};
 use serde_json::json;
 use tensor_core::tch::{Device, Kind};
+use tensor_core::train::{ClassificationMetrics, ConfusionMatrix};
 
 use super::tune::load_data;
 use super::tuned::{Tuned, load_tuned};

@@ -15,9 +15,8 @@ use std::path::{Path, PathBuf};
 
 use model_zoo::bert::SequenceClassifier;
 use model_zoo::data::{TextClassification, TextExample, load_jsonl};
-use model_zoo::finetune::{FinetuneHooks, FinetuneOptions, finetune_with};
+use model_zoo::finetune::{FinetuneOptions, TrainHooks, finetune_with};
 use model_zoo::source::ModelSource;
-use model_zoo::train::SplitMix64;
 use pet_core::{
     GateConfig, Granularity, LoraConfig, VlPetConfig, add_lora, apply_vlpet,
     mark_only_adapters_trainable, save_adapter, trainable_report,
@@ -25,6 +24,7 @@ use pet_core::{
 use serde_json::json;
 use tensor_core::ModuleExt;
 use tensor_core::tch::Tensor;
+use tensor_core::train::SplitMix64;
 
 use super::{AnyResult, AtomicDir, Flags, require_model_dir, usage};
 
@@ -112,7 +112,7 @@ fn zoo(e: impl std::fmt::Display) -> model_zoo::Error {
     model_zoo::Error::invalid(e.to_string())
 }
 
-impl FinetuneHooks for Hooks {
+impl TrainHooks<SequenceClassifier, model_zoo::Error> for Hooks {
     fn prepare(&mut self, model: &mut SequenceClassifier) -> model_zoo::Result<String> {
         let d = model
             .encoder()
@@ -365,7 +365,7 @@ pub fn run(args: &[String]) -> AnyResult<()> {
         vlpet: None,
     };
     let r = finetune_with(&source, &data, &opts, device, &mut hooks)?;
-    let metrics = |m: &model_zoo::train::ClassificationMetrics| json!({"accuracy": m.accuracy, "macro_f1": m.macro_f1, "mcc": m.mcc, "examples": m.examples});
+    let metrics = |m: &tensor_core::train::ClassificationMetrics| json!({"accuracy": m.accuracy, "macro_f1": m.macro_f1, "mcc": m.mcc, "examples": m.examples});
     let doc = json!({
         "format": "modular-tune",
         "version": 1,

@@ -5,12 +5,14 @@
 //! shapes of what it is given and returns `Result` from `forward`.
 
 mod attention;
+mod block;
 mod embedding;
 mod ffn;
 mod linear;
 mod norm;
 
 pub use attention::{Attention, AttentionConfig, AttentionNames};
+pub use block::{BlockNames, PreNormBlock};
 pub use embedding::Embedding;
 pub use ffn::{Activation, FeedForward, FfnNames, FfnPart};
 pub use linear::Linear;

@@ -10,10 +10,10 @@
 //!   on every machine, each epoch a different one; `drop_last` drops a final
 //!   short batch, as `torch.utils.data.DataLoader(drop_last=True)`.
 
-use tensor_core::TchResultExt;
-use tensor_core::tch::{Device, Tensor};
+use crate::TchResultExt;
+use crate::tch::{Device, Tensor};
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// A padded batch: `input_ids` and `attention_mask` are `[B, T]` int64,
 /// `labels` (if any) `[B]` int64, all on one device.
@@ -121,7 +121,7 @@ pub fn pad_batch_with_labels<S: AsRef<[i64]>>(
     pad_batch(seqs, pad_id, max_len, device)?.with_labels(labels)
 }
 
-pub use tensor_core::rng::SplitMix64;
+pub use crate::rng::SplitMix64;
 
 /// How the examples `0..n` are grouped into batches, epoch after epoch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -246,9 +246,9 @@ impl ExactSizeIterator for BatchIter {}
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tch::Kind;
+    use crate::testing::device;
     use proptest::prelude::*;
-    use tensor_core::tch::Kind;
-    use tensor_core::testing::device;
 
     fn rows(t: &Tensor) -> Vec<Vec<i64>> {
         let (b, n) = (t.size()[0], t.size()[1]);

@@ -2,9 +2,9 @@
 //! Hugging Face `model.safetensors` layout: full dotted names, stored dtype
 //! kept), with a string-to-string `__metadata__` map (epoch, step, metrics...).
 //!
-//! Writing goes through `tensor_core::io::save`, which is atomic (temporary
+//! Writing goes through `crate::io::save`, which is atomic (temporary
 //! file, sync, rename). Reading opens the file with
-//! `tensor_core::io::SafetensorsFile` and first compares it with the module:
+//! `crate::io::SafetensorsFile` and first compares it with the module:
 //! names the module has but the file lacks (missing), names the file has but
 //! the module lacks (unexpected), and shape mismatches. Shape or dtype-family
 //! mismatches are always errors; missing or unexpected names are errors when
@@ -14,11 +14,11 @@
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
-use tensor_core::ModuleExt;
-use tensor_core::io::{SafetensorsFile, save};
-use tensor_core::tch::Tensor;
+use crate::ModuleExt;
+use crate::io::{SafetensorsFile, save};
+use crate::tch::Tensor;
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// Save every parameter of `module` under its full name.
 pub fn save_checkpoint<M: ModuleExt + ?Sized>(
@@ -37,13 +37,13 @@ pub fn save_tensors(
 ) -> Result<()> {
     let path = path.as_ref();
     if tensors.is_empty() {
-        return Err(Error::file(path, "save_checkpoint: no tensors to save"));
+        return Err(Error::path(path, "save_checkpoint: no tensors to save"));
     }
     if let Some(dir) = path.parent()
         && !dir.as_os_str().is_empty()
     {
         std::fs::create_dir_all(dir)
-            .map_err(|e| Error::file(dir, format!("cannot create the folder: {e}")))?;
+            .map_err(|e| Error::path(dir, format!("cannot create the folder: {e}")))?;
     }
     let refs: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
     save(path, &refs, Some(metadata))?;
@@ -106,7 +106,7 @@ pub fn load_checkpoint<M: ModuleExt + ?Sized>(
             mismatched.push(format!("{name}: file {shape:?}, module {:?}", p.size()));
             continue;
         }
-        let float = tensor_core::device::is_float;
+        let float = crate::device::is_float;
         if float(kind) != float(p.kind()) {
             mismatched.push(format!(
                 "{name}: file dtype {kind:?}, module {:?}",
@@ -145,7 +145,7 @@ pub fn load_checkpoint<M: ModuleExt + ?Sized>(
         ));
     }
     if !problems.is_empty() {
-        return Err(Error::file(
+        return Err(Error::path(
             path,
             format!(
                 "checkpoint does not fit the module: {}",
@@ -165,10 +165,10 @@ pub fn load_checkpoint<M: ModuleExt + ?Sized>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tensor_core::layers::Linear;
-    use tensor_core::module::Sequential;
-    use tensor_core::tch::{Device, Kind};
-    use tensor_core::testing::{device, with_seed};
+    use crate::layers::Linear;
+    use crate::module::Sequential;
+    use crate::tch::{Device, Kind};
+    use crate::testing::{device, with_seed};
 
     /// On the test device: checkpoints are written from it and read onto it.
     fn mlp(seed: u64, hidden: i64) -> Sequential {
@@ -201,11 +201,11 @@ mod tests {
         for ((na, ta), (nb, tb)) in a.named_parameters().iter().zip(b.named_parameters()) {
             assert_eq!(na, &nb);
             assert_eq!(tb.device(), device(), "{nb} stays on the device");
-            tensor_core::testing::assert_close(&tb, ta, 0.0, 0.0);
+            crate::testing::assert_close(&tb, ta, 0.0, 0.0);
             assert!(tb.requires_grad(), "{nb} stays trainable");
         }
         // Through a trait object too.
-        let mut c: Box<dyn tensor_core::Module> = Box::new(mlp(3, 8));
+        let mut c: Box<dyn crate::Module> = Box::new(mlp(3, 8));
         load_checkpoint(&path, c.as_mut(), true).unwrap();
     }
 
@@ -223,7 +223,7 @@ mod tests {
             .to_string();
         assert!(e.contains("mis-shaped"), "{e}");
         assert!(e.contains("0.weight: file [8, 4], module [16, 4]"), "{e}");
-        tensor_core::testing::assert_close(&wide.named_parameters()[1].1, &before, 0.0, 0.0);
+        crate::testing::assert_close(&wide.named_parameters()[1].1, &before, 0.0, 0.0);
 
         // An extra layer in the module: missing names.
         let mut deeper = mlp(2, 8).push(Linear::new(2, 2, false, device()).unwrap());

@@ -11,10 +11,10 @@
 //! synchronisation. Unlike PyTorch's default (`error_if_nonfinite=False`), a
 //! NaN or infinite total is an error and the gradients are left unchanged.
 
-use tensor_core::TchResultExt;
-use tensor_core::tch::{self, Kind, Tensor};
+use crate::TchResultExt;
+use crate::tch::{self, Kind, Tensor};
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// Scale the gradients of `params` so that their global L2 norm is at most
 /// `max_norm` (> 0); returns the norm before clipping. Parameters without a
@@ -25,15 +25,45 @@ pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> Result<f64> {
             "clip_grad_norm: max_norm must be finite and > 0, got {max_norm}"
         )));
     }
+    let Some((total, total_host, mut grads)) = total_norm(params, "clip_grad_norm")? else {
+        return Ok(0.0);
+    };
+    tch::no_grad(|| -> Result<()> {
+        // coef computed on the device in the norm's dtype, exactly as torch does.
+        let coef = total
+            .f_add_scalar(1e-6)
+            .and_then(|d| d.f_reciprocal())
+            .and_then(|r| r.f_mul_scalar(max_norm))
+            .and_then(|c| c.f_clamp_max(1.0))
+            .op("clip_grad_norm")?;
+        for g in &mut grads {
+            let c = coef.f_to_device(g.device()).op("clip_grad_norm")?;
+            g.f_mul_(&c).map(drop).op("clip_grad_norm")?;
+        }
+        Ok(())
+    })?;
+    Ok(total_host)
+}
+
+/// The global L2 norm of the gradients of `params`, computed as
+/// [`clip_grad_norm`] computes it, without changing them (0 when none has a
+/// gradient; NaN or Inf is an error).
+pub fn grad_norm(params: &[Tensor]) -> Result<f64> {
+    Ok(total_norm(params, "grad_norm")?.map_or(0.0, |(_, host, _)| host))
+}
+
+/// The total norm on the device and on the host, and the defined gradients;
+/// `None` when no parameter has a gradient.
+fn total_norm(params: &[Tensor], op: &str) -> Result<Option<(Tensor, f64, Vec<Tensor>)>> {
     let mut grads = Vec::new();
     for p in params {
-        let g = p.f_grad().op("clip_grad_norm")?;
+        let g = p.f_grad().op(op)?;
         if g.defined() {
             grads.push(g);
         }
     }
     let Some(first) = grads.first() else {
-        return Ok(0.0);
+        return Ok(None);
     };
     let device = first.device();
     // Per-tensor norms in the gradients' dtype (as torch), promoted to f64 only
@@ -55,43 +85,27 @@ pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> Result<f64> {
                     .and_then(|n| n.f_to_kind(norm_kind))
             })
             .collect::<std::result::Result<Vec<_>, _>>()
-            .op("clip_grad_norm")?;
-        Ok(Tensor::f_stack(&norms, 0)
-            .and_then(|s| s.f_norm())
-            .op("clip_grad_norm")?)
+            .op(op)?;
+        Tensor::f_stack(&norms, 0).and_then(|s| s.f_norm()).op(op)
     })?;
-    let total_host = total.f_double_value(&[]).op("clip_grad_norm")?;
+    let total_host = total.f_double_value(&[]).op(op)?;
     if !total_host.is_finite() {
         return Err(Error::invalid(format!(
-            "clip_grad_norm: the total gradient norm is {total_host} (NaN or Inf gradients); \
+            "{op}: the total gradient norm is {total_host} (NaN or Inf gradients); \
              gradients left unchanged"
         )));
     }
-    tch::no_grad(|| -> Result<()> {
-        // coef computed on the device in the norm's dtype, exactly as torch does.
-        let coef = total
-            .f_add_scalar(1e-6)
-            .and_then(|d| d.f_reciprocal())
-            .and_then(|r| r.f_mul_scalar(max_norm))
-            .and_then(|c| c.f_clamp_max(1.0))
-            .op("clip_grad_norm")?;
-        for g in &mut grads {
-            let c = coef.f_to_device(g.device()).op("clip_grad_norm")?;
-            g.f_mul_(&c).map(drop).op("clip_grad_norm")?;
-        }
-        Ok(())
-    })?;
-    Ok(total_host)
+    Ok(Some((total, total_host, grads)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tch::Device;
+    use crate::testing::{closeness, device};
     use serde_json::Value;
-    use tensor_core::tch::Device;
-    use tensor_core::testing::{closeness, device};
 
-    use crate::loading::fixtures::slack;
+    use crate::testing::slack;
 
     const FIXTURE: &str = include_str!("../../tests/fixtures/train/clip.json");
 
@@ -157,8 +171,12 @@ mod tests {
         (&p * Tensor::from_slice(&[3.0f32, 4.0, 0.0, 0.0]).to_device(device()))
             .sum(Kind::Float)
             .backward();
+        // Measuring alone changes nothing.
+        let measured = grad_norm(std::slice::from_ref(&p)).unwrap();
+        assert!((measured - 5.0).abs() < 1e-6);
+        assert_eq!(p.grad().double_value(&[1]), 4.0);
         let total = clip_grad_norm(std::slice::from_ref(&p), 1.0).unwrap();
-        assert!((total - 5.0).abs() < 1e-6);
+        assert_eq!(total, measured);
         let after = p.grad().norm().double_value(&[]);
         assert!((after - 1.0).abs() < 1e-5, "{after}");
     }

@@ -20,15 +20,15 @@
 use std::io::IsTerminal;
 use std::time::Instant;
 
+use crate::TchResultExt;
+use crate::tch::{self, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
-use tensor_core::TchResultExt;
-use tensor_core::tch::{self, Tensor};
 
 use super::clip::clip_grad_norm;
 use super::metrics::{ClassificationMetrics, class_ids};
 use super::optim::AdamW;
 use super::schedule::LrSchedule;
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// What a training epoch does besides forward/backward/step.
 #[derive(Debug, Clone)]
@@ -131,16 +131,19 @@ fn per_sec(examples: usize, seconds: f64) -> f64 {
 /// One pass over `batches`: for each index batch, `loss_fn` computes a scalar
 /// loss (forward pass in training mode), then backward, optional clipping,
 /// `opt.step()` and `opt.zero_grad()` (see the module docs). A NaN or
-/// infinite loss stops the epoch with an error naming the step.
-pub fn train_epoch<I, F>(
+/// infinite loss stops the epoch with an error naming the step. The
+/// closure's error type is the caller's (any error a kit error converts
+/// into), so a data error from inside the closure comes back unchanged.
+pub fn train_epoch<I, F, E>(
     batches: I,
     opt: &mut AdamW,
     options: &TrainOptions,
     mut loss_fn: F,
-) -> Result<EpochStats>
+) -> Result<EpochStats, E>
 where
     I: IntoIterator<Item = Vec<usize>>,
-    F: FnMut(&[usize]) -> Result<Tensor>,
+    F: FnMut(&[usize]) -> Result<Tensor, E>,
+    E: From<Error>,
 {
     if let Some(s) = &options.schedule {
         s.validate()?;
@@ -148,9 +151,9 @@ where
     if let Some(c) = options.clip_norm
         && !(c.is_finite() && c > 0.0)
     {
-        return Err(Error::invalid(format!(
+        return Err(E::from(Error::invalid(format!(
             "train_epoch: clip norm must be finite and > 0, got {c}"
-        )));
+        ))));
     }
     let params = opt.parameters();
     let batches = batches.into_iter();
@@ -163,19 +166,19 @@ where
     for indices in batches {
         let step = opt.step_count();
         if indices.is_empty() {
-            return Err(Error::invalid(format!(
+            return Err(E::from(Error::invalid(format!(
                 "train_epoch: step {step}: empty index batch"
-            )));
+            ))));
         }
         if let Some(s) = &options.schedule {
             opt.set_lr(opt.base_lr() * s.factor(step))?;
         }
         let loss = loss_fn(&indices)?;
         if loss.numel() != 1 {
-            return Err(Error::invalid(format!(
+            return Err(E::from(Error::invalid(format!(
                 "train_epoch: step {step}: the loss must be a scalar, got shape {:?}",
                 loss.size()
-            )));
+            ))));
         }
         let value = loss
             .f_detach()
@@ -184,9 +187,9 @@ where
             .op("train_epoch: loss")?;
         if !value.is_finite() {
             pb.abandon();
-            return Err(Error::invalid(format!(
+            return Err(E::from(Error::invalid(format!(
                 "train_epoch: the loss is {value} at step {step} (batch {steps} of this epoch); stopping"
-            )));
+            ))));
         }
         loss.f_backward().op("train_epoch: backward")?;
         if let Some(max_norm) = options.clip_norm {
@@ -209,9 +212,9 @@ where
     }
     pb.finish_and_clear();
     if steps == 0 {
-        return Err(Error::invalid(
+        return Err(E::from(Error::invalid(
             "train_epoch: no batches (is the dataset smaller than a batch with drop_last?)",
-        ));
+        )));
     }
     let seconds = start.elapsed().as_secs_f64();
     Ok(EpochStats {
@@ -264,10 +267,11 @@ impl EvalOutput {
 /// One pass over `batches` under `no_grad`: `predict` returns, for an index
 /// batch, class ids (`[B]`, any integer dtype) or scores (`[B, C]`, argmax
 /// taken), one per index.
-pub fn evaluate<I, F>(batches: I, show_progress: bool, mut predict: F) -> Result<EvalOutput>
+pub fn evaluate<I, F, E>(batches: I, show_progress: bool, mut predict: F) -> Result<EvalOutput, E>
 where
     I: IntoIterator<Item = Vec<usize>>,
-    F: FnMut(&[usize]) -> Result<Tensor>,
+    F: FnMut(&[usize]) -> Result<Tensor, E>,
+    E: From<Error>,
 {
     let batches = batches.into_iter();
     let pb = progress_bar(batches.size_hint().0, show_progress, "eval");
@@ -285,12 +289,12 @@ where
         let ids = class_ids(&scores)?;
         if ids.len() != indices.len() {
             pb.abandon();
-            return Err(Error::invalid(format!(
+            return Err(E::from(Error::invalid(format!(
                 "evaluate: batch {step}: {} predictions (shape {:?}) for {} examples",
                 ids.len(),
                 scores.size(),
                 indices.len()
-            )));
+            ))));
         }
         out.indices.extend_from_slice(&indices);
         out.predictions.extend(ids);
@@ -299,7 +303,7 @@ where
     }
     pb.finish_and_clear();
     if out.steps == 0 {
-        return Err(Error::invalid("evaluate: no batches"));
+        return Err(E::from(Error::invalid("evaluate: no batches")));
     }
     out.seconds = start.elapsed().as_secs_f64();
     out.examples_per_sec = per_sec(out.indices.len(), out.seconds);
@@ -309,13 +313,13 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::layers::Linear;
+    use crate::tch::{Device, Kind, Reduction};
+    use crate::testing::{device, randn_seeded, with_seed};
     use crate::train::batch::BatchPlan;
     use crate::train::optim::AdamWConfig;
     use crate::train::schedule::ScheduleKind;
-    use tensor_core::layers::Linear;
-    use tensor_core::tch::{Device, Kind, Reduction};
-    use tensor_core::testing::{device, randn_seeded, with_seed};
-    use tensor_core::{Context, Module};
+    use crate::{Context, Module};
 
     /// y = x·[1.5, −2, 0.5] + 0.3, fitted by a Linear(3, 1) with AdamW, a
     /// cosine schedule with warm-up and clipping.
@@ -344,7 +348,7 @@ mod tests {
                 let idx_t = Tensor::from_slice(&idx.iter().map(|&i| i as i64).collect::<Vec<_>>())
                     .to_device(device);
                 let pred = model.forward(&x.index_select(0, &idx_t), &mut Context::train())?;
-                Ok(pred.mse_loss(&y.index_select(0, &idx_t), Reduction::Mean))
+                Ok::<_, Error>(pred.mse_loss(&y.index_select(0, &idx_t), Reduction::Mean))
             })
             .unwrap();
             first.get_or_insert(s.mean_loss);
@@ -397,7 +401,7 @@ mod tests {
             last = train_epoch(plan.epoch(epoch), &mut opt, &options, |idx| {
                 let i = rows(idx);
                 let logits = model.forward(&x.index_select(0, &i), &mut Context::train())?;
-                Ok(logits.cross_entropy_for_logits(&y.index_select(0, &i)))
+                Ok::<_, Error>(logits.cross_entropy_for_logits(&y.index_select(0, &i)))
             })
             .unwrap()
             .mean_loss;
@@ -405,7 +409,7 @@ mod tests {
         assert!(last < 0.05, "loss {last}");
         let eval_plan = BatchPlan::new(n as usize, 32).unwrap();
         let out = evaluate(eval_plan.epoch(0), false, |idx| {
-            Ok(model.forward(&x.index_select(0, &rows(idx)), &mut Context::eval())?)
+            model.forward(&x.index_select(0, &rows(idx)), &mut Context::eval())
         })
         .unwrap();
         assert_eq!(out.indices, (0..n as usize).collect::<Vec<_>>());
@@ -432,7 +436,7 @@ mod tests {
             |_| {
                 calls += 1;
                 let l = p.sum(Kind::Float);
-                Ok(if calls == 3 { l * f64::NAN } else { l })
+                Ok::<_, Error>(if calls == 3 { l * f64::NAN } else { l })
             },
         )
         .unwrap_err()
@@ -451,28 +455,36 @@ mod tests {
         )
         .unwrap();
         let quiet = TrainOptions::default().quiet();
-        let e = train_epoch(vec![vec![0, 1]], &mut opt, &quiet, |_| Ok(&p * 2.0))
-            .unwrap_err()
-            .to_string();
+        let e = train_epoch(vec![vec![0, 1]], &mut opt, &quiet, |_| {
+            Ok::<_, Error>(&p * 2.0)
+        })
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("must be a scalar"), "{e}");
         let e = train_epoch(Vec::<Vec<usize>>::new(), &mut opt, &quiet, |_| {
-            Ok(p.sum(Kind::Float))
+            Ok::<_, Error>(p.sum(Kind::Float))
         })
         .unwrap_err()
         .to_string();
         assert!(e.contains("no batches"), "{e}");
         let bad = TrainOptions::default().quiet().with_clip_norm(-1.0);
-        assert!(train_epoch(vec![vec![0]], &mut opt, &bad, |_| Ok(p.sum(Kind::Float))).is_err());
+        assert!(
+            train_epoch(vec![vec![0]], &mut opt, &bad, |_| Ok::<_, Error>(
+                p.sum(Kind::Float)
+            ))
+            .is_err()
+        );
         let bad_schedule = TrainOptions {
             schedule: Some(LrSchedule {
                 warmup_steps: 5,
                 total_steps: 2,
                 kind: ScheduleKind::Linear,
+                warmup_start: Default::default(),
             }),
             ..quiet.clone()
         };
         let e = train_epoch(vec![vec![0]], &mut opt, &bad_schedule, |_| {
-            Ok(p.sum(Kind::Float))
+            Ok::<_, Error>(p.sum(Kind::Float))
         })
         .unwrap_err()
         .to_string();
@@ -485,7 +497,7 @@ mod tests {
         .to_string();
         assert_eq!(e, "boom");
         let e = evaluate(vec![vec![0, 1, 2]], false, |_| {
-            Ok(Tensor::from_slice(&[1i64, 0]))
+            Ok::<_, Error>(Tensor::from_slice(&[1i64, 0]))
         })
         .unwrap_err()
         .to_string();

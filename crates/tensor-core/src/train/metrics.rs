@@ -16,10 +16,10 @@
 
 use std::collections::BTreeMap;
 
-use tensor_core::TchResultExt;
-use tensor_core::tch::{Device, Kind, Tensor};
+use crate::TchResultExt;
+use crate::tch::{Device, Kind, Tensor};
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 fn check(op: &str, predictions: &[i64], labels: &[i64]) -> Result<()> {
     if predictions.len() != labels.len() {
@@ -186,7 +186,7 @@ impl std::fmt::Display for ClassificationMetrics {
 /// the argmax over the last dimension when `t` holds floating-point scores.
 pub fn class_ids(t: &Tensor) -> Result<Vec<i64>> {
     let kind = t.f_kind().op("class_ids")?;
-    let ids = if tensor_core::device::is_float(kind) {
+    let ids = if crate::device::is_float(kind) {
         t.f_argmax(-1, false).op("class_ids")?
     } else if kind == Kind::Bool {
         return Err(Error::invalid(
@@ -200,7 +200,7 @@ pub fn class_ids(t: &Tensor) -> Result<Vec<i64>> {
         .and_then(|t| t.f_to_device(Device::Cpu))
         .and_then(|t| t.f_flatten(0, -1))
         .op("class_ids")?;
-    Ok(Vec::<i64>::try_from(&flat).op("class_ids")?)
+    Vec::<i64>::try_from(&flat).op("class_ids")
 }
 
 #[cfg(test)]
@@ -293,7 +293,7 @@ mod tests {
     #[test]
     fn class_ids_from_scores_and_ids() {
         // Scores and ids on the test device, the ids read back to the host.
-        let dev = tensor_core::testing::device();
+        let dev = crate::testing::device();
         let scores = Tensor::from_slice(&[0.1f32, 0.9, 0.8, 0.2, 0.3, 0.7])
             .reshape([3, 2])
             .to_device(dev);

@@ -19,12 +19,16 @@
 //!    closure, with a progress bar;
 //! 7. [`checkpoint`]: [`save_checkpoint`] / [`load_checkpoint`], safetensors
 //!    with metadata, written atomically, mismatches reported by name;
+//! 8. [`hooks`]: [`TrainHooks`], how a method crate takes part in a recipe
+//!    it does not own, for any model type;
+//! 9. [`scaler`]: [`GradScaler`], dynamic loss scaling for f16;
 //!
 //! and [`freeze_all_but`] here, to train only part of a model.
 
 pub mod batch;
 pub mod checkpoint;
 pub mod clip;
+pub mod hooks;
 pub mod loops;
 pub mod metrics;
 pub mod optim;
@@ -33,7 +37,8 @@ pub mod schedule;
 
 pub use batch::{Batch, BatchIter, BatchPlan, SplitMix64, pad_batch, pad_batch_with_labels};
 pub use checkpoint::{LoadReport, load_checkpoint, read_metadata, save_checkpoint, save_tensors};
-pub use clip::clip_grad_norm;
+pub use clip::{clip_grad_norm, grad_norm};
+pub use hooks::{NoHooks, TrainHooks};
 pub use loops::{EpochStats, EvalOutput, TrainOptions, evaluate, train_epoch};
 pub use metrics::{
     ClassificationMetrics, ConfusionMatrix, accuracy, class_ids, confusion_matrix, macro_f1,
@@ -41,9 +46,9 @@ pub use metrics::{
 };
 pub use optim::{AdamW, AdamWConfig, DEFAULT_NO_DECAY, ParamGroup};
 pub use scaler::{GradScaler, ScalerConfig};
-pub use schedule::{LrSchedule, ScheduleKind};
+pub use schedule::{LrSchedule, ScheduleKind, WarmupStart};
 
-use tensor_core::ModuleExt;
+use crate::ModuleExt;
 
 /// Freeze every parameter of `module`, then make trainable those whose full
 /// name matches one of the glob `patterns` (`"*.lora_*"`, `"classifier.*"`).
@@ -75,9 +80,9 @@ pub(crate) mod test_fixtures {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tensor_core::layers::Linear;
-    use tensor_core::module::Sequential;
-    use tensor_core::tch::Device;
+    use crate::layers::Linear;
+    use crate::module::Sequential;
+    use crate::tch::Device;
 
     #[test]
     fn freeze_all_but_keeps_only_matches() {
@@ -100,7 +105,7 @@ mod tests {
             .to_string();
         assert!(e.contains("no parameters"), "{e}");
         // Through a trait object.
-        let mut boxed: Box<dyn tensor_core::Module> = Box::new(m);
+        let mut boxed: Box<dyn crate::Module> = Box::new(m);
         assert_eq!(freeze_all_but(boxed.as_mut(), &["*"]), 4);
     }
 }

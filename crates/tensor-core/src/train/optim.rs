@@ -30,11 +30,11 @@
 
 use std::collections::HashSet;
 
-use tensor_core::module::glob_match;
-use tensor_core::tch::{self, Kind, Tensor};
-use tensor_core::{Module, ModuleExt, TchResultExt};
+use crate::module::glob_match;
+use crate::tch::{self, Kind, Tensor};
+use crate::{Module, ModuleExt, TchResultExt};
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// Default no-decay patterns: biases and layer-norm weights under the names
 /// BERT, GPT-2, ViT and T5-style checkpoints give them.
@@ -55,7 +55,7 @@ pub struct AdamWConfig {
     pub betas: (f64, f64),
     pub eps: f64,
     pub weight_decay: f64,
-    /// Glob patterns (see `tensor_core::module::glob_match`) of parameter
+    /// Glob patterns (see `crate::module::glob_match`) of parameter
     /// names that get no weight decay.
     pub no_decay: Vec<String>,
     /// Keep f32 master weights (and f32 moments) for bf16/f16 parameters.
@@ -228,7 +228,7 @@ impl AdamW {
                 )));
             }
             let kind = param.f_kind().op(&name)?;
-            if !tensor_core::device::is_float(kind) {
+            if !crate::device::is_float(kind) {
                 return Err(Error::invalid(format!(
                     "AdamW: parameter '{name}' has dtype {kind:?}, not a floating-point type"
                 )));
@@ -436,11 +436,11 @@ impl AdamW {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tch::{Device, Kind};
+    use crate::testing::device;
     use serde_json::Value;
-    use tensor_core::tch::{Device, Kind};
-    use tensor_core::testing::device;
 
-    use crate::loading::fixtures::slack;
+    use crate::testing::slack;
 
     const FIXTURE: &str = include_str!("../../tests/fixtures/train/adamw.json");
 
@@ -559,7 +559,7 @@ mod tests {
             opt.step().unwrap();
             for ((name, p), shape) in named.iter().zip(&shapes) {
                 let expected = tensor(&step["expected"][name.as_str()], shape, device);
-                let c = tensor_core::testing::closeness(p, &expected, 1e-6 * slack(), 0.0).unwrap();
+                let c = crate::testing::closeness(p, &expected, 1e-6 * slack(), 0.0).unwrap();
                 assert!(c.ok, "step {i} {name}: max abs err {:e}", c.max_abs);
                 worst = worst.max(c.max_abs);
             }
@@ -633,8 +633,8 @@ mod tests {
         ((&w + &b).sum(Kind::Float) * 0.0).backward();
         opt.step().unwrap();
         let expect_w = Tensor::full([3], 1.0 - 0.1 * 0.5, (Kind::Float, dev));
-        tensor_core::testing::assert_close(&w, &expect_w, 1e-7 * slack(), 0.0);
-        tensor_core::testing::assert_close(&b, &Tensor::ones([3], (Kind::Float, dev)), 0.0, 0.0);
+        crate::testing::assert_close(&w, &expect_w, 1e-7 * slack(), 0.0);
+        crate::testing::assert_close(&b, &Tensor::ones([3], (Kind::Float, dev)), 0.0, 0.0);
     }
 
     #[test]
@@ -646,7 +646,7 @@ mod tests {
         opt.step().unwrap();
         assert_eq!(opt.step_count(), 1);
         assert_eq!(opt.param_step("w").unwrap(), 0);
-        tensor_core::testing::assert_close(&p, &before, 0.0, 0.0);
+        crate::testing::assert_close(&p, &before, 0.0, 0.0);
         assert!(
             opt.param_step("nope")
                 .unwrap_err()

@@ -15,11 +15,11 @@
 //! bf16 has f32's exponent range and needs no scaling: use
 //! [`GradScaler::disabled`], which makes every call a pass-through.
 
-use tensor_core::TchResultExt;
-use tensor_core::tch::{self, Device, Kind, Tensor};
+use crate::TchResultExt;
+use crate::tch::{self, Device, Kind, Tensor};
 
 use super::optim::AdamW;
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// Settings of [`GradScaler`].
 #[derive(Debug, Clone, PartialEq)]
@@ -112,7 +112,7 @@ impl GradScaler {
             .f_to_kind(loss.kind())
             .and_then(|s| s.f_reshape([]))
             .op(op)?;
-        Ok(loss.f_mul(&s).op(op)?)
+        loss.f_mul(&s).op(op)
     }
 
     /// Unscale the optimiser's gradients in place and return the device
@@ -178,8 +178,8 @@ impl GradScaler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::device;
     use crate::train::AdamWConfig;
-    use tensor_core::testing::device;
 
     /// A parameter on the test device.
     fn param(v: &[f32], kind: Kind) -> Tensor {

@@ -14,8 +14,10 @@
 //!
 //! As in transformers, a warm-up makes the very first step's rate 0, and the
 //! cosine curve rises again past `n` (it is not clamped at the end).
+//! [`WarmupStart::FirstStep`] shifts the warm-up by one step, `(s + 1) / w`,
+//! so that no step is wasted at rate 0 (the m2mKD recipe's warm-up).
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// The shape of the schedule after warm-up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,12 +27,24 @@ pub enum ScheduleKind {
     Cosine,
 }
 
+/// Where the warm-up ramp starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WarmupStart {
+    /// Step `s` of the warm-up at `s / w`: the first step's rate is 0
+    /// (transformers' `get_*_schedule_with_warmup`).
+    #[default]
+    Zero,
+    /// Step `s` at `(s + 1) / w`: the first step already moves the weights.
+    FirstStep,
+}
+
 /// A learning-rate multiplier per optimiser step (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LrSchedule {
     pub warmup_steps: u64,
     pub total_steps: u64,
     pub kind: ScheduleKind,
+    pub warmup_start: WarmupStart,
 }
 
 impl LrSchedule {
@@ -40,9 +54,16 @@ impl LrSchedule {
             warmup_steps,
             total_steps,
             kind,
+            warmup_start: WarmupStart::Zero,
         };
         s.validate()?;
         Ok(s)
+    }
+
+    /// The same schedule with its warm-up starting as `start` says.
+    pub fn with_warmup_start(mut self, start: WarmupStart) -> Self {
+        self.warmup_start = start;
+        self
     }
 
     pub fn constant(warmup_steps: u64, total_steps: u64) -> Result<Self> {
@@ -86,7 +107,11 @@ impl LrSchedule {
     pub fn factor(&self, step: u64) -> f64 {
         let (s, w, n) = (step as f64, self.warmup_steps, self.total_steps);
         if step < w {
-            return s / (w.max(1) as f64);
+            let ramp = match self.warmup_start {
+                WarmupStart::Zero => s,
+                WarmupStart::FirstStep => s + 1.0,
+            };
+            return ramp / (w.max(1) as f64);
         }
         let after = n.saturating_sub(w).max(1) as f64;
         match self.kind {
@@ -163,6 +188,19 @@ mod tests {
         assert_eq!(r.warmup_steps, 10);
     }
 
+    /// The shifted warm-up: `(s + 1) / w` during warm-up, the same curve after.
+    #[test]
+    fn warmup_from_the_first_step() {
+        let base = LrSchedule::cosine(4, 12).unwrap();
+        let s = base.with_warmup_start(WarmupStart::FirstStep);
+        let ramp: Vec<f64> = (0..4).map(|i| s.factor(i)).collect();
+        assert_eq!(ramp, vec![0.25, 0.5, 0.75, 1.0]);
+        for step in 4..=12 {
+            assert_eq!(s.factor(step), base.factor(step), "step {step}");
+        }
+        assert_eq!(base.factor(0), 0.0);
+    }
+
     #[test]
     fn warmup_longer_than_training_is_an_error() {
         let e = LrSchedule::cosine(11, 10).unwrap_err().to_string();
@@ -175,6 +213,7 @@ mod tests {
             warmup_steps: 3,
             total_steps: 1,
             kind: ScheduleKind::Linear,
+            warmup_start: WarmupStart::Zero,
         };
         assert!(raw.validate().is_err());
     }
