@@ -90,13 +90,9 @@ impl OptimConfig {
             Schedule::Linear => ScheduleKind::Linear,
             Schedule::Constant => ScheduleKind::Constant,
         };
-        let warmup = ((self.warmup_ratio * total as f64).round() as u64).min(total);
+        // `validate` keeps the ratio below 1, so the warm-up fits in `total`.
+        let warmup = (self.warmup_ratio * total as f64).round() as u64;
         Ok(LrSchedule::new(kind, warmup, total)?.with_warmup_start(WarmupStart::FirstStep))
-    }
-
-    /// The schedule's factor at `step` (0-based) of `total`.
-    pub fn factor(&self, step: u64, total: u64) -> Result<f64> {
-        Ok(self.schedule(total)?.factor(step.min(total)))
     }
 
     /// The kit optimiser's settings.
@@ -150,15 +146,9 @@ impl Optimizer {
     /// norm before clipping.
     pub fn step(&mut self) -> Result<f64> {
         let norm = match self.clip_norm {
-            Some(max) => clip_grad_norm(&self.params, max),
-            None => grad_norm(&self.params),
-        }
-        .map_err(|e| match e {
-            tensor_core::Error::Invalid(_) => Error::NonFinite {
-                what: "the gradient norm".into(),
-            },
-            other => other.into(),
-        })?;
+            Some(max) => clip_grad_norm(&self.params, max)?,
+            None => grad_norm(&self.params)?,
+        };
         self.adamw.set_lr(self.lr())?;
         self.adamw.step()?;
         Ok(norm)

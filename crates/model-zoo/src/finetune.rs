@@ -11,16 +11,18 @@ use std::time::Instant;
 use tensor_core::ModuleExt;
 use tensor_core::seed::with_seed;
 use tensor_core::tch::{Device, Tensor};
+use tensor_core::train::{
+    AdamW, AdamWConfig, Batch, BatchPlan, ClassificationMetrics, LrSchedule, ScheduleKind,
+    SplitMix64, TrainOptions, evaluate, pad_batch_with_labels, train_epoch,
+};
+
+pub use tensor_core::train::{NoHooks, TrainHooks};
 
 use crate::bert::{BertModel, Pooling, SequenceClassifier};
 use crate::data::{TextClassification, TextExample, majority_rate};
 use crate::error::{Error, Result};
 use crate::source::ModelSource;
 use crate::tokenizer::TextTokenizer;
-use tensor_core::train::{
-    AdamW, AdamWConfig, BatchPlan, ClassificationMetrics, LrSchedule, TrainOptions, evaluate,
-    pad_batch_with_labels, train_epoch,
-};
 
 #[derive(Debug, Clone)]
 pub struct FinetuneOptions {
@@ -71,8 +73,6 @@ impl Default for FinetuneOptions {
 pub trait FinetuneHooks: TrainHooks<SequenceClassifier, Error> {}
 
 impl<T: TrainHooks<SequenceClassifier, Error> + ?Sized> FinetuneHooks for T {}
-
-pub use tensor_core::train::{NoHooks, TrainHooks};
 
 /// What a run measured.
 #[derive(Debug, Clone)]
@@ -169,7 +169,7 @@ pub fn finetune_with(
     let mut notes = vec![hooks.prepare(&mut model)?];
 
     let mut train: Vec<TextExample> = data.train.clone();
-    let mut rng = tensor_core::train::SplitMix64::new(opts.seed);
+    let mut rng = SplitMix64::new(opts.seed);
     rng.shuffle(&mut train);
     if let Some(n) = opts.train_limit {
         train.truncate(n);
@@ -179,11 +179,7 @@ pub fn finetune_with(
 
     let plan = BatchPlan::new(train.len(), opts.batch_size)?.shuffled(opts.seed);
     let total = plan.num_batches() as u64 * opts.epochs;
-    let schedule = LrSchedule::with_warmup_ratio(
-        tensor_core::train::ScheduleKind::Linear,
-        opts.warmup_ratio,
-        total,
-    )?;
+    let schedule = LrSchedule::with_warmup_ratio(ScheduleKind::Linear, opts.warmup_ratio, total)?;
     let mut opt = AdamW::new(
         model.trainable_parameters(),
         AdamWConfig::new(opts.lr).with_weight_decay(opts.weight_decay),
@@ -195,7 +191,7 @@ pub fn finetune_with(
 
     let start = Instant::now();
     let mut last = 0.0;
-    let batch_of = |idx: &[usize]| -> Result<tensor_core::train::Batch> {
+    let batch_of = |idx: &[usize]| -> Result<Batch> {
         let seqs: Vec<&[i64]> = idx.iter().map(|&i| train_ids[i].as_slice()).collect();
         let labels: Vec<i64> = idx.iter().map(|&i| train_labels[i]).collect();
         Ok(pad_batch_with_labels(&seqs, &labels, pad, None, device)?)
@@ -203,7 +199,7 @@ pub fn finetune_with(
     // Cross-entropy plus whatever auxiliary losses the model's modules added
     // to the forward context (already weighted by the modules: a MoE layer's
     // balance loss, EMoE's CV² loss).
-    let loss_of = |model: &SequenceClassifier, b: &tensor_core::train::Batch| -> Result<Tensor> {
+    let loss_of = |model: &SequenceClassifier, b: &Batch| -> Result<Tensor> {
         let (logits, aux) = model.logits_with_aux(&b.input_ids, &b.attention_mask, true)?;
         let y = b
             .labels
@@ -267,7 +263,7 @@ pub fn finetune_with(
             Some(n) if n < examples.len() => {
                 // One fixed subset per set, independent of the run's seed.
                 let mut idx: Vec<usize> = (0..examples.len()).collect();
-                tensor_core::train::SplitMix64::new(0x5eed_e7a1).shuffle(&mut idx);
+                SplitMix64::new(0x5eed_e7a1).shuffle(&mut idx);
                 subset = idx[..n].iter().map(|&i| examples[i].clone()).collect();
                 &subset[..]
             }

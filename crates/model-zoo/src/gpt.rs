@@ -793,10 +793,10 @@ mod tests {
     use tensor_core::io::{self, SafetensorsFile};
 
     use super::*;
-    use crate::loading::fixtures::{self, slack};
+    use crate::loading::fixtures;
     use tensor_core::module::is;
     use tensor_core::tch::no_grad;
-    use tensor_core::testing::{closeness, device, with_seed};
+    use tensor_core::testing::{closeness, device, slack, with_seed};
 
     fn fixture() -> PathBuf {
         fixtures::folder("tiny-gpt2")

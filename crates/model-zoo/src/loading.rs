@@ -282,8 +282,6 @@ pub(crate) mod fixtures {
     use tensor_core::io;
     use tensor_core::tch::{Device, Tensor};
 
-    pub use tensor_core::testing::slack;
-
     /// `tests/fixtures/<name>`.
     pub fn folder(name: &str) -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR"))
