@@ -21,16 +21,22 @@ use tensor_core::tch::Tensor;
 use crate::error::{Error, Result};
 
 /// A frozen FFN plus `m` new trainable neurons.
-#[derive(Debug)]
+#[derive(Debug, Module)]
+#[module(kind = "GrownFfn", forward = forward_impl)]
 pub struct GrownFfn {
+    #[child(name = "")]
     base: Slot,
     /// `[m, d_model]`
+    #[param(name = "grown_up.weight")]
     pub up: Tensor,
     /// `[m]`, when the base FFN's up-projection has a bias.
+    #[param(name = "grown_up.bias")]
     pub up_bias: Option<Tensor>,
     /// `[m, d_model]`, for gated FFNs.
+    #[param(name = "grown_gate.weight")]
     pub gate: Option<Tensor>,
     /// `[d_model, m]`, zero at insertion.
+    #[param(name = "grown_down.weight")]
     pub down: Tensor,
 }
 
@@ -144,49 +150,13 @@ impl GrownFfn {
     }
 }
 
-impl Module for GrownFfn {
-    fn kind(&self) -> &'static str {
-        "GrownFfn"
-    }
-
-    fn forward(&self, xs: &Tensor, ctx: &mut Context) -> tensor_core::Result<Tensor> {
+impl GrownFfn {
+    fn forward_impl(&self, xs: &Tensor, ctx: &mut Context) -> tensor_core::Result<Tensor> {
         let old = ctx.call("", self.base.as_ref(), xs)?;
         let h = self.new_hidden(xs)?;
         ctx.record("grown_act", &h)?;
         let new = h.f_linear::<Tensor>(&self.down, None)?;
         Ok(old.f_add(&new)?)
-    }
-
-    fn params(&self) -> Vec<(&str, &Tensor)> {
-        let mut v = vec![("grown_up.weight", &self.up)];
-        if let Some(b) = &self.up_bias {
-            v.push(("grown_up.bias", b));
-        }
-        if let Some(g) = &self.gate {
-            v.push(("grown_gate.weight", g));
-        }
-        v.push(("grown_down.weight", &self.down));
-        v
-    }
-
-    fn params_mut(&mut self) -> Vec<(&str, &mut Tensor)> {
-        let mut v = vec![("grown_up.weight", &mut self.up)];
-        if let Some(b) = &mut self.up_bias {
-            v.push(("grown_up.bias", b));
-        }
-        if let Some(g) = &mut self.gate {
-            v.push(("grown_gate.weight", g));
-        }
-        v.push(("grown_down.weight", &mut self.down));
-        v
-    }
-
-    fn children(&self) -> Vec<(&str, &dyn Module)> {
-        vec![("", self.base.as_ref())]
-    }
-
-    fn children_mut(&mut self) -> Vec<(&str, &mut Slot)> {
-        vec![("", &mut self.base)]
     }
 }
 

@@ -40,8 +40,10 @@ pub enum HiddenMask {
 }
 
 /// A `FeedForward` whose hidden activation is masked before the output projection.
-#[derive(Debug)]
+#[derive(Debug, Module)]
+#[module(kind = "MaskedFfn", forward = forward_impl)]
 pub struct MaskedFfn {
+    #[child(name = "")]
     inner: Slot,
     pub mask: HiddenMask,
     /// `‖W_O[:, n]‖`, for the output-magnitude indicator.
@@ -180,12 +182,8 @@ impl MaskedFfn {
     }
 }
 
-impl Module for MaskedFfn {
-    fn kind(&self) -> &'static str {
-        "MaskedFfn"
-    }
-
-    fn forward(&self, xs: &Tensor, ctx: &mut Context) -> tensor_core::Result<Tensor> {
+impl MaskedFfn {
+    fn forward_impl(&self, xs: &Tensor, ctx: &mut Context) -> tensor_core::Result<Tensor> {
         let ffn = self.ffn();
         let h = ffn.hidden(xs, ctx)?;
         let h = self.apply(xs, h)?;
@@ -195,14 +193,6 @@ impl Module for MaskedFfn {
         } else {
             Ok(y)
         }
-    }
-
-    fn children(&self) -> Vec<(&str, &dyn Module)> {
-        vec![("", self.inner.as_ref())]
-    }
-
-    fn children_mut(&mut self) -> Vec<(&str, &mut Slot)> {
-        vec![("", &mut self.inner)]
     }
 }
 

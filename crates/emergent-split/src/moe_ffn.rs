@@ -76,10 +76,14 @@ pub enum ComputePath {
 
 /// A `FeedForward` whose neurons are grouped into `N` experts, `k` of which
 /// run per token.
-#[derive(Debug)]
+#[derive(Debug, Module)]
+#[module(kind = "EmoeFfn", forward = forward_impl)]
 pub struct EmoeFfn {
+    #[child(name_expr = "self.names.up.as_str()")]
     pub up: Slot,
+    #[child(name_expr = "self.names.gate.as_deref().unwrap_or(\"gate\")")]
     pub gate: Option<Slot>,
+    #[child(name_expr = "self.names.down.as_str()")]
     pub down: Slot,
     pub activation: Activation,
     pub names: FfnNames,
@@ -88,6 +92,7 @@ pub struct EmoeFfn {
     pub path: ComputePath,
     /// `[N, d_model]` per-expert output biases `b2_e` (`fold_b2 = k_mean`
     /// with a biased `W2`), a parameter named `expert_bias`.
+    #[param]
     pub expert_bias: Option<Tensor>,
     /// The Tutel-path extras: expert dropout, CV² loss, capacity
     /// ([`Regularisers::none`] when built by [`EmoeFfn::from_ffn`]; `convert`
@@ -594,12 +599,8 @@ impl EmoeFfn {
     }
 }
 
-impl Module for EmoeFfn {
-    fn kind(&self) -> &'static str {
-        "EmoeFfn"
-    }
-
-    fn forward(&self, xs: &Tensor, ctx: &mut Context) -> tensor_core::Result<Tensor> {
+impl EmoeFfn {
+    fn forward_impl(&self, xs: &Tensor, ctx: &mut Context) -> tensor_core::Result<Tensor> {
         let r = match self.path {
             ComputePath::Masked => self.forward_masked(xs, ctx),
             ComputePath::Sparse => self.forward_sparse(xs, ctx),
@@ -617,38 +618,6 @@ impl Module for EmoeFfn {
             Error::Tensor(t) => t,
             other => tensor_core::Error::module("EmoeFfn", other.to_string()),
         })
-    }
-
-    fn params(&self) -> Vec<(&str, &Tensor)> {
-        self.expert_bias
-            .iter()
-            .map(|t| ("expert_bias", t))
-            .collect()
-    }
-
-    fn params_mut(&mut self) -> Vec<(&str, &mut Tensor)> {
-        self.expert_bias
-            .iter_mut()
-            .map(|t| ("expert_bias", t))
-            .collect()
-    }
-
-    fn children(&self) -> Vec<(&str, &dyn Module)> {
-        let mut v: Vec<(&str, &dyn Module)> = vec![(self.names.up.as_str(), self.up.as_ref())];
-        if let (Some(g), Some(n)) = (&self.gate, &self.names.gate) {
-            v.push((n.as_str(), g.as_ref()));
-        }
-        v.push((self.names.down.as_str(), self.down.as_ref()));
-        v
-    }
-
-    fn children_mut(&mut self) -> Vec<(&str, &mut Slot)> {
-        let mut v: Vec<(&str, &mut Slot)> = vec![(self.names.up.as_str(), &mut self.up)];
-        if let (Some(g), Some(n)) = (&mut self.gate, &self.names.gate) {
-            v.push((n.as_str(), g));
-        }
-        v.push((self.names.down.as_str(), &mut self.down));
-        v
     }
 }
 

@@ -384,19 +384,16 @@ fn sets(c: &Corpus, seq: usize, cap: usize) -> Sets<'_> {
 
 /// Identity after `ln_1` / `ln_2` that keeps its input (the router's input)
 /// when the context carries [`Taps`].
-#[derive(Debug)]
+#[derive(Debug, Module)]
+#[module(kind = "Tap", forward = forward_impl)]
 struct Tap;
 
 /// Captured router inputs by tap path (`h.3.ln_2.tap`).
 #[derive(Debug, Default)]
 struct Taps(HashMap<String, Vec<Tensor>>);
 
-impl Module for Tap {
-    fn kind(&self) -> &'static str {
-        "Tap"
-    }
-
-    fn forward(&self, xs: &Tensor, ctx: &mut Context) -> tensor_core::Result<Tensor> {
+impl Tap {
+    fn forward_impl(&self, xs: &Tensor, ctx: &mut Context) -> tensor_core::Result<Tensor> {
         let path = ctx.path();
         if let Some(t) = ctx.get_mut::<Taps>() {
             t.0.entry(path).or_default().push(xs.detach());
@@ -484,13 +481,19 @@ fn share_router(r: &Router) -> Router {
 /// `W1_e + s·B1_e A1_e` and `W2_e + s·B2_e A2_e` (`s = α / r`, `α = 2r`),
 /// `A` small random, `B = 0`, so training starts at the base model. The
 /// router and the base experts stay frozen.
-#[derive(Debug)]
+#[derive(Debug, Module)]
+#[module(kind = "ExpertLora", forward = forward_impl)]
 struct ExpertLora {
+    #[child]
     base: Slot,
     /// `[E, r, d]`, `[E, d_ff, r]`, `[E, r, d_ff]`, `[E, d, r]`.
+    #[param(name = "lora_a1")]
     a1: Tensor,
+    #[param(name = "lora_b1")]
     b1: Tensor,
+    #[param(name = "lora_a2")]
     a2: Tensor,
+    #[param(name = "lora_b2")]
     b2: Tensor,
     scale: f64,
 }
@@ -526,12 +529,8 @@ impl ExpertLora {
     }
 }
 
-impl Module for ExpertLora {
-    fn kind(&self) -> &'static str {
-        "ExpertLora"
-    }
-
-    fn forward(&self, xs: &Tensor, ctx: &mut Context) -> tensor_core::Result<Tensor> {
+impl ExpertLora {
+    fn forward_impl(&self, xs: &Tensor, ctx: &mut Context) -> tensor_core::Result<Tensor> {
         let base = self.moe()?;
         let w = base.expert_weights()?;
         let w1 =
@@ -551,32 +550,6 @@ impl Module for ExpertLora {
             frozen: None,
         };
         layer.forward(xs, ctx)
-    }
-
-    fn params(&self) -> Vec<(&str, &Tensor)> {
-        vec![
-            ("lora_a1", &self.a1),
-            ("lora_b1", &self.b1),
-            ("lora_a2", &self.a2),
-            ("lora_b2", &self.b2),
-        ]
-    }
-
-    fn params_mut(&mut self) -> Vec<(&str, &mut Tensor)> {
-        vec![
-            ("lora_a1", &mut self.a1),
-            ("lora_b1", &mut self.b1),
-            ("lora_a2", &mut self.a2),
-            ("lora_b2", &mut self.b2),
-        ]
-    }
-
-    fn children(&self) -> Vec<(&str, &dyn Module)> {
-        vec![("base", self.base.as_ref())]
-    }
-
-    fn children_mut(&mut self) -> Vec<(&str, &mut Slot)> {
-        vec![("base", &mut self.base)]
     }
 }
 

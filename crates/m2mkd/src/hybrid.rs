@@ -48,19 +48,27 @@ pub struct TeacherOutput {
     pub logits: Tensor,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Module)]
+#[module(kind = "Hybrid", forward = forward_impl)]
 pub struct Hybrid {
     index: usize,
     num_modules: usize,
     meta_width: i64,
     student_width: i64,
     /// Meta modules `0..i` and `i+1..M`, with their names.
+    #[children]
     prefix: Vec<(String, Slot)>,
+    #[children]
     suffix: Vec<(String, Slot)>,
+    #[child]
     pub teacher: Option<Slot>,
+    #[child]
     pub student: Slot,
+    #[child(name = "stitch_pre")]
     pub pre: Option<Slot>,
+    #[child(name = "stitch_post")]
     pub post: Option<Slot>,
+    #[child]
     pub projection: Option<Slot>,
 }
 
@@ -312,60 +320,13 @@ impl Hybrid {
     }
 }
 
-impl Module for Hybrid {
-    fn kind(&self) -> &'static str {
-        "Hybrid"
-    }
+impl Hybrid {
     /// The student hybrid in evaluation mode: `z_S` for raw input `x`.
-    fn forward(&self, xs: &Tensor, ctx: &mut Context) -> tensor_core::Result<Tensor> {
+    fn forward_impl(&self, xs: &Tensor, ctx: &mut Context) -> tensor_core::Result<Tensor> {
         let h = self.meta_prefix(xs, ctx).map_err(into_tensor_error)?;
         Ok(self
             .student_forward(&h, ctx, false)
             .map_err(into_tensor_error)?
             .logits)
-    }
-    fn children(&self) -> Vec<(&str, &dyn Module)> {
-        let mut v: Vec<(&str, &dyn Module)> = self
-            .prefix
-            .iter()
-            .chain(&self.suffix)
-            .map(|(n, m)| (n.as_str(), m.as_ref()))
-            .collect();
-        if let Some(t) = &self.teacher {
-            v.push(("teacher", t.as_ref()));
-        }
-        v.push(("student", self.student.as_ref()));
-        for (n, s) in [
-            ("stitch_pre", &self.pre),
-            ("stitch_post", &self.post),
-            ("projection", &self.projection),
-        ] {
-            if let Some(s) = s {
-                v.push((n, s.as_ref()));
-            }
-        }
-        v
-    }
-    fn children_mut(&mut self) -> Vec<(&str, &mut Slot)> {
-        let mut v: Vec<(&str, &mut Slot)> = self
-            .prefix
-            .iter_mut()
-            .chain(self.suffix.iter_mut())
-            .map(|(n, m)| (n.as_str(), m))
-            .collect();
-        if let Some(t) = &mut self.teacher {
-            v.push(("teacher", t));
-        }
-        v.push(("student", &mut self.student));
-        for (n, s) in [
-            ("stitch_pre", &mut self.pre),
-            ("stitch_post", &mut self.post),
-            ("projection", &mut self.projection),
-        ] {
-            if let Some(s) = s {
-                v.push((n, s));
-            }
-        }
-        v
     }
 }

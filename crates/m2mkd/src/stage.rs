@@ -39,10 +39,14 @@ pub(crate) fn check_width(what: &str, h: &Tensor, width: i64) -> tensor_core::Re
 /// A monolithic model: `head(blocks[L-1](... blocks[0](embed(x))))`.
 ///
 /// Children are named `embed`, `block.0` ... `block.{L-1}`, `head`.
-#[derive(Debug)]
+#[derive(Debug, Module)]
+#[module(kind = "LayerStack", forward = forward_impl)]
 pub struct LayerStack {
+    #[child]
     pub embed: Slot,
+    #[children(names = "names")]
     pub blocks: Vec<Slot>,
+    #[child]
     pub head: Slot,
     /// Width of the hidden states between blocks.
     pub width: i64,
@@ -109,35 +113,10 @@ impl LayerStack {
     }
 }
 
-impl Module for LayerStack {
-    fn kind(&self) -> &'static str {
-        "LayerStack"
-    }
-    fn forward(&self, xs: &Tensor, ctx: &mut Context) -> tensor_core::Result<Tensor> {
+impl LayerStack {
+    fn forward_impl(&self, xs: &Tensor, ctx: &mut Context) -> tensor_core::Result<Tensor> {
         self.forward_range(xs, 0, self.depth(), ctx)
             .map_err(into_tensor_error)
-    }
-    fn children(&self) -> Vec<(&str, &dyn Module)> {
-        let mut v: Vec<(&str, &dyn Module)> = vec![("embed", self.embed.as_ref())];
-        v.extend(
-            self.names
-                .iter()
-                .map(String::as_str)
-                .zip(self.blocks.iter().map(|b| b.as_ref())),
-        );
-        v.push(("head", self.head.as_ref()));
-        v
-    }
-    fn children_mut(&mut self) -> Vec<(&str, &mut Slot)> {
-        let mut v: Vec<(&str, &mut Slot)> = vec![("embed", &mut self.embed)];
-        v.extend(
-            self.names
-                .iter()
-                .map(String::as_str)
-                .zip(self.blocks.iter_mut()),
-        );
-        v.push(("head", &mut self.head));
-        v
     }
 }
 
@@ -154,10 +133,14 @@ pub(crate) fn into_tensor_error(e: Error) -> tensor_core::Error {
 /// Children are named `embed` (first stage only), `block.0`, ... (local
 /// indices, so a stage's parameter names do not depend on where it was cut),
 /// and `head` (last stage only).
-#[derive(Debug)]
+#[derive(Debug, Module)]
+#[module(kind = "Stage", forward = forward_impl)]
 pub struct Stage {
+    #[child]
     pub embed: Option<Slot>,
+    #[children(names = "names")]
     pub blocks: Vec<Slot>,
+    #[child]
     pub head: Option<Slot>,
     /// Width of the hidden states it reads (unless it embeds) and writes (unless it has the head).
     pub width: i64,
@@ -198,11 +181,8 @@ impl Stage {
     }
 }
 
-impl Module for Stage {
-    fn kind(&self) -> &'static str {
-        "Stage"
-    }
-    fn forward(&self, xs: &Tensor, ctx: &mut Context) -> tensor_core::Result<Tensor> {
+impl Stage {
+    fn forward_impl(&self, xs: &Tensor, ctx: &mut Context) -> tensor_core::Result<Tensor> {
         let mut h = match &self.embed {
             Some(e) => ctx.call("embed", e.as_ref(), xs)?,
             None => xs.shallow_clone(),
@@ -216,46 +196,16 @@ impl Module for Stage {
         }
         Ok(h)
     }
-    fn children(&self) -> Vec<(&str, &dyn Module)> {
-        let mut v: Vec<(&str, &dyn Module)> = Vec::new();
-        if let Some(e) = &self.embed {
-            v.push(("embed", e.as_ref()));
-        }
-        v.extend(
-            self.names
-                .iter()
-                .map(String::as_str)
-                .zip(self.blocks.iter().map(|b| b.as_ref())),
-        );
-        if let Some(h) = &self.head {
-            v.push(("head", h.as_ref()));
-        }
-        v
-    }
-    fn children_mut(&mut self) -> Vec<(&str, &mut Slot)> {
-        let mut v: Vec<(&str, &mut Slot)> = Vec::new();
-        if let Some(e) = &mut self.embed {
-            v.push(("embed", e));
-        }
-        v.extend(
-            self.names
-                .iter()
-                .map(String::as_str)
-                .zip(self.blocks.iter_mut()),
-        );
-        if let Some(h) = &mut self.head {
-            v.push(("head", h));
-        }
-        v
-    }
 }
 
 /// M modules applied in a row, named `stage.0` ... `stage.{M-1}`.
 ///
 /// Module 0 reads the raw input; the last module writes the logits; module
 /// `i` writes hidden states of width `widths[i]`, which module `i + 1` reads.
-#[derive(Debug)]
+#[derive(Debug, Module)]
+#[module(kind = "ModularModel", forward = forward_impl)]
 pub struct ModularModel {
+    #[children(names = "names")]
     modules: Vec<Slot>,
     widths: Vec<i64>,
     names: Vec<String>,
@@ -368,26 +318,9 @@ impl ModularModel {
     }
 }
 
-impl Module for ModularModel {
-    fn kind(&self) -> &'static str {
-        "ModularModel"
-    }
-    fn forward(&self, xs: &Tensor, ctx: &mut Context) -> tensor_core::Result<Tensor> {
+impl ModularModel {
+    fn forward_impl(&self, xs: &Tensor, ctx: &mut Context) -> tensor_core::Result<Tensor> {
         self.forward_range(xs, 0, self.modules.len(), ctx)
             .map_err(into_tensor_error)
-    }
-    fn children(&self) -> Vec<(&str, &dyn Module)> {
-        self.names
-            .iter()
-            .map(String::as_str)
-            .zip(self.modules.iter().map(|m| m.as_ref()))
-            .collect()
-    }
-    fn children_mut(&mut self) -> Vec<(&str, &mut Slot)> {
-        self.names
-            .iter()
-            .map(String::as_str)
-            .zip(self.modules.iter_mut())
-            .collect()
     }
 }

@@ -42,9 +42,12 @@ pub enum StitchPolicy {
 }
 
 /// One stitch: `Linear(LN?(h))`, children named `LayerNorm` and `linear`.
-#[derive(Debug)]
+#[derive(Debug, Module)]
+#[module(kind = "Stitch", forward = forward_impl)]
 pub struct Stitch {
+    #[child(name = "LayerNorm")]
     pub norm: Option<Slot>,
+    #[child]
     pub linear: Slot,
     input: i64,
     output: i64,
@@ -97,11 +100,8 @@ impl Stitch {
     }
 }
 
-impl Module for Stitch {
-    fn kind(&self) -> &'static str {
-        "Stitch"
-    }
-    fn forward(&self, xs: &Tensor, ctx: &mut Context) -> tensor_core::Result<Tensor> {
+impl Stitch {
+    fn forward_impl(&self, xs: &Tensor, ctx: &mut Context) -> tensor_core::Result<Tensor> {
         check_width("Stitch input", xs, self.input)?;
         let h = match &self.norm {
             Some(n) => ctx.call("LayerNorm", n.as_ref(), xs)?,
@@ -109,40 +109,25 @@ impl Module for Stitch {
         };
         ctx.call("linear", self.linear.as_ref(), &h)
     }
-    fn children(&self) -> Vec<(&str, &dyn Module)> {
-        let mut v: Vec<(&str, &dyn Module)> = Vec::new();
-        if let Some(n) = &self.norm {
-            v.push(("LayerNorm", n.as_ref()));
-        }
-        v.push(("linear", self.linear.as_ref()));
-        v
-    }
-    fn children_mut(&mut self) -> Vec<(&str, &mut Slot)> {
-        let mut v: Vec<(&str, &mut Slot)> = Vec::new();
-        if let Some(n) = &mut self.norm {
-            v.push(("LayerNorm", n));
-        }
-        v.push(("linear", &mut self.linear));
-        v
-    }
 }
 
 /// A student module with the stitches it was distilled with:
 /// `post(module(pre(h)))`. The module sits under the transparent name `""`,
 /// so its parameters keep the names they had without stitches, and the
 /// stitches sit beside them as `stitch_pre.*` / `stitch_post.*`.
-#[derive(Debug)]
+#[derive(Debug, Module)]
+#[module(kind = "Stitched", forward = forward_impl)]
 pub struct Stitched {
+    #[child(name = "stitch_pre")]
     pub pre: Option<Slot>,
+    #[child(name = "")]
     pub module: Slot,
+    #[child(name = "stitch_post")]
     pub post: Option<Slot>,
 }
 
-impl Module for Stitched {
-    fn kind(&self) -> &'static str {
-        "Stitched"
-    }
-    fn forward(&self, xs: &Tensor, ctx: &mut Context) -> tensor_core::Result<Tensor> {
+impl Stitched {
+    fn forward_impl(&self, xs: &Tensor, ctx: &mut Context) -> tensor_core::Result<Tensor> {
         let mut h = match &self.pre {
             Some(p) => ctx.call("stitch_pre", p.as_ref(), xs)?,
             None => xs.shallow_clone(),
@@ -152,27 +137,5 @@ impl Module for Stitched {
             h = ctx.call("stitch_post", p.as_ref(), &h)?;
         }
         Ok(h)
-    }
-    fn children(&self) -> Vec<(&str, &dyn Module)> {
-        let mut v: Vec<(&str, &dyn Module)> = Vec::new();
-        if let Some(p) = &self.pre {
-            v.push(("stitch_pre", p.as_ref()));
-        }
-        v.push(("", self.module.as_ref()));
-        if let Some(p) = &self.post {
-            v.push(("stitch_post", p.as_ref()));
-        }
-        v
-    }
-    fn children_mut(&mut self) -> Vec<(&str, &mut Slot)> {
-        let mut v: Vec<(&str, &mut Slot)> = Vec::new();
-        if let Some(p) = &mut self.pre {
-            v.push(("stitch_pre", p));
-        }
-        v.push(("", &mut self.module));
-        if let Some(p) = &mut self.post {
-            v.push(("stitch_post", p));
-        }
-        v
     }
 }

@@ -64,22 +64,23 @@ fn forward_masked(
     Ok(m.forward(input_ids, &mut ctx)?)
 }
 
-#[derive(Debug)]
+#[derive(Debug, Module)]
+#[module(kind = "BertEmbeddings", forward = forward_impl)]
 pub struct BertEmbeddings {
+    #[child]
     pub word_embeddings: Slot,
+    #[child]
     pub position_embeddings: Slot,
+    #[child]
     pub token_type_embeddings: Slot,
+    #[child(name = "LayerNorm")]
     pub layer_norm: Slot,
     pub dropout: f64,
 }
 
-impl Module for BertEmbeddings {
-    fn kind(&self) -> &'static str {
-        "BertEmbeddings"
-    }
-
+impl BertEmbeddings {
     /// `input_ids: [B, T]` int64 -> `[B, T, d]`.
-    fn forward(&self, ids: &Tensor, ctx: &mut Context) -> tensor_core::Result<Tensor> {
+    fn forward_impl(&self, ids: &Tensor, ctx: &mut Context) -> tensor_core::Result<Tensor> {
         let s = ids.size();
         if s.len() != 2 {
             return Err(TensorError::shape(
@@ -116,42 +117,25 @@ impl Module for BertEmbeddings {
         let e = ctx.call("LayerNorm", self.layer_norm.as_ref(), &e)?;
         dropout(e, self.dropout, ctx.train, "dropout")
     }
-
-    fn children(&self) -> Vec<(&str, &dyn Module)> {
-        vec![
-            ("word_embeddings", self.word_embeddings.as_ref()),
-            ("position_embeddings", self.position_embeddings.as_ref()),
-            ("token_type_embeddings", self.token_type_embeddings.as_ref()),
-            ("LayerNorm", self.layer_norm.as_ref()),
-        ]
-    }
-
-    fn children_mut(&mut self) -> Vec<(&str, &mut Slot)> {
-        vec![
-            ("word_embeddings", &mut self.word_embeddings),
-            ("position_embeddings", &mut self.position_embeddings),
-            ("token_type_embeddings", &mut self.token_type_embeddings),
-            ("LayerNorm", &mut self.layer_norm),
-        ]
-    }
 }
 
 /// One post-LN transformer layer with BERT's names.
-#[derive(Debug)]
+#[derive(Debug, Module)]
+#[module(kind = "BertLayer", forward = forward_impl)]
 pub struct BertLayer {
+    #[child]
     pub attention: Slot,
+    #[child(name = "attention.output.LayerNorm")]
     pub attention_norm: Slot,
+    #[child(name = "(ffn)")]
     pub ffn: Slot,
+    #[child(name = "output.LayerNorm")]
     pub output_norm: Slot,
     pub dropout: f64,
 }
 
-impl Module for BertLayer {
-    fn kind(&self) -> &'static str {
-        "BertLayer"
-    }
-
-    fn forward(&self, h: &Tensor, ctx: &mut Context) -> tensor_core::Result<Tensor> {
+impl BertLayer {
+    fn forward_impl(&self, h: &Tensor, ctx: &mut Context) -> tensor_core::Result<Tensor> {
         let a = ctx.call("attention", self.attention.as_ref(), h)?;
         let a = dropout(a, self.dropout, ctx.train, "dropout")?;
         let a = ctx.call(
@@ -165,70 +149,38 @@ impl Module for BertLayer {
         ctx.record("hidden", &out)?;
         Ok(out)
     }
-
-    fn children(&self) -> Vec<(&str, &dyn Module)> {
-        vec![
-            ("attention", self.attention.as_ref()),
-            ("attention.output.LayerNorm", self.attention_norm.as_ref()),
-            ("(ffn)", self.ffn.as_ref()),
-            ("output.LayerNorm", self.output_norm.as_ref()),
-        ]
-    }
-
-    fn children_mut(&mut self) -> Vec<(&str, &mut Slot)> {
-        vec![
-            ("attention", &mut self.attention),
-            ("attention.output.LayerNorm", &mut self.attention_norm),
-            ("(ffn)", &mut self.ffn),
-            ("output.LayerNorm", &mut self.output_norm),
-        ]
-    }
 }
 
 /// The stack of layers, named `layer.0`, `layer.1`, ...
-#[derive(Debug)]
+#[derive(Debug, Module)]
+#[module(kind = "BertEncoder", forward = forward_impl)]
 pub struct BertEncoder {
     names: Vec<String>,
+    #[children(names = "names")]
     pub layers: Vec<Slot>,
 }
 
-impl Module for BertEncoder {
-    fn kind(&self) -> &'static str {
-        "BertEncoder"
-    }
-
-    fn forward(&self, h: &Tensor, ctx: &mut Context) -> tensor_core::Result<Tensor> {
+impl BertEncoder {
+    fn forward_impl(&self, h: &Tensor, ctx: &mut Context) -> tensor_core::Result<Tensor> {
         let mut h = h.shallow_clone();
         for (n, l) in self.names.iter().zip(&self.layers) {
             h = ctx.call(n, l.as_ref(), &h)?;
         }
         Ok(h)
     }
-
-    fn children(&self) -> Vec<(&str, &dyn Module)> {
-        self.names
-            .iter()
-            .map(String::as_str)
-            .zip(self.layers.iter().map(|l| l.as_ref()))
-            .collect()
-    }
-
-    fn children_mut(&mut self) -> Vec<(&str, &mut Slot)> {
-        self.names
-            .iter()
-            .map(String::as_str)
-            .zip(self.layers.iter_mut())
-            .collect()
-    }
 }
 
 /// A BERT encoder: `input_ids [B, T]` (mask in `ctx.attention_mask`) -> last hidden states `[B, T, d]`.
-#[derive(Debug)]
+#[derive(Debug, Module)]
+#[module(kind = "BertModel", forward = forward_impl)]
 pub struct BertModel {
     pub config: BertConfig,
+    #[child]
     pub embeddings: Slot,
+    #[child]
     pub encoder: Slot,
     /// `pooler.dense`, when the checkpoint has one.
+    #[child(name = "pooler.dense")]
     pub pooler: Option<Slot>,
 }
 
@@ -402,12 +354,8 @@ impl BertModel {
     }
 }
 
-impl Module for BertModel {
-    fn kind(&self) -> &'static str {
-        "BertModel"
-    }
-
-    fn forward(&self, input_ids: &Tensor, ctx: &mut Context) -> tensor_core::Result<Tensor> {
+impl BertModel {
+    fn forward_impl(&self, input_ids: &Tensor, ctx: &mut Context) -> tensor_core::Result<Tensor> {
         if !matches!(input_ids.kind(), Kind::Int64 | Kind::Int) {
             return Err(TensorError::DType {
                 op: "BertModel input_ids".into(),
@@ -428,28 +376,6 @@ impl Module for BertModel {
         }
         let h = ctx.call("embeddings", self.embeddings.as_ref(), input_ids)?;
         ctx.call("encoder", self.encoder.as_ref(), &h)
-    }
-
-    fn children(&self) -> Vec<(&str, &dyn Module)> {
-        let mut v: Vec<(&str, &dyn Module)> = vec![
-            ("embeddings", self.embeddings.as_ref()),
-            ("encoder", self.encoder.as_ref()),
-        ];
-        if let Some(p) = &self.pooler {
-            v.push(("pooler.dense", p.as_ref()));
-        }
-        v
-    }
-
-    fn children_mut(&mut self) -> Vec<(&str, &mut Slot)> {
-        let mut v: Vec<(&str, &mut Slot)> = vec![
-            ("embeddings", &mut self.embeddings),
-            ("encoder", &mut self.encoder),
-        ];
-        if let Some(p) = &mut self.pooler {
-            v.push(("pooler.dense", p));
-        }
-        v
     }
 }
 
@@ -537,9 +463,12 @@ pub enum Pooling {
 }
 
 /// `BertForSequenceClassification`-style head: `bert.*` and `classifier.*`.
-#[derive(Debug)]
+#[derive(Debug, Module)]
+#[module(kind = "SequenceClassifier", forward = forward_impl)]
 pub struct SequenceClassifier {
+    #[child]
     pub bert: Slot,
+    #[child]
     pub classifier: Slot,
     pub pooling: Pooling,
     pub dropout: f64,
@@ -618,12 +547,8 @@ impl SequenceClassifier {
     }
 }
 
-impl Module for SequenceClassifier {
-    fn kind(&self) -> &'static str {
-        "SequenceClassifier"
-    }
-
-    fn forward(&self, input_ids: &Tensor, ctx: &mut Context) -> tensor_core::Result<Tensor> {
+impl SequenceClassifier {
+    fn forward_impl(&self, input_ids: &Tensor, ctx: &mut Context) -> tensor_core::Result<Tensor> {
         let h = ctx.call("bert", self.bert.as_ref(), input_ids)?;
         let pooled = match self.pooling {
             Pooling::Mean => {
@@ -651,19 +576,5 @@ impl Module for SequenceClassifier {
         };
         let pooled = dropout(pooled, self.dropout, ctx.train, "dropout")?;
         ctx.call("classifier", self.classifier.as_ref(), &pooled)
-    }
-
-    fn children(&self) -> Vec<(&str, &dyn Module)> {
-        vec![
-            ("bert", self.bert.as_ref()),
-            ("classifier", self.classifier.as_ref()),
-        ]
-    }
-
-    fn children_mut(&mut self) -> Vec<(&str, &mut Slot)> {
-        vec![
-            ("bert", &mut self.bert),
-            ("classifier", &mut self.classifier),
-        ]
     }
 }

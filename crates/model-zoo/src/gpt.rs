@@ -336,11 +336,14 @@ fn causal_bias(
 /// GPT-2's causal self-attention with a fused q/k/v projection:
 /// `c_attn: d -> 3d` (split into `q, k, v`, then into heads), scaled
 /// dot-product attention under the causal and key-padding masks, `c_proj: d -> d`.
-#[derive(Debug)]
+#[derive(Debug, Module)]
+#[module(kind = "Gpt2Attention", forward = forward_impl)]
 pub struct Gpt2Attention {
     /// `Linear [3d, d]`: rows `0..d` give `q`, `d..2d` give `k`, `2d..3d` give `v`.
+    #[child]
     pub c_attn: Slot,
     /// `Linear [d, d]`.
+    #[child]
     pub c_proj: Slot,
     pub n_embd: i64,
     pub n_head: i64,
@@ -386,13 +389,9 @@ impl Gpt2Attention {
     }
 }
 
-impl Module for Gpt2Attention {
-    fn kind(&self) -> &'static str {
-        "Gpt2Attention"
-    }
-
+impl Gpt2Attention {
     /// `xs: [B, T, d] -> [B, T, d]`; the key-padding mask is `ctx.attention_mask`.
-    fn forward(&self, xs: &Tensor, ctx: &mut Context) -> TensorResult<Tensor> {
+    fn forward_impl(&self, xs: &Tensor, ctx: &mut Context) -> TensorResult<Tensor> {
         let s = xs.size();
         if s.len() != 3 || s[2] != self.n_embd {
             return Err(TensorError::shape(
@@ -434,42 +433,21 @@ impl Module for Gpt2Attention {
         let y = ctx.call("c_proj", self.c_proj.as_ref(), &merged)?;
         dropout(y, self.resid_dropout, ctx.train, "Gpt2Attention dropout")
     }
-
-    fn children(&self) -> Vec<(&str, &dyn Module)> {
-        vec![
-            ("c_attn", self.c_attn.as_ref()),
-            ("c_proj", self.c_proj.as_ref()),
-        ]
-    }
-
-    fn children_mut(&mut self) -> Vec<(&str, &mut Slot)> {
-        vec![("c_attn", &mut self.c_attn), ("c_proj", &mut self.c_proj)]
-    }
 }
 
 /// GPT-2's `mlp`: holds the [`FeedForward`] (`c_fc`, `c_proj`) under the
 /// label `(ffn)`, so `h.N.mlp.(ffn)` addresses the FFN while its weights are
 /// named `h.N.mlp.c_fc.weight`.
-#[derive(Debug)]
+#[derive(Debug, Module)]
+#[module(kind = "Gpt2Mlp", forward = forward_impl)]
 pub struct Gpt2Mlp {
+    #[child(name = "(ffn)")]
     pub ffn: Slot,
 }
 
-impl Module for Gpt2Mlp {
-    fn kind(&self) -> &'static str {
-        "Gpt2Mlp"
-    }
-
-    fn forward(&self, xs: &Tensor, ctx: &mut Context) -> TensorResult<Tensor> {
+impl Gpt2Mlp {
+    fn forward_impl(&self, xs: &Tensor, ctx: &mut Context) -> TensorResult<Tensor> {
         ctx.call("(ffn)", self.ffn.as_ref(), xs)
-    }
-
-    fn children(&self) -> Vec<(&str, &dyn Module)> {
-        vec![("(ffn)", self.ffn.as_ref())]
-    }
-
-    fn children_mut(&mut self) -> Vec<(&str, &mut Slot)> {
-        vec![("(ffn)", &mut self.ffn)]
     }
 }
 
@@ -504,13 +482,18 @@ pub fn gpt2_block(config: &Gpt2Config, layer: i64, device: Device) -> Result<Pre
 /// hidden states `[B, T, n_embd]`, reading the padding mask from
 /// `ctx.attention_mask`. [`Gpt2Model::logits`] applies the tied LM head and
 /// [`Gpt2Model::lm_loss`] gives the next-token loss.
-#[derive(Debug)]
+#[derive(Debug, Module)]
+#[module(kind = "Gpt2Model", forward = forward_impl)]
 pub struct Gpt2Model {
     config: Gpt2Config,
+    #[child]
     wte: Slot,
+    #[child]
     wpe: Slot,
+    #[children(names = "h_names")]
     h: Vec<Slot>,
     h_names: Vec<String>,
+    #[child]
     ln_f: Slot,
 }
 
@@ -736,13 +719,9 @@ impl Gpt2Model {
     }
 }
 
-impl Module for Gpt2Model {
-    fn kind(&self) -> &'static str {
-        "Gpt2Model"
-    }
-
+impl Gpt2Model {
     /// `input_ids [B, T]` (i64) `-> hidden states [B, T, n_embd]` after `ln_f`.
-    fn forward(&self, input_ids: &Tensor, ctx: &mut Context) -> TensorResult<Tensor> {
+    fn forward_impl(&self, input_ids: &Tensor, ctx: &mut Context) -> TensorResult<Tensor> {
         self.check_ids(input_ids)?;
         let (b, t) = (input_ids.size()[0], input_ids.size()[1]);
         if let Some(m) = &ctx.attention_mask
@@ -764,25 +743,6 @@ impl Module for Gpt2Model {
             h = ctx.call(name, block.as_ref(), &h)?;
         }
         ctx.call("ln_f", self.ln_f.as_ref(), &h)
-    }
-
-    fn children(&self) -> Vec<(&str, &dyn Module)> {
-        let mut v: Vec<(&str, &dyn Module)> =
-            vec![("wte", self.wte.as_ref()), ("wpe", self.wpe.as_ref())];
-        for (n, b) in self.h_names.iter().zip(&self.h) {
-            v.push((n.as_str(), b.as_ref()));
-        }
-        v.push(("ln_f", self.ln_f.as_ref()));
-        v
-    }
-
-    fn children_mut(&mut self) -> Vec<(&str, &mut Slot)> {
-        let mut v: Vec<(&str, &mut Slot)> = vec![("wte", &mut self.wte), ("wpe", &mut self.wpe)];
-        for (n, b) in self.h_names.iter().zip(self.h.iter_mut()) {
-            v.push((n.as_str(), b));
-        }
-        v.push(("ln_f", &mut self.ln_f));
-        v
     }
 }
 

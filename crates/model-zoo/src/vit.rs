@@ -256,9 +256,12 @@ fn linear(inp: i64, out: i64, bias: bool, std: f64, device: Device) -> Result<Li
 
 /// 2-D convolution without padding: `weight [out, in, kh, kw]`, `bias [out]`,
 /// the same `stride` both ways. ViT's patch embedding uses kernel = stride = patch.
-#[derive(Debug)]
+#[derive(Debug, Module)]
+#[module(kind = "Conv2d", forward = forward_impl)]
 pub struct Conv2d {
+    #[param]
     pub weight: Tensor,
+    #[param]
     pub bias: Option<Tensor>,
     pub stride: i64,
 }
@@ -288,13 +291,9 @@ impl Conv2d {
     }
 }
 
-impl Module for Conv2d {
-    fn kind(&self) -> &'static str {
-        "Conv2d"
-    }
-
+impl Conv2d {
     /// `[B, in, H, W] -> [B, out, (H - kh)/stride + 1, (W - kw)/stride + 1]`.
-    fn forward(&self, xs: &Tensor, _ctx: &mut Context) -> TensorResult<Tensor> {
+    fn forward_impl(&self, xs: &Tensor, _ctx: &mut Context) -> TensorResult<Tensor> {
         let (s, w) = (xs.size(), self.weight.size());
         if s.len() != 4 || s[1] != w[1] || s[2] < w[2] || s[3] < w[3] {
             return Err(TensorError::shape(
@@ -313,40 +312,22 @@ impl Module for Conv2d {
         )
         .op("Conv2d")
     }
-
-    fn params(&self) -> Vec<(&str, &Tensor)> {
-        let mut v = vec![("weight", &self.weight)];
-        if let Some(b) = &self.bias {
-            v.push(("bias", b));
-        }
-        v
-    }
-
-    fn params_mut(&mut self) -> Vec<(&str, &mut Tensor)> {
-        let mut v = vec![("weight", &mut self.weight)];
-        if let Some(b) = &mut self.bias {
-            v.push(("bias", b));
-        }
-        v
-    }
 }
 
 /// Images `[B, C, S, S]` to patch embeddings `[B, N, d]` through `projection`
 /// (a [`Conv2d`] with kernel = stride = patch size).
-#[derive(Debug)]
+#[derive(Debug, Module)]
+#[module(kind = "VitPatchEmbeddings", forward = forward_impl)]
 pub struct VitPatchEmbeddings {
+    #[child]
     pub projection: Slot,
     pub image_size: i64,
     pub num_channels: i64,
     pub hidden_size: i64,
 }
 
-impl Module for VitPatchEmbeddings {
-    fn kind(&self) -> &'static str {
-        "VitPatchEmbeddings"
-    }
-
-    fn forward(&self, images: &Tensor, ctx: &mut Context) -> TensorResult<Tensor> {
+impl VitPatchEmbeddings {
+    fn forward_impl(&self, images: &Tensor, ctx: &mut Context) -> TensorResult<Tensor> {
         let s = images.size();
         let (c, n) = (self.num_channels, self.image_size);
         if s.len() != 4 || s[0] < 1 || s[1] != c || s[2] != n || s[3] != n {
@@ -379,32 +360,24 @@ impl Module for VitPatchEmbeddings {
             .and_then(|t| t.f_transpose(1, 2))
             .op("ViT patches")
     }
-
-    fn children(&self) -> Vec<(&str, &dyn Module)> {
-        vec![("projection", self.projection.as_ref())]
-    }
-
-    fn children_mut(&mut self) -> Vec<(&str, &mut Slot)> {
-        vec![("projection", &mut self.projection)]
-    }
 }
 
 /// `[cls; patches] + positions`: `cls_token [1, 1, d]`,
 /// `position_embeddings [1, N + 1, d]`, then dropout (training only).
-#[derive(Debug)]
+#[derive(Debug, Module)]
+#[module(kind = "VitEmbeddings", forward = forward_impl)]
 pub struct VitEmbeddings {
+    #[param]
     pub cls_token: Tensor,
+    #[param]
     pub position_embeddings: Tensor,
+    #[child]
     pub patch_embeddings: Slot,
     pub dropout: f64,
 }
 
-impl Module for VitEmbeddings {
-    fn kind(&self) -> &'static str {
-        "VitEmbeddings"
-    }
-
-    fn forward(&self, images: &Tensor, ctx: &mut Context) -> TensorResult<Tensor> {
+impl VitEmbeddings {
+    fn forward_impl(&self, images: &Tensor, ctx: &mut Context) -> TensorResult<Tensor> {
         let patches = ctx.call("patch_embeddings", self.patch_embeddings.as_ref(), images)?;
         let (ps, pos) = (patches.size(), self.position_embeddings.size());
         if ps.len() != 3 || pos.len() != 3 || ps[1] + 1 != pos[1] || ps[2] != pos[2] {
@@ -428,28 +401,6 @@ impl Module for VitEmbeddings {
             .and_then(|z| z.f_add(&self.position_embeddings))
             .op(op)?;
         dropout(z, self.dropout, ctx.train, "ViT embeddings dropout")
-    }
-
-    fn params(&self) -> Vec<(&str, &Tensor)> {
-        vec![
-            ("cls_token", &self.cls_token),
-            ("position_embeddings", &self.position_embeddings),
-        ]
-    }
-
-    fn params_mut(&mut self) -> Vec<(&str, &mut Tensor)> {
-        vec![
-            ("cls_token", &mut self.cls_token),
-            ("position_embeddings", &mut self.position_embeddings),
-        ]
-    }
-
-    fn children(&self) -> Vec<(&str, &dyn Module)> {
-        vec![("patch_embeddings", self.patch_embeddings.as_ref())]
-    }
-
-    fn children_mut(&mut self) -> Vec<(&str, &mut Slot)> {
-        vec![("patch_embeddings", &mut self.patch_embeddings)]
     }
 }
 
@@ -509,13 +460,18 @@ pub fn vit_layer(config: &VitConfig, device: Device) -> Result<PreNormBlock> {
 /// `[B, num_labels]`. ViT has no padding: `ctx.attention_mask` is set aside
 /// during the call (and restored), so a mask meant for another model cannot
 /// reach the attention layers.
-#[derive(Debug)]
+#[derive(Debug, Module)]
+#[module(kind = "VitModel", forward = forward_impl)]
 pub struct VitModel {
     config: VitConfig,
+    #[child]
     embeddings: Slot,
+    #[children(names = "layer_names")]
     layers: Vec<Slot>,
     layer_names: Vec<String>,
+    #[child]
     layernorm: Slot,
+    #[child]
     classifier: Slot,
 }
 
@@ -702,36 +658,12 @@ impl VitModel {
     }
 }
 
-impl Module for VitModel {
-    fn kind(&self) -> &'static str {
-        "VitModel"
-    }
-
+impl VitModel {
     /// `images [B, C, S, S] -> logits [B, num_labels]` from the class token.
-    fn forward(&self, images: &Tensor, ctx: &mut Context) -> TensorResult<Tensor> {
+    fn forward_impl(&self, images: &Tensor, ctx: &mut Context) -> TensorResult<Tensor> {
         let h = self.encode(images, ctx)?;
         let cls = h.f_select(1, 0).op("ViT class token")?;
         ctx.call("classifier", self.classifier.as_ref(), &cls)
-    }
-
-    fn children(&self) -> Vec<(&str, &dyn Module)> {
-        let mut v: Vec<(&str, &dyn Module)> = vec![("embeddings", self.embeddings.as_ref())];
-        for (n, l) in self.layer_names.iter().zip(&self.layers) {
-            v.push((n.as_str(), l.as_ref()));
-        }
-        v.push(("layernorm", self.layernorm.as_ref()));
-        v.push(("classifier", self.classifier.as_ref()));
-        v
-    }
-
-    fn children_mut(&mut self) -> Vec<(&str, &mut Slot)> {
-        let mut v: Vec<(&str, &mut Slot)> = vec![("embeddings", &mut self.embeddings)];
-        for (n, l) in self.layer_names.iter().zip(self.layers.iter_mut()) {
-            v.push((n.as_str(), l));
-        }
-        v.push(("layernorm", &mut self.layernorm));
-        v.push(("classifier", &mut self.classifier));
-        v
     }
 }
 

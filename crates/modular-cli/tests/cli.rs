@@ -669,7 +669,7 @@ fn tune_lora_saves_a_peft_folder_that_merges_and_loads() {
     // and the head has the classifier's shape.
     let bert = BertModel::from_folder(&model, Device::Cpu).unwrap();
     let mut clf = SequenceClassifier::new(bert, 2, Pooling::Mean).unwrap();
-    pet_core::load_adapter(&mut clf, &outs[0], "task").unwrap();
+    pet_core::load_adapter(&mut clf, "task", &outs[0]).unwrap();
     let head = io::load(outs[0].join("head.safetensors"), Device::Cpu).unwrap();
     let w = head.iter().find(|(n, _)| n == "classifier.weight").unwrap();
     assert_eq!(w.1.size(), vec![2, 16]);

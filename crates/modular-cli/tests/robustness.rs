@@ -260,7 +260,7 @@ fn damaged_adapter_folders_are_refused_or_load_finite() {
         let tally = std::cell::RefCell::new(Tally::default());
         let case = |dir: &Path| -> Result<(), TestCaseError> {
             let mut m = fresh();
-            match load_adapter(&mut m, dir, "x") {
+            match load_adapter(&mut m, "x", dir) {
                 Err(e) => {
                     let msg = e.to_string();
                     prop_assert!(

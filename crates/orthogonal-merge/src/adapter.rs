@@ -18,19 +18,22 @@
 //! the forward pass, so it never receives a gradient even if a glob marks
 //! it trainable.
 //!
-//! [`OrthoLinear`] keeps the base `Linear` under a transparent child, so its
-//! parameters keep their names (`query.weight`) and the adapters' sit
-//! beside them as `query.lora_A.<name>.weight` / `query.lora_B.<name>.weight`
-//! (PEFT's in-memory layout). Adding is all-or-nothing: every target's
+//! [`OrthoAdapter`] is a delta kind of tensor-core's [`AdaptedLinear`], the
+//! host every adapter crate shares: the base `Linear` keeps its parameter
+//! names (`query.weight`), the adapters' sit beside them as
+//! `query.lora_A.<name>.weight` / `query.lora_B.<name>.weight` (PEFT's
+//! in-memory layout), and they may share a layer, a mixed batch and a file
+//! with pet-core's adapters. Every adapter added here is active, so the
+//! layer computes `W0 + Σ_i ΔW_i`. Adding is all-or-nothing: every target's
 //! adapter is built before the first slot changes.
 
 use std::collections::BTreeMap;
 
+use tensor_core::adapt::delta::downcast_delta;
+use tensor_core::adapt::{AdaptedLinear, LinearDelta, LowRank, hosts};
 use tensor_core::layers::Linear;
-use tensor_core::module::{
-    Context, Identity, Module, ModuleExt, Slot, downcast_box, downcast_mut, downcast_ref, join_path,
-};
-use tensor_core::seed::with_seed;
+use tensor_core::module::{Identity, ModuleExt, downcast_box, downcast_mut, join_path};
+use tensor_core::seed::uniform_seeded;
 use tensor_core::tch::{self, Kind, Tensor};
 
 use crate::basis::FrozenSide;
@@ -94,10 +97,11 @@ impl AdapterConfig {
     }
 }
 
-/// One named adapter on one `Linear`.
+/// One orthogonal (or plain LoRA) adapter on one `Linear`, a delta kind of
+/// tensor-core's [`AdaptedLinear`]: its change is the low-rank `s·BA`, with
+/// the frozen factor handed over detached.
 #[derive(Debug)]
 pub struct OrthoAdapter {
-    pub name: String,
     /// `[r, in]`
     pub a: Tensor,
     /// `[out, r]`
@@ -108,14 +112,12 @@ pub struct OrthoAdapter {
     pub info: Option<OrthoInfo>,
     /// `‖W0‖_F` of the base this adapter was made on.
     pub base_norm: f64,
-    names: [String; 2],
 }
 
 impl OrthoAdapter {
     /// An adapter from its factors; the frozen factor (if any) gets
     /// `requires_grad = false`, the other `true`.
     pub fn new(
-        name: &str,
         a: Tensor,
         b: Tensor,
         scale: f64,
@@ -127,17 +129,12 @@ impl OrthoAdapter {
         let a = f.a.set_requires_grad(side != Some(FrozenSide::Input));
         let b = f.b.set_requires_grad(side != Some(FrozenSide::Output));
         Ok(Self {
-            name: name.to_owned(),
             a,
             b,
             scale,
             dropout: 0.0,
             info,
             base_norm,
-            names: [
-                format!("lora_A.{name}.weight"),
-                format!("lora_B.{name}.weight"),
-            ],
         })
     }
 
@@ -149,21 +146,12 @@ impl OrthoAdapter {
         self.info.map(|i| i.spec.frozen_side)
     }
 
-    /// Local name of the trained factor(s).
-    fn trained_names(&self) -> Vec<&str> {
+    /// Which of `[A, B]` train.
+    fn trained(&self) -> [bool; 2] {
         match self.frozen_side() {
-            Some(FrozenSide::Input) => vec![self.names[1].as_str()],
-            Some(FrozenSide::Output) => vec![self.names[0].as_str()],
-            None => vec![self.names[0].as_str(), self.names[1].as_str()],
-        }
-    }
-
-    /// The factors with the frozen one detached.
-    fn factors(&self) -> (Tensor, Tensor) {
-        match self.frozen_side() {
-            Some(FrozenSide::Input) => (self.a.detach(), self.b.shallow_clone()),
-            Some(FrozenSide::Output) => (self.a.shallow_clone(), self.b.detach()),
-            None => (self.a.shallow_clone(), self.b.shallow_clone()),
+            Some(FrozenSide::Input) => [false, true],
+            Some(FrozenSide::Output) => [true, false],
+            None => [true, true],
         }
     }
 
@@ -181,148 +169,47 @@ impl OrthoAdapter {
     }
 }
 
-/// A `Linear` with orthogonal (or plain LoRA) adapters beside it; the base
-/// stays under a transparent child, so its parameters keep their names.
-#[derive(Debug)]
-pub struct OrthoLinear {
-    base: Slot,
-    adapters: Vec<OrthoAdapter>,
-    enabled: bool,
-}
-
-impl OrthoLinear {
-    /// Wrap `base`, which must hold a `Linear` (else it is handed back).
-    pub fn wrap(base: Slot) -> std::result::Result<Self, (Slot, Error)> {
-        if downcast_ref::<Linear>(base.as_ref()).is_none() {
-            let kind = base.kind();
-            return Err((
-                base,
-                Error::config(format!("orthogonal adapters need a Linear, found a {kind}")),
-            ));
-        }
-        Ok(Self {
-            base,
-            adapters: Vec::new(),
-            enabled: true,
-        })
-    }
-
-    pub fn linear(&self) -> &Linear {
-        downcast_ref::<Linear>(self.base.as_ref()).expect("checked in wrap")
-    }
-
-    pub fn linear_mut(&mut self) -> &mut Linear {
-        downcast_mut::<Linear>(self.base.as_mut()).expect("checked in wrap")
-    }
-
-    pub fn add(&mut self, adapter: OrthoAdapter) -> Result<()> {
-        if self.adapters.iter().any(|a| a.name == adapter.name) {
-            return Err(Error::DuplicateAdapter(adapter.name));
-        }
-        let lin = self.linear();
-        let (o, i) = (lin.out_features(), lin.in_features());
-        if adapter.b.size()[0] != o || adapter.a.size()[1] != i {
-            return Err(Error::mismatch(format!(
-                "adapter '{}' has A {:?}, B {:?}, but the Linear is [{o}, {i}]",
-                adapter.name,
-                adapter.a.size(),
-                adapter.b.size()
-            )));
-        }
-        self.adapters.push(adapter);
-        Ok(())
-    }
-
-    pub fn adapter(&self, name: &str) -> Option<&OrthoAdapter> {
-        self.adapters.iter().find(|a| a.name == name)
-    }
-
-    pub fn adapters(&self) -> &[OrthoAdapter] {
-        &self.adapters
-    }
-
-    /// Remove adapter `name`; returns it if it was there.
-    pub fn remove(&mut self, name: &str) -> Option<OrthoAdapter> {
-        let i = self.adapters.iter().position(|a| a.name == name)?;
-        Some(self.adapters.remove(i))
-    }
-
-    pub fn set_enabled(&mut self, enabled: bool) {
-        self.enabled = enabled;
-    }
-
-    /// The base module back.
-    pub fn into_inner(self) -> Slot {
-        self.base
-    }
-
-    fn forward_adapters(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let lin = self.linear();
-        let size = x.size();
-        let inp = *size.last().unwrap_or(&0);
-        let x2 = x.f_reshape([-1, inp])?;
-        let mut y = x2.f_linear(&lin.weight, lin.bias.as_ref())?;
-        for ad in &self.adapters {
-            let (a, b) = ad.factors();
-            let xd = if train && ad.dropout > 0.0 {
-                x2.f_dropout(ad.dropout, true)?
-            } else {
-                x2.shallow_clone()
-            };
-            let t = xd.f_mm(&a.f_transpose(0, 1)?)?.f_mul_scalar(ad.scale)?;
-            y = y.f_addmm(&t, &b.f_transpose(0, 1)?)?;
-        }
-        let mut out = size;
-        *out.last_mut().expect("checked dim") = lin.out_features();
-        Ok(y.f_reshape(out.as_slice())?)
-    }
-}
-
-impl Module for OrthoLinear {
+impl LinearDelta for OrthoAdapter {
     fn kind(&self) -> &'static str {
-        "OrthoLinear"
-    }
-
-    fn forward(&self, xs: &Tensor, ctx: &mut Context) -> tensor_core::Result<Tensor> {
-        let lin = self.linear();
-        if xs.dim() == 0 || xs.size().last() != Some(&lin.in_features()) {
-            return Err(tensor_core::Error::shape(
-                "OrthoLinear",
-                format!("[*, {}]", lin.in_features()),
-                xs.size(),
-            ));
+        if self.info.is_some() {
+            "orthogonal LoRA"
+        } else {
+            "LoRA"
         }
-        if !self.enabled || self.adapters.is_empty() {
-            return ctx.call("", self.base.as_ref(), xs);
-        }
-        self.forward_adapters(xs, ctx.train).map_err(Into::into)
     }
 
-    fn params(&self) -> Vec<(&str, &Tensor)> {
-        let mut v = Vec::new();
-        for a in &self.adapters {
-            v.push((a.names[0].as_str(), &a.a));
-            v.push((a.names[1].as_str(), &a.b));
-        }
-        v
+    fn param_names(&self, name: &str) -> Vec<String> {
+        vec![
+            format!("lora_A.{name}.weight"),
+            format!("lora_B.{name}.weight"),
+        ]
     }
 
-    fn params_mut(&mut self) -> Vec<(&str, &mut Tensor)> {
-        let mut v = Vec::new();
-        for a in &mut self.adapters {
-            let OrthoAdapter { names, a, b, .. } = a;
-            v.push((names[0].as_str(), a));
-            v.push((names[1].as_str(), b));
-        }
-        v
+    fn tensors(&self) -> Vec<&Tensor> {
+        vec![&self.a, &self.b]
     }
 
-    fn children(&self) -> Vec<(&str, &dyn Module)> {
-        vec![("", self.base.as_ref())]
+    fn tensors_mut(&mut self) -> Vec<&mut Tensor> {
+        vec![&mut self.a, &mut self.b]
     }
 
-    fn children_mut(&mut self) -> Vec<(&str, &mut Slot)> {
-        vec![("", &mut self.base)]
+    /// The frozen factor is detached here, so it never receives a gradient
+    /// even if a glob marks it trainable.
+    fn low_rank(&self) -> Option<LowRank> {
+        let [ta, tb] = self.trained();
+        let keep = |t: &Tensor, trained: bool| {
+            if trained {
+                t.shallow_clone()
+            } else {
+                t.detach()
+            }
+        };
+        Some(LowRank {
+            a: keep(&self.a, ta),
+            b: keep(&self.b, tb),
+            scale: self.scale,
+            dropout: self.dropout,
+        })
     }
 }
 
@@ -342,81 +229,49 @@ pub(crate) fn frobenius(w: &Tensor) -> Result<f64> {
     Ok(w.f_to_kind(Kind::Double)?.f_norm()?.double_value(&[]))
 }
 
-/// Every adapter name in the model, in first-seen order.
+/// Every adapter name on the model's adapted linear layers (of any crate), in first-seen order.
 pub fn adapter_names<M: ModuleExt + ?Sized>(model: &M) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
-    for (_, m) in model.named_modules() {
-        if let Some(h) = downcast_ref::<OrthoLinear>(m) {
-            for a in &h.adapters {
-                if !out.contains(&a.name) {
-                    out.push(a.name.clone());
-                }
-            }
-        }
-    }
-    out
-}
-
-/// Every `OrthoLinear` with its path.
-fn hosts<M: ModuleExt + ?Sized>(model: &M) -> Vec<(String, &OrthoLinear)> {
-    model
-        .named_modules()
-        .into_iter()
-        .filter_map(|(p, m)| downcast_ref::<OrthoLinear>(m).map(|h| (p, h)))
-        .collect()
+    tensor_core::adapt::adapter_names(model)
 }
 
 fn check_new_name<M: ModuleExt + ?Sized>(model: &M, name: &str) -> Result<()> {
     check_name(name)?;
     if adapter_names(model).iter().any(|n| n == name) {
-        return Err(Error::DuplicateAdapter(name.to_owned()));
+        return Err(tensor_core::Error::duplicate_adapter(name.to_owned()).into());
     }
     Ok(())
 }
 
-/// Put `adapter` into the `OrthoLinear` at `path`, wrapping the `Linear` first if needed.
+/// Put `adapter` on the `Linear` at `path` (wrapping it first if needed),
+/// active beside the others: `W = W0 + Σ_i ΔW_i`.
 pub(crate) fn insert_adapter<M: ModuleExt + ?Sized>(
     model: &mut M,
     path: &str,
+    name: &str,
     adapter: OrthoAdapter,
 ) -> Result<()> {
-    let slot = model.slot_mut(path)?;
-    if let Some(h) = downcast_mut::<OrthoLinear>(slot.as_mut()) {
-        return h.add(adapter);
+    tensor_core::adapt::insert(model, path, name, Box::new(adapter))?;
+    if let Some(h) = downcast_mut::<AdaptedLinear>(model.slot_mut(path)?.as_mut()) {
+        h.activate(name);
     }
-    let old = std::mem::replace(slot, Box::new(Identity));
-    match OrthoLinear::wrap(old) {
-        Ok(mut h) => match h.add(adapter) {
-            Ok(()) => {
-                *slot = Box::new(h);
-                Ok(())
-            }
-            Err(e) => {
-                *slot = h.into_inner();
-                Err(e)
-            }
-        },
-        Err((old, e)) => {
-            *slot = old;
-            Err(e)
-        }
-    }
+    Ok(())
 }
 
 pub(crate) fn install<M: ModuleExt + ?Sized>(
     model: &mut M,
+    name: &str,
     built: Vec<(String, OrthoAdapter)>,
 ) -> Result<AddReport> {
     let mut report = AddReport::default();
     for (p, a) in built {
-        for (t, trained) in [(&a.a, a.a.requires_grad()), (&a.b, a.b.requires_grad())] {
+        for (t, trained) in [&a.a, &a.b].into_iter().zip(a.trained()) {
             if trained {
                 report.trainable += t.numel() as i64;
             } else {
                 report.frozen += t.numel() as i64;
             }
         }
-        insert_adapter(model, &p, a)?;
+        insert_adapter(model, &p, name, a)?;
         report.paths.push(p);
     }
     Ok(report)
@@ -452,18 +307,11 @@ pub fn add_orthogonal<M: ModuleExt + ?Sized>(
             ),
             FrozenSide::Output => (Tensor::f_zeros([r, inp], (kind, dev))?, basis),
         };
-        let mut ad = OrthoAdapter::new(
-            concept,
-            a,
-            b,
-            cfg.scale(r),
-            Some(info),
-            frobenius(&lin.weight)?,
-        )?;
+        let mut ad = OrthoAdapter::new(a, b, cfg.scale(r), Some(info), frobenius(&lin.weight)?)?;
         ad.dropout = cfg.dropout;
         built.push((p, ad));
     }
-    install(model, built)
+    install(model, concept, built)
 }
 
 /// Add a plain LoRA adapter (the control): `A ~ U(±1/√in)` seeded by
@@ -483,18 +331,13 @@ pub fn add_lora<M: ModuleExt + ?Sized>(
         let (kind, dev) = (lin.weight.kind(), lin.weight.device());
         let bound = 1.0 / (inp as f64).sqrt();
         let seed = name_seed(cfg.seed, &[&p, name, "lora"]);
-        let a = with_seed(seed, || {
-            Tensor::f_empty([rank, inp], (Kind::Float, tch::Device::Cpu))
-                .and_then(|mut t| t.f_uniform_(-bound, bound))
-        })?
-        .f_to_kind(kind)?
-        .f_to_device(dev)?;
+        let a = uniform_seeded(&[rank, inp], bound, seed, dev)?.f_to_kind(kind)?;
         let b = Tensor::f_zeros([out, rank], (kind, dev))?;
-        let mut ad = OrthoAdapter::new(name, a, b, cfg.scale(rank), None, frobenius(&lin.weight)?)?;
+        let mut ad = OrthoAdapter::new(a, b, cfg.scale(rank), None, frobenius(&lin.weight)?)?;
         ad.dropout = cfg.dropout;
         built.push((p, ad));
     }
-    install(model, built)
+    install(model, name, built)
 }
 
 fn check_known<M: ModuleExt + ?Sized>(model: &M, name: &str) -> Result<()> {
@@ -502,50 +345,54 @@ fn check_known<M: ModuleExt + ?Sized>(model: &M, name: &str) -> Result<()> {
     if known.iter().any(|k| k == name) {
         Ok(())
     } else {
-        Err(Error::UnknownAdapter {
-            name: name.to_owned(),
-            available: known,
-        })
+        Err(tensor_core::Error::unknown_adapter(name, known).into())
     }
 }
 
 /// Remove adapter `name` everywhere; layers left without adapters get their `Linear` back.
 pub fn remove_adapter<M: ModuleExt + ?Sized>(model: &mut M, name: &str) -> Result<()> {
     check_known(model, name)?;
+    let mut err = None;
     model.for_each_slot_mut(&mut |_, slot| {
-        if let Some(h) = downcast_mut::<OrthoLinear>(slot.as_mut()) {
-            h.remove(name);
-            if h.adapters.is_empty() {
-                let old = std::mem::replace(slot, Box::new(Identity));
-                *slot = match downcast_box::<OrthoLinear>(old) {
-                    Ok(h) => h.into_inner(),
-                    Err(old) => old,
-                };
-            }
+        if let Some(h) = downcast_mut::<AdaptedLinear>(slot.as_mut())
+            && let Err(e) = h.remove(name)
+        {
+            err.get_or_insert(e);
         }
         Ok(())
     })?;
+    if let Some(e) = err {
+        return Err(e.into());
+    }
+    tensor_core::adapt::unwrap_empty_hosts(model)?;
     Ok(())
 }
 
 /// Turn every adapter's contribution on or off (off: the base model).
 pub fn set_adapters_enabled<M: ModuleExt + ?Sized>(model: &mut M, enabled: bool) -> Result<()> {
     model.for_each_slot_mut(&mut |_, slot| {
-        if let Some(h) = downcast_mut::<OrthoLinear>(slot.as_mut()) {
-            h.set_enabled(enabled);
+        if let Some(h) = downcast_mut::<AdaptedLinear>(slot.as_mut()) {
+            h.set_enabled(enabled)?;
         }
         Ok(())
     })?;
     Ok(())
 }
 
-/// Full names of the trained factors of adapters `names` (all when empty).
+/// Full names of the trained factors of this crate's adapters `names` (all when empty).
 pub fn trained_parameter_names<M: ModuleExt + ?Sized>(model: &M, names: &[&str]) -> Vec<String> {
     let mut out = Vec::new();
     for (p, h) in hosts(model) {
-        for a in &h.adapters {
-            if names.is_empty() || names.contains(&a.name.as_str()) {
-                out.extend(a.trained_names().into_iter().map(|n| join_path(&p, n)));
+        for (n, d) in h.deltas() {
+            let Some(a) = downcast_delta::<OrthoAdapter>(d) else {
+                continue;
+            };
+            if names.is_empty() || names.contains(&n) {
+                for (local, trained) in h.param_names_of(n).iter().zip(a.trained()) {
+                    if trained {
+                        out.push(join_path(&p, local));
+                    }
+                }
             }
         }
     }
@@ -561,34 +408,43 @@ pub fn mark_only_trainable<M: ModuleExt + ?Sized>(
     also: &[&str],
 ) -> usize {
     let keep = trained_parameter_names(model, names);
-    let mut n = 0;
-    let _ = model.for_each_param_mut(&mut |name, t| {
-        let on = keep.iter().any(|k| k == name)
-            || also
-                .iter()
-                .any(|g| tensor_core::module::glob_match(g, name));
-        if t.requires_grad() != on {
-            *t = t.detach().set_requires_grad(on);
-        }
-        n += on as usize;
-        Ok(())
-    });
-    n
+    tensor_core::adapt::mark_only_trainable(model, &keep, also)
 }
 
 /// Adapter `name` of `model` as a [`TaskDelta`] (LoRA factors per layer,
-/// detached, sharing storage with the model), with its metadata.
+/// detached, sharing storage with the model), with its metadata. Any
+/// adapter whose change is a plain `s·BA` qualifies, whichever crate added it.
 pub fn task_delta<M: ModuleExt + ?Sized>(model: &M, name: &str) -> Result<TaskDelta> {
     check_known(model, name)?;
     let mut t = TaskDelta::new(name);
     let mut norms = BTreeMap::new();
     let mut info = None;
     for (p, h) in hosts(model) {
-        if let Some(a) = h.adapter(name) {
-            t.layers.insert(p.clone(), Delta::Lora(a.lora()));
-            norms.insert(p, a.base_norm);
-            info = a.info;
-        }
+        let Some(d) = h.get(name) else {
+            continue;
+        };
+        let l = d.low_rank().ok_or_else(|| {
+            Error::config(format!(
+                "{p}: adapter '{name}' is a {} delta, not a low-rank s·BA; it cannot be merged as a task",
+                d.kind()
+            ))
+        })?;
+        t.layers.insert(
+            p.clone(),
+            Delta::Lora(LoraFactors {
+                a: l.a.detach(),
+                b: l.b.detach(),
+                scale: l.scale,
+            }),
+        );
+        let norm = match downcast_delta::<OrthoAdapter>(d) {
+            Some(a) => {
+                info = a.info;
+                a.base_norm
+            }
+            None => frobenius(&h.linear().weight)?,
+        };
+        norms.insert(p, norm);
     }
     t.meta = Some(AdapterMeta {
         concept: name.to_owned(),
@@ -602,38 +458,22 @@ pub fn task_delta<M: ModuleExt + ?Sized>(model: &M, name: &str) -> Result<TaskDe
 /// the plain `Linear`s back. Returns the number of layers changed.
 pub fn merge_and_unload<M: ModuleExt + ?Sized>(model: &mut M) -> Result<usize> {
     let mut n = 0;
-    let mut err = None;
-    model.for_each_slot_mut(&mut |_, slot| {
-        if !tensor_core::module::is::<OrthoLinear>(slot.as_ref()) {
+    model.for_each_slot_mut(&mut |path, slot| {
+        let Some(h) = downcast_mut::<AdaptedLinear>(slot.as_mut()) else {
             return Ok(());
-        }
-        let old = std::mem::replace(slot, Box::new(Identity));
-        let h = downcast_box::<OrthoLinear>(old).expect("checked");
-        let mut d = None;
-        for a in &h.adapters {
-            match a.delta_weight() {
-                Ok(w) => {
-                    d = Some(match d {
-                        None => w,
-                        Some(acc) => acc + w,
-                    })
-                }
-                Err(e) => {
-                    err.get_or_insert(e);
-                }
-            }
-        }
-        let mut base = h.into_inner();
-        if let (Some(d), Some(lin)) = (d, downcast_mut::<Linear>(base.as_mut())) {
-            if let Err(e) = add_to_weight(lin, &d) {
-                err.get_or_insert(e);
-            }
+        };
+        let names = h.names();
+        if h.merge(path, &names, false)? > 0 {
             n += 1;
         }
-        *slot = base;
+        let old = std::mem::replace(slot, Box::new(Identity));
+        *slot = match downcast_box::<AdaptedLinear>(old) {
+            Ok(h) => h.into_inner(),
+            Err(old) => old,
+        };
         Ok(())
     })?;
-    err.map_or(Ok(n), Err)
+    Ok(n)
 }
 
 /// `W += d` (computed in f32, stored in `W`'s dtype), under `no_grad`.

@@ -6,7 +6,9 @@
 //! for different shapes, ranks, bases or base models, invalid densities,
 //! and files that do not hold what they claim. Each is an [`Error`] naming
 //! the culprit, never a panic; libtorch and module-tree failures arrive
-//! wrapped as [`Error::Tensor`].
+//! wrapped as [`Error::Tensor`], as do the errors every adapter crate shares
+//! through tensor-core's host (a duplicate or unknown adapter name, targets
+//! that match nothing).
 
 use std::path::PathBuf;
 
@@ -55,21 +57,6 @@ pub enum Error {
     /// Inputs that do not fit together: shapes, ranks, bases, base models, registries.
     #[error("mismatch: {0}")]
     Mismatch(String),
-    /// Target patterns that match no `Linear` in the model.
-    #[error("target modules {patterns:?} match no Linear in the model (some Linear paths: {})", examples.join(", "))]
-    NoTarget {
-        patterns: Vec<String>,
-        examples: Vec<String>,
-    },
-    /// An adapter name that the model does not hold.
-    #[error("adapter '{name}' not found (adapters: {})", if available.is_empty() { "none".to_owned() } else { available.join(", ") })]
-    UnknownAdapter {
-        name: String,
-        available: Vec<String>,
-    },
-    /// Adding an adapter under a name already in use.
-    #[error("adapter '{0}' already exists; remove it first or choose another name")]
-    DuplicateAdapter(String),
     /// A registry or PEFT file that is malformed or does not fit.
     #[error("{path}: {reason}")]
     File { path: PathBuf, reason: String },

@@ -20,7 +20,7 @@
 //! Specification: `docs/orthogonal-merge.md` (Method). Reading order:
 //! 1. [`error`]: what can be wrong (full registry, bins claimed twice, mismatched shapes, ranks, bases, base models);
 //! 2. [`basis`]: the seeded bases and bins; [`registry`]: concept → bin, persisted;
-//! 3. [`adapter`]: [`OrthoLinear`], adding/removing adapters by PEFT target patterns, training set-up;
+//! 3. [`adapter`]: [`OrthoAdapter`], a delta kind of tensor-core's [`AdaptedLinear`]; adding/removing adapters by PEFT target patterns, training set-up;
 //! 4. [`delta`]: what merges consume ([`TaskDelta`]: LoRA pairs or full deltas per layer);
 //! 5. the operators: [`ops`] (task arithmetic), [`prune`], [`ties`], [`dare`], [`svd`], [`lsq`];
 //! 6. [`mod@merge`]: [`MergeConfig`], [`merge()`], applying the result to a model;
@@ -66,7 +66,7 @@ pub mod target;
 pub mod ties;
 
 pub use adapter::{
-    AdapterConfig, AddReport, OrthoAdapter, OrthoLinear, adapter_names, add_lora, add_orthogonal,
+    AdapterConfig, AddReport, OrthoAdapter, adapter_names, add_lora, add_orthogonal,
     mark_only_trainable, merge_and_unload, remove_adapter, set_adapters_enabled, task_delta,
     trained_parameter_names,
 };
@@ -85,4 +85,5 @@ pub use peft_io::{
     save_task,
 };
 pub use registry::Registry;
+pub use tensor_core::adapt::AdaptedLinear;
 pub use ties::SignMethod;

@@ -101,18 +101,16 @@ impl Features {
 type Store = Arc<Mutex<Option<(Tensor, i64)>>>;
 
 /// Records its input's Gram, then runs the wrapped module (transparent child).
-#[derive(Debug)]
+#[derive(Debug, Module)]
+#[module(kind = "GramTap", forward = forward_impl)]
 pub struct GramTap {
+    #[child(name = "")]
     inner: Slot,
     store: Store,
 }
 
-impl Module for GramTap {
-    fn kind(&self) -> &'static str {
-        "GramTap"
-    }
-
-    fn forward(&self, xs: &Tensor, ctx: &mut Context) -> tensor_core::Result<Tensor> {
+impl GramTap {
+    fn forward_impl(&self, xs: &Tensor, ctx: &mut Context) -> tensor_core::Result<Tensor> {
         let inp = *xs.size().last().unwrap_or(&0);
         let mut x2 = xs.f_detach()?.f_to_kind(Kind::Double)?;
         if let Some(m) = &ctx.attention_mask
@@ -132,14 +130,6 @@ impl Module for GramTap {
             self.accumulate(&x2, rows)?;
         }
         ctx.call("", self.inner.as_ref(), xs)
-    }
-
-    fn children(&self) -> Vec<(&str, &dyn Module)> {
-        vec![("", self.inner.as_ref())]
-    }
-
-    fn children_mut(&mut self) -> Vec<(&str, &mut Slot)> {
-        vec![("", &mut self.inner)]
     }
 }
 

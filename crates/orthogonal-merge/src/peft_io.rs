@@ -23,11 +23,11 @@
 //! support (DoRA, trained biases, `layers_to_transform`), every key, every
 //! shape.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
-use tensor_core::io::{self as tio, SafetensorsFile};
+use tensor_core::adapt::peft::{self, LoraHeader, PREFIX, group_keys, read_config, str_list};
+use tensor_core::io::SafetensorsFile;
 use tensor_core::module::ModuleExt;
 use tensor_core::tch::{Device, Tensor};
 
@@ -35,13 +35,11 @@ use crate::adapter::{AddReport, OrthoAdapter, adapter_names, frobenius, install,
 use crate::delta::{AdapterMeta, Delta, LoraFactors, TaskDelta};
 use crate::error::{Error, Result};
 use crate::merge::{check_against_model, check_tasks};
-use crate::registry::{check_name, write_text};
+use crate::registry::check_name;
 use crate::target::{base_linear, matches_any, matches_target};
 
-pub const CONFIG_FILE: &str = "adapter_config.json";
-pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+pub use tensor_core::adapt::peft::{CONFIG_FILE, WEIGHTS_FILE};
 pub const META_KEY: &str = "modular_orthogonal";
-const PREFIX: &str = "base_model.model.";
 
 /// Extra things to write beside the adapter.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -62,17 +60,6 @@ pub struct AdapterFile {
     /// Their parameters, by full parameter name (`classifier.weight`).
     pub saved_modules: Vec<(String, Tensor)>,
     pub config: Value,
-}
-
-fn most_common<T: PartialEq + Copy>(xs: &[T]) -> Option<T> {
-    let mut best: Option<(T, usize)> = None;
-    for &x in xs {
-        let c = xs.iter().filter(|&&y| y == x).count();
-        if best.is_none_or(|(_, bc)| c > bc) {
-            best = Some((x, c));
-        }
-    }
-    best.map(|(x, _)| x)
 }
 
 /// Write a task whose layers are all LoRA pairs as a PEFT folder `dir`,
@@ -106,51 +93,15 @@ pub fn save_task(
     for (n, t) in extra {
         tensors.push((format!("{PREFIX}{n}"), t.detach()));
     }
-    let ranks: Vec<i64> = rs.iter().map(|r| r.1).collect();
-    let r0 = most_common(&ranks).expect("non-empty");
-    let scales: Vec<u64> = rs
-        .iter()
-        .filter(|r| r.1 == r0)
-        .map(|r| r.2.to_bits())
-        .collect();
-    let s0 = f64::from_bits(most_common(&scales).expect("non-empty"));
-    let (mut rank_pattern, mut alpha_pattern) = (BTreeMap::new(), BTreeMap::new());
-    for (p, r, s) in &rs {
-        if *r != r0 {
-            rank_pattern.insert(p.clone(), json!(r));
-        }
-        if *r != r0 || s.to_bits() != s0.to_bits() {
-            alpha_pattern.insert(p.clone(), json!(s * *r as f64));
-        }
+    let mut config = peft::lora_config(&rs);
+    if !opts.modules_to_save.is_empty() {
+        config["modules_to_save"] = json!(opts.modules_to_save);
     }
-    let mut config = json!({
-        "peft_type": "LORA",
-        "r": r0,
-        "lora_alpha": s0 * r0 as f64,
-        "lora_dropout": 0.0,
-        "target_modules": rs.iter().map(|r| r.0.clone()).collect::<Vec<_>>(),
-        "rank_pattern": rank_pattern,
-        "alpha_pattern": alpha_pattern,
-        "use_rslora": false,
-        "use_dora": false,
-        "fan_in_fan_out": false,
-        "bias": "none",
-        "init_lora_weights": true,
-        "inference_mode": true,
-        "modules_to_save": if opts.modules_to_save.is_empty() { Value::Null } else { json!(opts.modules_to_save) },
-        "layers_to_transform": null,
-        "base_model_name_or_path": opts.base_model_name_or_path,
-        "task_type": null,
-    });
+    config["base_model_name_or_path"] = json!(opts.base_model_name_or_path);
     if let Some(m) = &task.meta {
         config[META_KEY] = serde_json::to_value(m).map_err(|e| Error::file(dir, e.to_string()))?;
     }
-    std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e.to_string()))?;
-    let text =
-        serde_json::to_string_pretty(&config).map_err(|e| Error::file(dir, e.to_string()))?;
-    let refs: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    tio::save(dir.join(WEIGHTS_FILE), &refs, None)?;
-    write_text(&dir.join(CONFIG_FILE), &text)
+    Ok(peft::write_folder(dir, &config, &tensors)?)
 }
 
 /// Write adapter `name` of `model` as a PEFT folder `dir` (created if needed),
@@ -181,116 +132,12 @@ pub fn save_adapter<M: ModuleExt + ?Sized>(
     save_task(&task, dir, &extra, opts)
 }
 
-fn read_config(dir: &Path) -> Result<(PathBuf, Value)> {
-    let path = dir.join(CONFIG_FILE);
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::file(&path, e.to_string()))?;
-    let v: Value = serde_json::from_str(&text)
-        .map_err(|e| Error::file(&path, format!("not valid JSON: {e}")))?;
-    if !v.is_object() {
-        return Err(Error::file(&path, "expected a JSON object"));
-    }
-    Ok((path, v))
-}
-
-fn str_list(path: &Path, v: &Value, key: &str) -> Result<Vec<String>> {
-    match v.get(key) {
-        None | Some(Value::Null) => Ok(Vec::new()),
-        Some(Value::Array(xs)) => xs
-            .iter()
-            .map(|x| {
-                x.as_str()
-                    .map(str::to_owned)
-                    .ok_or_else(|| Error::file(path, format!("'{key}' must be a list of strings")))
-            })
-            .collect(),
-        Some(_) => Err(Error::file(
-            path,
-            format!("'{key}' must be a list of strings"),
-        )),
-    }
-}
-
-fn num_map(path: &Path, v: &Value, key: &str) -> Result<BTreeMap<String, f64>> {
-    match v.get(key) {
-        None | Some(Value::Null) => Ok(BTreeMap::new()),
-        Some(Value::Object(m)) => m
-            .iter()
-            .map(|(k, x)| {
-                x.as_f64()
-                    .map(|t| (k.clone(), t))
-                    .ok_or_else(|| Error::file(path, format!("'{key}.{k}' must be a number")))
-            })
-            .collect(),
-        Some(_) => Err(Error::file(path, format!("'{key}' must be an object"))),
-    }
-}
-
-/// The value of the most specific (longest) pattern key matching `path`.
-fn pattern_value(path: &str, patterns: &BTreeMap<String, f64>) -> Option<f64> {
-    patterns
-        .iter()
-        .filter(|(k, _)| matches_target(path, k))
-        .max_by_key(|(k, _)| k.len())
-        .map(|(_, v)| *v)
-}
-
 /// Read a PEFT LoRA folder. The task is named `name`, else after the
 /// concept in its metadata, else after the folder.
 pub fn read_adapter(dir: impl AsRef<Path>, name: Option<&str>) -> Result<AdapterFile> {
     let dir = dir.as_ref();
     let (cpath, cfg) = read_config(dir)?;
-    match cfg.get("peft_type").and_then(Value::as_str) {
-        Some("LORA") => {}
-        Some(other) => {
-            return Err(Error::file(
-                &cpath,
-                format!("peft_type '{other}' is not LORA"),
-            ));
-        }
-        None => return Err(Error::file(&cpath, "missing 'peft_type'")),
-    }
-    if cfg
-        .get("use_dora")
-        .and_then(Value::as_bool)
-        .unwrap_or(false)
-    {
-        return Err(Error::file(
-            &cpath,
-            "DoRA adapter files are not supported (their change is not s·BA)",
-        ));
-    }
-    match cfg.get("bias").and_then(Value::as_str) {
-        None | Some("none") => {}
-        Some(b) => {
-            return Err(Error::file(
-                &cpath,
-                format!("bias = '{b}': trained biases are not supported"),
-            ));
-        }
-    }
-    match cfg.get("layers_to_transform") {
-        None | Some(Value::Null) => {}
-        Some(x) => {
-            return Err(Error::file(
-                &cpath,
-                format!("layers_to_transform = {x} is not supported"),
-            ));
-        }
-    }
-    let r = cfg
-        .get("r")
-        .and_then(Value::as_i64)
-        .ok_or_else(|| Error::file(&cpath, "missing integer 'r'"))?;
-    let alpha = cfg
-        .get("lora_alpha")
-        .and_then(Value::as_f64)
-        .ok_or_else(|| Error::file(&cpath, "missing number 'lora_alpha'"))?;
-    let rslora = cfg
-        .get("use_rslora")
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
-    let rank_pattern = num_map(&cpath, &cfg, "rank_pattern")?;
-    let alpha_pattern = num_map(&cpath, &cfg, "alpha_pattern")?;
+    let header = LoraHeader::read(&cpath, &cfg)?;
     let modules_to_save = str_list(&cpath, &cfg, "modules_to_save")?;
     let meta: Option<AdapterMeta> = match cfg.get(META_KEY) {
         None | Some(Value::Null) => None,
@@ -301,46 +148,40 @@ pub fn read_adapter(dir: impl AsRef<Path>, name: Option<&str>) -> Result<Adapter
     };
     let wpath = dir.join(WEIGHTS_FILE);
     let file = SafetensorsFile::open(&wpath)?;
-    let mut by_module: BTreeMap<String, [Option<String>; 2]> = BTreeMap::new();
-    let mut saved_modules = Vec::new();
-    for key in file.names() {
-        let rest = key.strip_prefix(PREFIX).ok_or_else(|| {
-            Error::file(
-                &wpath,
-                format!("tensor '{key}' does not start with '{PREFIX}'"),
-            )
-        })?;
-        if let Some(m) = rest.strip_suffix(".lora_A.weight") {
-            by_module.entry(m.to_owned()).or_default()[0] = Some(key.clone());
-        } else if let Some(m) = rest.strip_suffix(".lora_B.weight") {
-            by_module.entry(m.to_owned()).or_default()[1] = Some(key.clone());
-        } else if modules_to_save
+    let saved = |rest: &str| {
+        modules_to_save
             .iter()
             .any(|m| rest.starts_with(&format!("{m}.")) || rest.contains(&format!(".{m}.")))
-        {
-            saved_modules.push((rest.to_owned(), file.load_weight(&key, Device::Cpu)?));
-        } else {
-            return Err(Error::file(
-                &wpath,
-                format!(
-                    "tensor '{key}' is neither a LoRA weight (.lora_A.weight / .lora_B.weight) nor under modules_to_save {modules_to_save:?}"
-                ),
-            ));
-        }
-    }
-    if by_module.is_empty() {
-        return Err(Error::file(&wpath, "holds no LoRA tensors"));
+    };
+    let (by_module, others) = group_keys(
+        &wpath,
+        &file,
+        &[".lora_A.weight", ".lora_B.weight"],
+        "LoRA",
+        saved,
+    )
+    .map_err(|e| match e {
+        tensor_core::Error::Path { path, reason } if reason.starts_with("tensor '") => Error::file(
+            path,
+            format!("{reason}, nor under modules_to_save {modules_to_save:?}"),
+        ),
+        other => other.into(),
+    })?;
+    let mut saved_modules = Vec::new();
+    for key in others {
+        let rest = key.strip_prefix(PREFIX).unwrap_or(&key).to_owned();
+        saved_modules.push((rest, file.load_weight(&key, Device::Cpu)?));
     }
     // PEFT's contract: the modules with tensors are exactly the targets the
     // config names (a typo or a config from another adapter is an error).
-    let targets = str_list(&cpath, &cfg, "target_modules")?;
+    let targets = &header.target_modules;
     if targets.is_empty() {
         return Err(Error::file(
             &cpath,
             "'target_modules' is missing or empty; PEFT needs the list of adapted modules",
         ));
     }
-    if let Some(m) = by_module.keys().find(|m| !matches_any(m, &targets)) {
+    if let Some(m) = by_module.keys().find(|m| !matches_any(m, targets)) {
         return Err(Error::file(
             &cpath,
             format!(
@@ -369,7 +210,7 @@ pub fn read_adapter(dir: impl AsRef<Path>, name: Option<&str>) -> Result<Adapter
     };
     let mut task = TaskDelta::new(&task_name);
     for (module, keys) in &by_module {
-        let [Some(ka), Some(kb)] = keys else {
+        let (Some(ka), Some(kb)) = (keys.get(".lora_A.weight"), keys.get(".lora_B.weight")) else {
             return Err(Error::file(
                 &wpath,
                 format!("{module}: needs both lora_A.weight and lora_B.weight"),
@@ -377,8 +218,7 @@ pub fn read_adapter(dir: impl AsRef<Path>, name: Option<&str>) -> Result<Adapter
         };
         let a = file.load_weight(ka, Device::Cpu)?;
         let b = file.load_weight(kb, Device::Cpu)?;
-        let rank = pattern_value(module, &rank_pattern).map_or(r, |x| x as i64);
-        let alpha = pattern_value(module, &alpha_pattern).unwrap_or(alpha);
+        let (rank, alpha) = header.rank_alpha(module);
         if rank <= 0 || a.size().first() != Some(&rank) {
             return Err(Error::file(
                 &wpath,
@@ -388,11 +228,7 @@ pub fn read_adapter(dir: impl AsRef<Path>, name: Option<&str>) -> Result<Adapter
                 ),
             ));
         }
-        let scale = if rslora {
-            alpha / (rank as f64).sqrt()
-        } else {
-            alpha / rank as f64
-        };
+        let scale = header.scale(rank, alpha);
         let f = LoraFactors::new(a, b, scale)
             .map_err(|e| Error::file(&wpath, format!("{module}: {e}")))?;
         task.layers.insert(module.clone(), Delta::Lora(f));
@@ -414,12 +250,12 @@ pub fn read_adapter(dir: impl AsRef<Path>, name: Option<&str>) -> Result<Adapter
 /// [`load_saved_modules`].
 pub fn load_adapter<M: ModuleExt + ?Sized>(
     model: &mut M,
-    dir: impl AsRef<Path>,
     name: &str,
+    dir: impl AsRef<Path>,
 ) -> Result<AddReport> {
     check_name(name)?;
     if adapter_names(model).iter().any(|n| n == name) {
-        return Err(Error::DuplicateAdapter(name.to_owned()));
+        return Err(tensor_core::Error::duplicate_adapter(name.to_owned()).into());
     }
     let file = read_adapter(dir, Some(name))?;
     let tasks = [file.task];
@@ -437,9 +273,9 @@ pub fn load_adapter<M: ModuleExt + ?Sized>(
         let norm = frobenius(&lin.weight)?;
         let a = l.a.f_to_kind(kind)?.f_to_device(dev)?;
         let b = l.b.f_to_kind(kind)?.f_to_device(dev)?;
-        built.push((p, OrthoAdapter::new(name, a, b, l.scale, info, norm)?));
+        built.push((p, OrthoAdapter::new(a, b, l.scale, info, norm)?));
     }
-    install(model, built)
+    install(model, name, built)
 }
 
 /// Copy the `modules_to_save` parameters of a read adapter file into

@@ -90,9 +90,14 @@ fn adapters_have_peft_names_start_at_zero_and_train_one_factor() {
         }
     }
     // The frozen factor is the registry's bin (bases are computed on the host).
-    let lin = m.get_as::<orthogonal_merge::OrthoLinear>(Q).unwrap();
+    let lin = m.get_as::<orthogonal_merge::AdaptedLinear>(Q).unwrap();
     let want = reg.spec.block(Q, 16, 0, Kind::Float, Device::Cpu).unwrap();
-    assert_close(&lin.adapter("a").unwrap().b, &want, 0.0, 0.0);
+    assert_close(
+        &lin.get_as::<orthogonal_merge::OrthoAdapter>("a").unwrap().b,
+        &want,
+        0.0,
+        0.0,
+    );
     // Removing the adapter restores the model.
     remove_adapter(&mut m, "a").unwrap();
     assert!(!is_wrapped(&m, Q));
@@ -277,7 +282,7 @@ fn files_round_trip_and_are_checked_against_the_base() {
     assert!(st.contains("base_model.model.classifier.weight"));
     // Into a fresh classifier (another head): same outputs once the head is copied.
     let mut fresh = clf(2);
-    let rep = load_adapter(&mut fresh, dir.path(), "a").unwrap();
+    let rep = load_adapter(&mut fresh, "a", dir.path()).unwrap();
     assert_eq!(rep.paths.len(), 4);
     let file = read_adapter(dir.path(), None).unwrap();
     assert_eq!(file.task.name, "a");
@@ -353,14 +358,14 @@ fn files_round_trip_and_are_checked_against_the_base() {
     }
     // Loading twice under one name, into another base, or into other shapes fails clearly.
     assert!(matches!(
-        load_adapter(&mut fresh, dir.path(), "a"),
-        Err(Error::DuplicateAdapter(_))
+        load_adapter(&mut fresh, "a", dir.path()),
+        Err(Error::Tensor(tensor_core::Error::DuplicateAdapter(_)))
     ));
     let mut other = with_seed(9, || {
         SequenceClassifier::new(tiny_bert(9), 3, Pooling::Mean)
     })
     .unwrap();
-    let e = load_adapter(&mut other, dir.path(), "a").unwrap_err();
+    let e = load_adapter(&mut other, "a", dir.path()).unwrap_err();
     assert!(e.to_string().contains("another base model"), "{e}");
     assert!(
         adapter_names(&other).is_empty(),
@@ -378,7 +383,7 @@ fn files_round_trip_and_are_checked_against_the_base() {
         )
     })
     .unwrap();
-    let e = load_adapter(&mut narrow, dir.path(), "a").unwrap_err();
+    let e = load_adapter(&mut narrow, "a", dir.path()).unwrap_err();
     assert!(
         matches!(e, Error::Mismatch(_)) && e.to_string().contains("[16, 16]"),
         "{e}"
@@ -401,7 +406,7 @@ fn merging_saved_adapters_equals_running_them_together() {
     // Folding them into the weights gives the same.
     let mut folded = tiny_bert(0);
     for c in ["a", "b", "c"] {
-        load_adapter(&mut folded, dir.path().join(c), c).unwrap();
+        load_adapter(&mut folded, c, dir.path().join(c)).unwrap();
     }
     assert!(max_abs(&run(&folded, &ids, &mask), &together) < scaled(1e-5));
     assert_eq!(merge_and_unload(&mut folded).unwrap(), 12);
@@ -430,17 +435,18 @@ fn adding_errors_name_the_problem() {
     assert!(matches!(e, Error::UnknownConcept { .. }), "{e}");
     let e = add_orthogonal(&mut m, "a", &reg, &AdapterConfig::new(&["nothing"])).unwrap_err();
     assert!(
-        matches!(e, Error::NoTarget { .. }) && e.to_string().contains("attention.self.query"),
+        matches!(e, Error::Tensor(tensor_core::Error::NoTarget { .. }))
+            && e.to_string().contains("attention.self.query"),
         "{e}"
     );
     add_orthogonal(&mut m, "a", &reg, &AdapterConfig::new(&["query"])).unwrap();
     assert!(matches!(
         add_orthogonal(&mut m, "a", &reg, &AdapterConfig::new(&["query"])),
-        Err(Error::DuplicateAdapter(_))
+        Err(Error::Tensor(tensor_core::Error::DuplicateAdapter(_)))
     ));
     assert!(matches!(
         remove_adapter(&mut m, "zz"),
-        Err(Error::UnknownAdapter { .. })
+        Err(Error::Tensor(tensor_core::Error::UnknownAdapter { .. }))
     ));
     assert!(add_lora(&mut m, "b", 0, &AdapterConfig::new(&["query"])).is_err());
 }

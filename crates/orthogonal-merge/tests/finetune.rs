@@ -12,9 +12,9 @@ use model_zoo::data::TextClassification;
 use model_zoo::finetune::{FinetuneOptions, TrainHooks, finetune_with};
 use model_zoo::source::ModelSource;
 use orthogonal_merge::{
-    AdapterConfig, BasisKind, FrozenSide, MergeConfig, Method, OrthoLinear, Registry, SaveOptions,
-    add_orthogonal, load_saved_modules, mark_only_trainable, merge_adapters_into, read_adapter,
-    save_adapter,
+    AdaptedLinear, AdapterConfig, BasisKind, FrozenSide, MergeConfig, Method, Registry,
+    SaveOptions, add_orthogonal, load_saved_modules, mark_only_trainable, merge_adapters_into,
+    read_adapter, save_adapter,
 };
 use tensor_core::module::ModuleExt;
 use tensor_core::tch::{Device, Kind};
@@ -156,7 +156,7 @@ fn train_two_concepts_independently_then_merge() {
     );
     assert!(rep.interference.mean_output_overlap().unwrap() < 1e-6);
     assert!(
-        merged.get_as::<OrthoLinear>(Q).is_err(),
+        merged.get_as::<AdaptedLinear>(Q).is_err(),
         "merging writes into the weights"
     );
     assert_eq!(load_saved_modules(&mut merged, &file).unwrap(), 2);

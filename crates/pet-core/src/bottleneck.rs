@@ -15,11 +15,12 @@
 //! (block-diagonal `W_up`, `r·d/N_h` weights instead of `r·d`).
 
 use serde::{Deserialize, Serialize};
+use tensor_core::adapt::{DeltaInput, LinearDelta};
 use tensor_core::layers::Activation;
 use tensor_core::tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
-use crate::gate::{GateConfig, InitScheme};
+use crate::gate::{Gate, GateConfig, InitScheme};
 use crate::target::{normal, param};
 
 /// How the multi-head structure constrains the projections.
@@ -212,5 +213,59 @@ impl Bottleneck {
         out_shape.push(-1);
         Ok(y.f_reshape(out_shape.as_slice())?
             .f_add(&self.params[3].1)?)
+    }
+}
+
+/// A parallel bottleneck on a `Linear`, `c = s·ΔH(x)` (VL-PET's decoder
+/// value adapter), optionally gated. Its change depends on the input, so it
+/// never merges.
+#[derive(Debug)]
+pub struct ParallelAdapter {
+    pub module: Bottleneck,
+    pub scale: f64,
+    pub gate: Option<Gate>,
+}
+
+impl LinearDelta for ParallelAdapter {
+    fn kind(&self) -> &'static str {
+        "parallel bottleneck"
+    }
+
+    fn param_names(&self, name: &str) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .module
+            .params
+            .iter()
+            .map(|(n, _)| format!("adapter.{name}.{n}"))
+            .collect();
+        if let Some(g) = &self.gate {
+            v.extend(g.param_names(name));
+        }
+        v
+    }
+
+    fn tensors(&self) -> Vec<&Tensor> {
+        let mut v: Vec<&Tensor> = self.module.params.iter().map(|(_, t)| t).collect();
+        if let Some(g) = &self.gate {
+            v.extend(g.params.iter().map(|(_, t)| t));
+        }
+        v
+    }
+
+    fn tensors_mut(&mut self) -> Vec<&mut Tensor> {
+        let mut v: Vec<&mut Tensor> = self.module.params.iter_mut().map(|(_, t)| t).collect();
+        if let Some(g) = &mut self.gate {
+            v.extend(g.params.iter_mut().map(|(_, t)| t));
+        }
+        v
+    }
+
+    fn additive(&self, io: &DeltaInput<'_>) -> tensor_core::Result<Option<Tensor>> {
+        let d = self.module.forward(io.x)?.f_mul_scalar(self.scale)?;
+        Ok(Some(Gate::change(self.gate.as_ref(), io, d)?))
+    }
+
+    fn merge_order(&self) -> Option<tensor_core::adapt::MergeOrder> {
+        None
     }
 }

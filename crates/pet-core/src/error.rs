@@ -7,7 +7,9 @@
 //! into the base, a lifecycle step in the wrong state (mixed batch while
 //! merged), and files that do not hold what they claim. Each is an
 //! [`Error`] naming the culprit, never a panic; libtorch and module-tree
-//! failures arrive wrapped as [`Error::Tensor`].
+//! failures arrive wrapped as [`Error::Tensor`], as do the errors every
+//! adapter crate shares through tensor-core's host (a duplicate or unknown
+//! adapter name, targets that match nothing, an unsafe merge).
 
 use std::path::PathBuf;
 
@@ -19,34 +21,13 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub enum Error {
     /// A tensor or module-tree operation failed (shapes, dtypes, unknown paths).
     #[error(transparent)]
-    Tensor(#[from] tensor_core::Error),
+    Tensor(tensor_core::Error),
     /// An invalid configuration (rank 0, negative dropout, unknown option).
     #[error("invalid adapter config: {0}")]
     Config(String),
-    /// Target patterns that match no module of the right type.
-    #[error("target modules {patterns:?} match no {kind} in the model (some {kind} paths: {})", examples.join(", "))]
-    NoTarget {
-        patterns: Vec<String>,
-        kind: &'static str,
-        examples: Vec<String>,
-    },
-    /// An adapter name that the model does not hold.
-    #[error("adapter '{name}' not found (adapters: {})", if available.is_empty() { "none".to_owned() } else { available.join(", ") })]
-    UnknownAdapter {
-        name: String,
-        available: Vec<String>,
-    },
-    /// Adding an adapter under a name already in use.
-    #[error("adapter '{0}' already exists; delete it first or choose another name")]
-    DuplicateAdapter(String),
     /// A lifecycle step that the current state does not allow.
     #[error("{0}")]
     State(String),
-    /// A merge that would put NaN or Inf into the base weights (safe merge).
-    #[error(
-        "safe merge of adapter '{adapter}' into {path}: the merged weight contains NaN or Inf; the base is left unchanged"
-    )]
-    NonFiniteMerge { adapter: String, path: String },
     /// A PEFT file that is malformed or does not fit the model.
     #[error("{path}: {reason}")]
     File { path: PathBuf, reason: String },
@@ -69,6 +50,19 @@ impl Error {
     }
 }
 
+/// The adapted-linear host's refused lifecycle steps are this crate's
+/// [`Error::State`]; every other error of tensor-core (duplicate or unknown
+/// adapters, targets that match nothing, unsafe merges, bad files) is
+/// wrapped as it is.
+impl From<tensor_core::Error> for Error {
+    fn from(e: tensor_core::Error) -> Self {
+        match e {
+            tensor_core::Error::AdapterState(s) => Error::State(s),
+            other => Error::Tensor(other),
+        }
+    }
+}
+
 impl From<TchError> for Error {
     fn from(e: TchError) -> Self {
         Error::Tensor(tensor_core::Error::from(e))
@@ -81,6 +75,7 @@ impl From<Error> for tensor_core::Error {
     fn from(e: Error) -> Self {
         match e {
             Error::Tensor(t) => t,
+            Error::State(s) => tensor_core::Error::AdapterState(s),
             other => tensor_core::Error::config(other.to_string()),
         }
     }

@@ -268,4 +268,28 @@ impl Gate {
             y.f_mul_scalar(self.config.scale)?
         })
     }
+
+    /// The gated change on a linear layer, `c = G·(H + d) − H`, from the
+    /// base output `H` and the ungated change `d` ("LoRA + G", a gated
+    /// parallel adapter); `d` itself when there is no gate.
+    pub fn change(
+        gate: Option<&Gate>,
+        io: &tensor_core::adapt::DeltaInput<'_>,
+        d: Tensor,
+    ) -> Result<Tensor> {
+        match gate {
+            None => Ok(d),
+            Some(g) => Ok(g
+                .apply(io.x, &io.h.f_add(&d)?, io.attention_mask)?
+                .f_sub(io.h)?),
+        }
+    }
+
+    /// Parameter names under a linear layer for adapter `name`.
+    pub fn param_names(&self, name: &str) -> Vec<String> {
+        self.params
+            .iter()
+            .map(|(n, _)| format!("vlpet_gate.{name}.{n}"))
+            .collect()
+    }
 }

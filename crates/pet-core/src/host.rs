@@ -2,16 +2,18 @@
 //! Method, part 2 step 5): PEFT's `add_adapter` / `set_adapter` / `disable_adapter` /
 //! `delete_adapter` / `merge` / `unmerge`, layer by layer.
 //!
-//! Two wrappers hold adapters: [`crate::linear::AdaptedLinear`] around a
-//! `Linear` (LoRA, DoRA, IA3, parallel bottleneck, LoRA + G) and
+//! Two wrappers hold adapters: [`AdaptedLinear`] around a `Linear`
+//! (tensor-core's host, shared with every adapter crate; here it carries
+//! LoRA, DoRA, IA3, parallel bottlenecks and LoRA + G) and
 //! [`crate::site::AdapterSite`] around a whole sub-module (sequential or
 //! parallel bottleneck adapters, VL-PET sites). Several active adapters add
 //! their changes: `y = base(x) + Σ_a Δ_a(x)`.
 
 use tensor_core::module::{Module, Slot, downcast_box, downcast_mut, downcast_ref};
 
+use tensor_core::adapt::AdaptedLinear;
+
 use crate::error::Result;
-use crate::linear::AdaptedLinear;
 use crate::site::AdapterSite;
 
 pub trait AdapterHost: Module {
@@ -63,5 +65,52 @@ pub fn host_box(m: Slot) -> std::result::Result<Box<dyn AdapterHost>, Slot> {
     match downcast_box::<AdapterSite>(m) {
         Ok(h) => Ok(h),
         Err(m) => Err(m),
+    }
+}
+
+/// The lifecycle on tensor-core's host, for adapters of any crate.
+impl AdapterHost for AdaptedLinear {
+    fn adapter_names(&self) -> Vec<String> {
+        self.names()
+    }
+
+    fn set_active(&mut self, names: &[String]) {
+        AdaptedLinear::set_active(self, names);
+    }
+
+    fn active_names(&self) -> Vec<String> {
+        self.active().to_vec()
+    }
+
+    fn set_enabled(&mut self, enabled: bool) -> Result<()> {
+        Ok(AdaptedLinear::set_enabled(self, enabled)?)
+    }
+
+    fn delete(&mut self, name: &str) -> Result<bool> {
+        Ok(self.remove(name)?.is_some())
+    }
+
+    fn check_merge(&self, path: &str, names: &[String], safe: bool) -> Result<()> {
+        Ok(AdaptedLinear::check_merge(self, path, names, safe)?)
+    }
+
+    fn merge(&mut self, path: &str, names: &[String], safe: bool) -> Result<usize> {
+        Ok(AdaptedLinear::merge(self, path, names, safe)?)
+    }
+
+    fn unmerge_all(&mut self, path: &str) -> Result<usize> {
+        Ok(AdaptedLinear::unmerge_all(self, path)?)
+    }
+
+    fn merged_names(&self) -> Vec<String> {
+        self.merged()
+    }
+
+    fn adapter_param_count(&self, name: &str) -> i64 {
+        self.param_count(name)
+    }
+
+    fn into_inner(self: Box<Self>) -> Slot {
+        AdaptedLinear::into_inner(*self)
     }
 }

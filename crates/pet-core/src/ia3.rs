@@ -11,6 +11,7 @@
 //! key `…<module>.ia3_l`.
 
 use serde::{Deserialize, Serialize};
+use tensor_core::adapt::{Folded, LinearDelta, MergeOrder};
 use tensor_core::tch::{Kind, Tensor};
 
 use crate::error::{Error, Result};
@@ -94,5 +95,72 @@ impl Ia3 {
     /// `l` cast to `kind` for multiplying activations.
     pub fn vector(&self, kind: Kind) -> Result<Tensor> {
         Ok(self.l.f_to_kind(kind)?)
+    }
+}
+
+/// Output-side IA3 is the host's output-scale stage, input-side IA3 its
+/// input-scale stage; both fold into `W` first ([`MergeOrder::Scale`]).
+impl LinearDelta for Ia3 {
+    fn kind(&self) -> &'static str {
+        "IA3"
+    }
+
+    fn param_names(&self, name: &str) -> Vec<String> {
+        vec![format!("ia3_l.{name}")]
+    }
+
+    fn tensors(&self) -> Vec<&Tensor> {
+        vec![&self.l]
+    }
+
+    fn tensors_mut(&mut self) -> Vec<&mut Tensor> {
+        vec![&mut self.l]
+    }
+
+    fn input_scale(&self) -> Option<&Tensor> {
+        self.on_input.then_some(&self.l)
+    }
+
+    fn output_scale(&self) -> Option<&Tensor> {
+        (!self.on_input).then_some(&self.l)
+    }
+
+    fn merge_order(&self) -> Option<MergeOrder> {
+        Some(MergeOrder::Scale)
+    }
+
+    /// Columns of `W` (input side), or rows of `W` and `b` (output side).
+    fn fold(&self, w: &Tensor, b: Option<&Tensor>) -> tensor_core::Result<Folded> {
+        let l = self.l.f_to_kind(Kind::Float)?.f_detach()?;
+        Ok(if self.on_input {
+            Folded {
+                weight: w.f_mul(&l.f_unsqueeze(0)?)?,
+                bias: b.map(Tensor::shallow_clone),
+                undo: None,
+            }
+        } else {
+            Folded {
+                weight: w.f_mul(&l.f_unsqueeze(1)?)?,
+                bias: b.map(|b| b.f_mul(&l)).transpose()?,
+                undo: None,
+            }
+        })
+    }
+
+    fn unfold(
+        &self,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        _undo: Option<&Tensor>,
+    ) -> tensor_core::Result<(Tensor, Option<Tensor>)> {
+        let l = self.l.f_to_kind(Kind::Float)?.f_detach()?;
+        Ok(if self.on_input {
+            (w.f_div(&l.f_unsqueeze(0)?)?, b.map(Tensor::shallow_clone))
+        } else {
+            (
+                w.f_div(&l.f_unsqueeze(1)?)?,
+                b.map(|b| b.f_div(&l)).transpose()?,
+            )
+        })
     }
 }

@@ -15,7 +15,8 @@
 //! 1. [`error`]: what can be wrong (rank 0, no target, unknown adapter, unsafe merge, bad files);
 //! 2. [`target`]: PEFT's module-matching rules and per-module seeded initialisation;
 //! 3. [`lora`], [`ia3`], [`bottleneck`], [`gate`]: the modules' equations;
-//! 4. [`linear`] ([`AdaptedLinear`]: adapters on a `Linear`) and [`site`]
+//! 4. [`AdaptedLinear`] (tensor-core's host for deltas on a `Linear`; [`Lora`],
+//!    [`Ia3`] and [`ParallelAdapter`] are its delta kinds here) and [`site`]
 //!    ([`AdapterSite`]: adapters around a sub-module), both [`host::AdapterHost`]s;
 //! 5. [`model`]: the lifecycle by name (add, set active, disable, delete,
 //!    merge / unmerge / merge-and-unload, trainable report);
@@ -39,7 +40,6 @@ pub mod error;
 pub mod gate;
 pub mod host;
 pub mod ia3;
-pub mod linear;
 pub mod lora;
 pub mod mixed;
 pub mod model;
@@ -48,12 +48,11 @@ pub mod site;
 pub mod target;
 pub mod vlpet;
 
-pub use bottleneck::{AdapterConfig, AdapterHeads, Placement};
+pub use bottleneck::{AdapterConfig, AdapterHeads, ParallelAdapter, Placement};
 pub use error::{Error, Result};
 pub use gate::{Combine, GateConfig, GateInput, Granularity, InitScheme, MiddleYForm};
-pub use ia3::Ia3Config;
-pub use linear::AdaptedLinear;
-pub use lora::{LoraConfig, LoraInit, LoraScaling};
+pub use ia3::{Ia3, Ia3Config};
+pub use lora::{Lora, LoraConfig, LoraInit, LoraScaling};
 pub use mixed::{BASE, MixedBatch};
 pub use model::{
     AddReport, TrainableReport, active_adapters, adapter_names, add_adapter, add_ia3,
@@ -63,4 +62,5 @@ pub use model::{
 };
 pub use peft_io::{load_adapter, save_adapter};
 pub use site::AdapterSite;
+pub use tensor_core::adapt::AdaptedLinear;
 pub use vlpet::{VlPetConfig, apply_vlpet, site_param_count};

@@ -18,10 +18,11 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+use tensor_core::adapt::{DeltaInput, Folded, LinearDelta, LowRank, MergeOrder};
 use tensor_core::tch::{Kind, Tensor};
 
 use crate::error::{Error, Result};
-use crate::gate::GateConfig;
+use crate::gate::{Gate, GateConfig};
 use crate::target::{module_seed, normal, param, pattern_value, uniform};
 
 /// How `s` follows from `α` and `r`.
@@ -181,6 +182,8 @@ pub struct Lora {
     /// DoRA's magnitude `m`, `[out]`; `None` for plain LoRA.
     pub magnitude: Option<Tensor>,
     pub detach_norm: bool,
+    /// VL-PET's `G` on this adapter ("LoRA + G").
+    pub gate: Option<Gate>,
 }
 
 impl Lora {
@@ -219,6 +222,7 @@ impl Lora {
             dropout: cfg.dropout,
             magnitude: magnitude.map(|m| m.to_kind(kind).detach().set_requires_grad(true)),
             detach_norm: cfg.dora_detach_norm,
+            gate: None,
         })
     }
 
@@ -238,6 +242,7 @@ impl Lora {
             dropout: 0.0,
             magnitude: None,
             detach_norm: true,
+            gate: None,
         };
         // Finite factors can still make an infinite change (a huge
         // lora_alpha, or factors at the edge of the dtype's range).
@@ -315,6 +320,122 @@ impl Lora {
 
     pub fn is_dora(&self) -> bool {
         self.magnitude.is_some()
+    }
+}
+
+/// The host sees plain LoRA as its low-rank view (the fused path, mixed
+/// batches); DoRA and LoRA + G as additive changes that read the base output.
+impl LinearDelta for Lora {
+    fn kind(&self) -> &'static str {
+        match (self.is_dora(), self.gate.is_some()) {
+            (true, _) => "DoRA",
+            (false, true) => "gated LoRA (LoRA + G)",
+            (false, false) => "LoRA",
+        }
+    }
+
+    fn param_names(&self, name: &str) -> Vec<String> {
+        let mut v = vec![
+            format!("lora_A.{name}.weight"),
+            format!("lora_B.{name}.weight"),
+        ];
+        if self.magnitude.is_some() {
+            v.push(format!("lora_magnitude_vector.{name}.weight"));
+        }
+        if let Some(g) = &self.gate {
+            v.extend(g.param_names(name));
+        }
+        v
+    }
+
+    fn tensors(&self) -> Vec<&Tensor> {
+        let mut v = vec![&self.a, &self.b];
+        v.extend(self.magnitude.as_ref());
+        if let Some(g) = &self.gate {
+            v.extend(g.params.iter().map(|(_, t)| t));
+        }
+        v
+    }
+
+    fn tensors_mut(&mut self) -> Vec<&mut Tensor> {
+        let mut v = vec![&mut self.a, &mut self.b];
+        v.extend(self.magnitude.as_mut());
+        if let Some(g) = &mut self.gate {
+            v.extend(g.params.iter_mut().map(|(_, t)| t));
+        }
+        v
+    }
+
+    fn low_rank(&self) -> Option<LowRank> {
+        (!self.is_dora() && self.gate.is_none()).then(|| LowRank {
+            a: self.a.shallow_clone(),
+            b: self.b.shallow_clone(),
+            scale: self.scale,
+            dropout: self.dropout,
+        })
+    }
+
+    fn needs_base_nobias(&self) -> bool {
+        self.is_dora()
+    }
+
+    fn additive(&self, io: &DeltaInput<'_>) -> tensor_core::Result<Option<Tensor>> {
+        let d = self.output_delta(io.x, io.base_nobias, &io.linear.weight, io.train)?;
+        Ok(Some(Gate::change(self.gate.as_ref(), io, d)?))
+    }
+
+    fn merge_order(&self) -> Option<MergeOrder> {
+        match (self.gate.is_some(), self.is_dora()) {
+            (true, _) => None,
+            (false, true) => Some(MergeOrder::Normalizing),
+            (false, false) => Some(MergeOrder::Additive),
+        }
+    }
+
+    /// `W + sBA`; DoRA then rescales each row by `m / ‖W + sBA‖` and
+    /// records that factor for the unmerge.
+    fn fold(&self, w: &Tensor, b: Option<&Tensor>) -> tensor_core::Result<Folded> {
+        let sum = w.f_add(&self.delta_weight()?.f_detach()?)?;
+        let bias = b.map(Tensor::shallow_clone);
+        Ok(match &self.magnitude {
+            None => Folded {
+                weight: sum,
+                bias,
+                undo: None,
+            },
+            Some(m) => {
+                let f = m
+                    .f_to_kind(Kind::Float)?
+                    .f_detach()?
+                    .f_div(&row_norm(&sum)?)?;
+                Folded {
+                    weight: sum.f_mul(&f.f_unsqueeze(1)?)?,
+                    bias,
+                    undo: Some(f),
+                }
+            }
+        })
+    }
+
+    fn unfold(
+        &self,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        undo: Option<&Tensor>,
+    ) -> tensor_core::Result<(Tensor, Option<Tensor>)> {
+        let w = match undo {
+            Some(f) => w.f_div(&f.f_unsqueeze(1)?)?,
+            None => w.shallow_clone(),
+        };
+        Ok((
+            w.f_sub(&self.delta_weight()?.f_detach()?)?,
+            b.map(Tensor::shallow_clone),
+        ))
+    }
+
+    fn unmixable(&self) -> Option<&'static str> {
+        self.is_dora()
+            .then_some("their change is not additive per row")
     }
 }
 

@@ -11,33 +11,21 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use tensor_core::adapt::{AdaptedLinear, LinearDelta};
 use tensor_core::layers::Linear;
 use tensor_core::module::{ModuleExt, is, join_path};
 
-use crate::bottleneck::{AdapterConfig, Bottleneck};
+use crate::bottleneck::{AdapterConfig, Bottleneck, ParallelAdapter};
 use crate::error::{Error, Result};
 use crate::gate::Gate;
 use crate::host::{host_box, host_mut, host_ref};
 use crate::ia3::{Ia3, Ia3Config};
-use crate::linear::{AdaptedLinear, LinearAdapter, LinearDelta};
 use crate::lora::{Lora, LoraConfig};
 use crate::mixed::{BASE, MixedBatch};
 use crate::site::{AdapterSite, SiteAdapter};
 use crate::target::{matches_any, module_seed};
 
-/// Paths of modules that are `Linear` (or already adapted `Linear`s), deduplicated.
-pub fn linear_paths<M: ModuleExt + ?Sized>(model: &M) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
-    for (p, m) in model.named_modules() {
-        if (is::<Linear>(m) || is::<AdaptedLinear>(m))
-            && out.last() != Some(&p)
-            && !out.contains(&p)
-        {
-            out.push(p);
-        }
-    }
-    out
-}
+pub use tensor_core::adapt::linear_paths;
 
 fn no_target<M: ModuleExt + ?Sized>(model: &M, patterns: &[String], kind: &'static str) -> Error {
     let examples = match kind {
@@ -49,11 +37,12 @@ fn no_target<M: ModuleExt + ?Sized>(model: &M, patterns: &[String], kind: &'stat
             .filter(|p| !p.is_empty())
             .collect(),
     };
-    Error::NoTarget {
+    tensor_core::Error::NoTarget {
         patterns: patterns.to_vec(),
         kind,
         examples: examples.into_iter().take(8).collect(),
     }
+    .into()
 }
 
 /// The base `Linear` at `path` (inside an adapter host or not).
@@ -61,53 +50,29 @@ pub(crate) fn base_linear<'a, M: ModuleExt + ?Sized>(
     model: &'a M,
     path: &str,
 ) -> Result<&'a Linear> {
-    let m = model.get(path)?;
-    if let Some(l) = tensor_core::module::downcast_ref::<Linear>(m) {
-        return Ok(l);
-    }
-    if let Some(h) = tensor_core::module::downcast_ref::<AdaptedLinear>(m) {
-        return Ok(h.linear());
-    }
-    Err(Error::config(format!(
-        "{path}: holds a {}, not a Linear",
-        m.kind()
-    )))
+    tensor_core::adapt::base_linear(model, path).map_err(|e| Error::config(e.to_string()))
 }
 
-fn check_new_name<M: ModuleExt + ?Sized>(model: &M, name: &str) -> Result<()> {
+pub(crate) fn check_new_name<M: ModuleExt + ?Sized>(model: &M, name: &str) -> Result<()> {
     if name.is_empty() || name.contains('.') || name == BASE {
         return Err(Error::config(format!(
             "adapter name '{name}' must be non-empty, contain no '.', and not be '{BASE}'"
         )));
     }
     if adapter_names(model).iter().any(|n| n == name) {
-        return Err(Error::DuplicateAdapter(name.to_owned()));
+        return Err(tensor_core::Error::duplicate_adapter(name.to_owned()).into());
     }
     Ok(())
 }
 
-/// Put `adapter` into the `AdaptedLinear` at `path`, wrapping the `Linear` first if needed.
+/// Put delta `name` on the `Linear` at `path`, wrapping it first if needed.
 pub(crate) fn insert_linear_adapter<M: ModuleExt + ?Sized>(
     model: &mut M,
     path: &str,
-    adapter: LinearAdapter,
+    name: &str,
+    delta: Box<dyn LinearDelta>,
 ) -> Result<()> {
-    let slot = model.slot_mut(path)?;
-    if let Some(h) = tensor_core::module::downcast_mut::<AdaptedLinear>(slot.as_mut()) {
-        return h.add(adapter);
-    }
-    let old = std::mem::replace(slot, Box::new(tensor_core::module::Identity));
-    match AdaptedLinear::wrap(old) {
-        Ok(mut h) => {
-            h.add(adapter)?;
-            *slot = Box::new(h);
-            Ok(())
-        }
-        Err((old, e)) => {
-            *slot = old;
-            Err(e)
-        }
-    }
+    Ok(tensor_core::adapt::insert(model, path, name, delta)?)
 }
 
 /// What an `add_*` call did.
@@ -119,21 +84,25 @@ pub struct AddReport {
     pub params: i64,
 }
 
-fn add_linear_adapters<M: ModuleExt + ?Sized>(
+pub(crate) fn add_linear_adapters<M: ModuleExt + ?Sized>(
     model: &mut M,
-    built: Vec<(String, LinearAdapter)>,
+    name: &str,
+    built: Vec<(String, Box<dyn LinearDelta>)>,
 ) -> Result<AddReport> {
     let mut report = AddReport::default();
-    for (p, a) in built {
-        report.params += a.param_count();
-        insert_linear_adapter(model, &p, a)?;
+    for (p, d) in built {
+        report.params += d.param_count();
+        insert_linear_adapter(model, &p, name, d)?;
         report.paths.push(p);
     }
     Ok(report)
 }
 
 /// The `Linear` paths matching `patterns`, or an error naming some that exist.
-fn linear_targets<M: ModuleExt + ?Sized>(model: &M, patterns: &[String]) -> Result<Vec<String>> {
+pub(crate) fn linear_targets<M: ModuleExt + ?Sized>(
+    model: &M,
+    patterns: &[String],
+) -> Result<Vec<String>> {
     let targets: Vec<String> = linear_paths(model)
         .into_iter()
         .filter(|p| matches_any(p, patterns))
@@ -156,8 +125,8 @@ pub fn add_lora<M: ModuleExt + ?Sized>(
     let mut built = Vec::with_capacity(targets.len());
     for p in targets {
         let lin = base_linear(model, &p)?;
-        let lora = Lora::init(cfg, &p, name, &lin.weight)?;
-        let gate = match &cfg.gate {
+        let mut lora = Lora::init(cfg, &p, name, &lin.weight)?;
+        lora.gate = match &cfg.gate {
             Some(g) => Some(Gate::new(
                 g,
                 lin.in_features(),
@@ -167,9 +136,9 @@ pub fn add_lora<M: ModuleExt + ?Sized>(
             )?),
             None => None,
         };
-        built.push((p, LinearAdapter::new(name, LinearDelta::Lora(lora), gate)));
+        built.push((p, Box::new(lora) as Box<dyn LinearDelta>));
     }
-    add_linear_adapters(model, built)
+    add_linear_adapters(model, name, built)
 }
 
 /// Add an IA3 adapter named `name`. `feedforward_modules` follow PEFT 0.21's
@@ -186,9 +155,9 @@ pub fn add_ia3<M: ModuleExt + ?Sized>(
     for p in targets {
         let lin = base_linear(model, &p)?;
         let ia3 = Ia3::init(&lin.weight, is_feedforward(&p, &cfg.feedforward_modules))?;
-        built.push((p, LinearAdapter::new(name, LinearDelta::Ia3(ia3), None)));
+        built.push((p, Box::new(ia3) as Box<dyn LinearDelta>));
     }
-    add_linear_adapters(model, built)
+    add_linear_adapters(model, name, built)
 }
 
 /// PEFT's `feedforward_modules` rule.
@@ -292,13 +261,14 @@ pub fn add_linear_adapter<M: ModuleExt + ?Sized>(
             Some(g) => Some(Gate::new(g, i, o, seed ^ 0x9e37, dev)?),
             None => None,
         };
-        let delta = LinearDelta::Bottleneck {
+        let delta = ParallelAdapter {
             module,
             scale: cfg.scale,
+            gate,
         };
-        built.push((p, LinearAdapter::new(name, delta, gate)));
+        built.push((p, Box::new(delta) as Box<dyn LinearDelta>));
     }
-    add_linear_adapters(model, built)
+    add_linear_adapters(model, name, built)
 }
 
 /// Every adapter name in the model, in first-seen order.
@@ -337,10 +307,7 @@ fn check_known<M: ModuleExt + ?Sized>(model: &M, names: &[&str]) -> Result<()> {
     let known = adapter_names(model);
     for n in names {
         if !known.iter().any(|k| k == n) {
-            return Err(Error::UnknownAdapter {
-                name: (*n).to_owned(),
-                available: known,
-            });
+            return Err(tensor_core::Error::unknown_adapter(*n, known).into());
         }
     }
     Ok(())
@@ -541,19 +508,7 @@ pub fn mark_only_adapters_trainable<M: ModuleExt + ?Sized>(
     also: &[&str],
 ) -> usize {
     let keep = adapter_parameter_names(model, names);
-    let mut n = 0;
-    let _ = model.for_each_param_mut(&mut |name, t| {
-        let on = keep.iter().any(|k| k == name)
-            || also
-                .iter()
-                .any(|g| tensor_core::module::glob_match(g, name));
-        if t.requires_grad() != on {
-            *t = t.detach().set_requires_grad(on);
-        }
-        n += on as usize;
-        Ok(())
-    });
-    n
+    tensor_core::adapt::mark_only_trainable(model, &keep, also)
 }
 
 /// Trainable parameters and each adapter's size, like PEFT's `print_trainable_parameters`.
@@ -624,5 +579,5 @@ pub fn mixed_batch<M: ModuleExt + ?Sized, S: AsRef<str>>(
             "a mixed-adapter batch needs unmerged adapters; unmerge first",
         ));
     }
-    MixedBatch::new(names, device)
+    Ok(MixedBatch::new(names, device)?)
 }

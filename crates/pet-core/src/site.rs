@@ -124,7 +124,7 @@ impl AdapterSite {
 
     pub fn add(&mut self, adapter: SiteAdapter) -> Result<()> {
         if self.adapters.iter().any(|a| a.name == adapter.name) {
-            return Err(Error::DuplicateAdapter(adapter.name));
+            return Err(tensor_core::Error::duplicate_adapter(adapter.name).into());
         }
         if self.active.is_empty() {
             self.active.push(adapter.name.clone());

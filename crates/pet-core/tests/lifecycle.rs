@@ -188,7 +188,7 @@ fn safe_merge_refuses_nan_and_leaves_every_weight_untouched() {
     .unwrap();
     let e = merge_adapter(&mut m, &["a"], true).unwrap_err();
     assert!(
-        matches!(&e, Error::NonFiniteMerge { path, .. } if path.contains("layer.1")),
+        matches!(&e, Error::Tensor(tensor_core::Error::NonFiniteMerge { path, .. }) if path.contains("layer.1")),
         "{e}"
     );
     for ((n, a), (_, b)) in w0.iter().zip(weights(&m)) {
@@ -329,7 +329,8 @@ fn bad_configs_are_clear_errors() {
     assert!(e.to_string().contains("rank"), "{e}");
     let e = add_lora(&mut m, "a", &LoraConfig::new(4, 8.0, &["qurey"])).unwrap_err();
     assert!(
-        matches!(&e, Error::NoTarget { .. }) && e.to_string().contains("attention.self.query"),
+        matches!(&e, Error::Tensor(tensor_core::Error::NoTarget { .. }))
+            && e.to_string().contains("attention.self.query"),
         "{e}"
     );
     let e = add_lora(&mut m, "a.b", &LoraConfig::new(4, 8.0, &["query"])).unwrap_err();
@@ -337,7 +338,7 @@ fn bad_configs_are_clear_errors() {
     add_lora(&mut m, "a", &LoraConfig::new(4, 8.0, &["query"])).unwrap();
     assert!(matches!(
         add_lora(&mut m, "a", &LoraConfig::new(4, 8.0, &["value"])),
-        Err(Error::DuplicateAdapter(_))
+        Err(Error::Tensor(tensor_core::Error::DuplicateAdapter(_)))
     ));
     let e = set_adapter(&mut m, &["nope"]).unwrap_err();
     assert!(

@@ -313,15 +313,15 @@ fn decoder_value_adapter_is_an_ungated_parallel_bottleneck() {
     assert_eq!(dv.params, 4 * 32 + 4 + 32 * 4 + 32);
     let p = "encoder.layer.1.attention.self.value";
     let h = m.get_as::<pet_core::AdaptedLinear>(p).unwrap();
-    let a = h.adapter("vl_dec_v").unwrap();
+    let a = h
+        .get_as::<pet_core::ParallelAdapter>("vl_dec_v")
+        .expect("a parallel bottleneck");
     assert!(a.gate.is_none(), "the decoder value adapter is ungated");
     let (w, b) = (
         h.linear().weight.shallow_clone(),
         h.linear().bias.as_ref().unwrap().shallow_clone(),
     );
-    let pet_core::linear::LinearDelta::Bottleneck { module, scale } = &a.delta else {
-        panic!("expected a bottleneck")
-    };
+    let (module, scale) = (&a.module, &a.scale);
     // V = X W_vᵀ + b_v + s·GELU_tanh(X W_downᵀ + b_down) W_upᵀ + b_up
     let x = randn_seeded(&[2, 3, 32], 108, device()).unwrap();
     let want = x.linear(&w, Some(&b)) + module.forward(&x).unwrap() * *scale;

@@ -103,17 +103,16 @@ impl Default for Plan {
 
 /// `classifier(dropout(mean over the mask of h))`, the text head of the
 /// teacher, the meta model and the student.
-#[derive(Debug)]
+#[derive(Debug, Module)]
+#[module(kind = "MeanPoolHead", forward = forward_impl)]
 struct MeanPoolHead {
+    #[child]
     classifier: Slot,
     dropout: f64,
 }
 
-impl Module for MeanPoolHead {
-    fn kind(&self) -> &'static str {
-        "MeanPoolHead"
-    }
-    fn forward(&self, h: &Tensor, ctx: &mut Context) -> tensor_core::Result<Tensor> {
+impl MeanPoolHead {
+    fn forward_impl(&self, h: &Tensor, ctx: &mut Context) -> tensor_core::Result<Tensor> {
         let mask = match &ctx.attention_mask {
             Some(m) => m.shallow_clone(),
             None => Tensor::f_ones(&h.size()[..2], (Kind::Int64, h.device()))?,
@@ -126,42 +125,24 @@ impl Module for MeanPoolHead {
         };
         ctx.call("classifier", self.classifier.as_ref(), &pooled)
     }
-    fn children(&self) -> Vec<(&str, &dyn Module)> {
-        vec![("classifier", self.classifier.as_ref())]
-    }
-    fn children_mut(&mut self) -> Vec<(&str, &mut Slot)> {
-        vec![("classifier", &mut self.classifier)]
-    }
 }
 
 /// `classifier(layernorm(h)[:, 0])`, ViT's head on the class token: the
 /// image head of the teacher, the meta model and the student.
-#[derive(Debug)]
+#[derive(Debug, Module)]
+#[module(kind = "ClassTokenHead", forward = forward_impl)]
 struct ClassTokenHead {
+    #[child]
     layernorm: Slot,
+    #[child]
     classifier: Slot,
 }
 
-impl Module for ClassTokenHead {
-    fn kind(&self) -> &'static str {
-        "ClassTokenHead"
-    }
-    fn forward(&self, h: &Tensor, ctx: &mut Context) -> tensor_core::Result<Tensor> {
+impl ClassTokenHead {
+    fn forward_impl(&self, h: &Tensor, ctx: &mut Context) -> tensor_core::Result<Tensor> {
         let z = ctx.call("layernorm", self.layernorm.as_ref(), h)?;
         let cls = z.f_select(1, 0)?;
         ctx.call("classifier", self.classifier.as_ref(), &cls)
-    }
-    fn children(&self) -> Vec<(&str, &dyn Module)> {
-        vec![
-            ("layernorm", self.layernorm.as_ref()),
-            ("classifier", self.classifier.as_ref()),
-        ]
-    }
-    fn children_mut(&mut self) -> Vec<(&str, &mut Slot)> {
-        vec![
-            ("layernorm", &mut self.layernorm),
-            ("classifier", &mut self.classifier),
-        ]
     }
 }
 

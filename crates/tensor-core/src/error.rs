@@ -75,6 +75,31 @@ pub enum Error {
     /// Invalid arguments or state (an empty batch, a step past the schedule).
     #[error("{0}")]
     Invalid(String),
+    /// Adding an adapter under a name already in use.
+    #[error("adapter '{0}' already exists; delete it first or choose another name")]
+    DuplicateAdapter(String),
+    /// An adapter name that the model does not hold.
+    #[error("adapter '{name}' not found (adapters: {})", if available.is_empty() { "none".to_owned() } else { available.join(", ") })]
+    UnknownAdapter {
+        name: String,
+        available: Vec<String>,
+    },
+    /// Target patterns that match no module of the right type.
+    #[error("target modules {patterns:?} match no {kind} in the model (some {kind} paths: {})", examples.join(", "))]
+    NoTarget {
+        patterns: Vec<String>,
+        kind: &'static str,
+        examples: Vec<String>,
+    },
+    /// An adapter lifecycle step that the current state does not allow
+    /// (disabling merged adapters, a mixed batch while merged).
+    #[error("{0}")]
+    AdapterState(String),
+    /// A merge that would put NaN or Inf into the base weights (safe merge).
+    #[error(
+        "safe merge of adapter '{adapter}' into {path}: the merged weight contains NaN or Inf; the base is left unchanged"
+    )]
+    NonFiniteMerge { adapter: String, path: String },
 }
 
 fn hint(available: &[String]) -> String {
@@ -126,6 +151,21 @@ impl Error {
 
     pub fn invalid(reason: impl Into<String>) -> Self {
         Self::Invalid(reason.into())
+    }
+
+    pub fn duplicate_adapter(name: impl Into<String>) -> Self {
+        Self::DuplicateAdapter(name.into())
+    }
+
+    pub fn unknown_adapter(name: impl Into<String>, available: Vec<String>) -> Self {
+        Self::UnknownAdapter {
+            name: name.into(),
+            available,
+        }
+    }
+
+    pub fn adapter_state(reason: impl Into<String>) -> Self {
+        Self::AdapterState(reason.into())
     }
 
     pub fn module(path: impl Into<String>, reason: impl Into<String>) -> Self {

@@ -19,8 +19,15 @@
 //!    tensors; [`rng`]: the seeded host-side generator.
 //! 8. [`train`]: the training kit every crate shares: AdamW, schedules,
 //!    clipping, the gradient scaler, batching, loops, metrics, checkpoints.
-//! 9. [`testing`]: the closeness check and the test device, for tests.
+//! 9. [`adapt`]: the adapted-linear host every adapter kind plugs into
+//!    (an open [`adapt::LinearDelta`] trait), mixed-adapter batches, and
+//!    the PEFT adapter folder format.
+//! 10. [`testing`]: the closeness check and the test device, for tests.
 
+// `#[derive(Module)]` names `::tensor_core`, also inside this crate.
+extern crate self as tensor_core;
+
+pub mod adapt;
 pub mod contract;
 pub mod device;
 pub mod error;

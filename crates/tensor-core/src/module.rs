@@ -42,6 +42,16 @@ use crate::error::{Error, Result, TchResultExt};
 /// A place in the tree that holds a module and can be given a new one.
 pub type Slot = Box<dyn Module>;
 
+/// `#[derive(Module)]`: the four lists generated from field attributes
+/// (`#[param]`, `#[params]`, `#[child]`, `#[children]`); see the
+/// `tensor-core-derive` crate.
+pub use tensor_core_derive::Module;
+
+/// The name of a `#[params]` / `#[children]` entry (used by the derive).
+pub fn list_name<N: AsRef<str> + ?Sized>(n: &N) -> &str {
+    n.as_ref()
+}
+
 /// A differentiable map from tensors to tensors with named parameters.
 pub trait Module: Any + Send + fmt::Debug {
     /// Short name of the module's type, for reports (`"Linear"`, `"LoRA"`).
@@ -851,49 +861,40 @@ impl Context {
 }
 
 /// Returns its input. Also the placeholder while a slot is being rewrapped.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy, Module)]
+#[module(kind = "Identity", forward = forward_impl)]
 pub struct Identity;
 
-impl Module for Identity {
-    fn kind(&self) -> &'static str {
-        "Identity"
-    }
-    fn forward(&self, xs: &Tensor, _ctx: &mut Context) -> Result<Tensor> {
+impl Identity {
+    fn forward_impl(&self, xs: &Tensor, _ctx: &mut Context) -> Result<Tensor> {
         Ok(xs.shallow_clone())
     }
 }
 
 /// `after(first(x))`: what [`ModuleExt::insert_after`] builds. `first` is
 /// transparent, so its parameters keep their names.
-#[derive(Debug)]
+#[derive(Debug, Module)]
+#[module(kind = "Then", forward = forward_impl)]
 pub struct Then {
+    #[child(name = "")]
     pub first: Slot,
     pub name: String,
+    #[child(name_expr = "self.name.as_str()")]
     pub after: Slot,
 }
 
-impl Module for Then {
-    fn kind(&self) -> &'static str {
-        "Then"
-    }
-    fn forward(&self, xs: &Tensor, ctx: &mut Context) -> Result<Tensor> {
+impl Then {
+    fn forward_impl(&self, xs: &Tensor, ctx: &mut Context) -> Result<Tensor> {
         let h = ctx.call("", self.first.as_ref(), xs)?;
         ctx.call(&self.name, self.after.as_ref(), &h)
-    }
-    fn children(&self) -> Vec<(&str, &dyn Module)> {
-        vec![
-            ("", self.first.as_ref()),
-            (self.name.as_str(), self.after.as_ref()),
-        ]
-    }
-    fn children_mut(&mut self) -> Vec<(&str, &mut Slot)> {
-        vec![("", &mut self.first), (self.name.as_str(), &mut self.after)]
     }
 }
 
 /// Named modules applied in order (`0`, `1`, ... unless named otherwise).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Module)]
+#[module(kind = "Sequential", forward = forward_impl)]
 pub struct Sequential {
+    #[children]
     items: Vec<(String, Slot)>,
 }
 
@@ -924,27 +925,12 @@ impl Sequential {
     }
 }
 
-impl Module for Sequential {
-    fn kind(&self) -> &'static str {
-        "Sequential"
-    }
-    fn forward(&self, xs: &Tensor, ctx: &mut Context) -> Result<Tensor> {
+impl Sequential {
+    fn forward_impl(&self, xs: &Tensor, ctx: &mut Context) -> Result<Tensor> {
         let mut h = xs.shallow_clone();
         for (n, m) in &self.items {
             h = ctx.call(n, m.as_ref(), &h)?;
         }
         Ok(h)
-    }
-    fn children(&self) -> Vec<(&str, &dyn Module)> {
-        self.items
-            .iter()
-            .map(|(n, m)| (n.as_str(), m.as_ref()))
-            .collect()
-    }
-    fn children_mut(&mut self) -> Vec<(&str, &mut Slot)> {
-        self.items
-            .iter_mut()
-            .map(|(n, m)| (n.as_str(), m))
-            .collect()
     }
 }

@@ -114,6 +114,17 @@ pub fn randn_seeded(shape: &[i64], seed: u64, device: Device) -> Result<Tensor> 
         .op("randn_seeded")
 }
 
+/// `U(-bound, bound)` values drawn like [`randn_seeded`] (LoRA's
+/// Kaiming-uniform `A` with `bound = 1/√in`).
+pub fn uniform_seeded(shape: &[i64], bound: f64, seed: u64, device: Device) -> Result<Tensor> {
+    with_seed(seed, || {
+        Tensor::f_empty(shape, (Kind::Float, Device::Cpu))
+            .and_then(|mut t| t.f_uniform_(-bound, bound))
+    })
+    .and_then(|t| t.f_to_device(device))
+    .op("uniform_seeded")
+}
+
 /// Uniform integers in `0..high`, drawn like [`randn_seeded`].
 pub fn randint_seeded(high: i64, shape: &[i64], seed: u64, device: Device) -> Result<Tensor> {
     with_seed(seed, || {

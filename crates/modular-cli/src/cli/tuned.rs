@@ -104,7 +104,7 @@ pub fn load_tuned(dir: &Path, model: Option<&Path>, device: Device) -> AnyResult
     })?;
     let (weights, expected): (PathBuf, Vec<String>) = match method.as_str() {
         "lora" => {
-            load_adapter(&mut model, dir, ADAPTER)?;
+            load_adapter(&mut model, ADAPTER, dir)?;
             let head = model
                 .named_parameters()
                 .into_iter()

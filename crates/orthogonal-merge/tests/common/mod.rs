@@ -4,7 +4,7 @@
 
 use model_zoo::bert::BertModel;
 use model_zoo::config::BertConfig;
-use orthogonal_merge::{Delta, LoraFactors, OrthoLinear, TaskDelta};
+use orthogonal_merge::{AdaptedLinear, Delta, LoraFactors, TaskDelta};
 use tensor_core::DType;
 use tensor_core::layers::Activation;
 use tensor_core::module::{Context, Module, ModuleExt};
@@ -105,5 +105,5 @@ pub fn full_task(name: &str, layer: &str, t: &Tensor) -> TaskDelta {
 }
 
 pub fn is_wrapped<M: ModuleExt + ?Sized>(model: &M, path: &str) -> bool {
-    model.get_as::<OrthoLinear>(path).is_ok()
+    model.get_as::<AdaptedLinear>(path).is_ok()
 }

@@ -104,11 +104,16 @@ impl AttentionNames {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Module)]
+#[module(kind = "Attention", forward = forward_impl)]
 pub struct Attention {
+    #[child(name_expr = "self.names.query.as_str()")]
     pub query: Slot,
+    #[child(name_expr = "self.names.key.as_str()")]
     pub key: Slot,
+    #[child(name_expr = "self.names.value.as_str()")]
     pub value: Slot,
+    #[child(name_expr = "self.names.output.as_str()")]
     pub output: Slot,
     pub config: AttentionConfig,
     pub names: AttentionNames,
@@ -206,13 +211,9 @@ fn half_min() -> f32 {
     -65504.0
 }
 
-impl Module for Attention {
-    fn kind(&self) -> &'static str {
-        "Attention"
-    }
-
+impl Attention {
     /// `xs: [batch, seq, d_model] -> [batch, seq, d_model]`.
-    fn forward(&self, xs: &Tensor, ctx: &mut Context) -> Result<Tensor> {
+    fn forward_impl(&self, xs: &Tensor, ctx: &mut Context) -> Result<Tensor> {
         let s = xs.size();
         if s.len() != 3 || s[2] != self.config.d_model {
             return Err(Error::shape(
@@ -268,23 +269,5 @@ impl Module for Attention {
             .and_then(|t| t.f_reshape([b, tq, self.config.num_heads * self.config.head_dim]))
             .op("Attention merge heads")?;
         ctx.call(&self.names.output, self.output.as_ref(), &merged)
-    }
-
-    fn children(&self) -> Vec<(&str, &dyn Module)> {
-        vec![
-            (self.names.query.as_str(), self.query.as_ref()),
-            (self.names.key.as_str(), self.key.as_ref()),
-            (self.names.value.as_str(), self.value.as_ref()),
-            (self.names.output.as_str(), self.output.as_ref()),
-        ]
-    }
-
-    fn children_mut(&mut self) -> Vec<(&str, &mut Slot)> {
-        vec![
-            (self.names.query.as_str(), &mut self.query),
-            (self.names.key.as_str(), &mut self.key),
-            (self.names.value.as_str(), &mut self.value),
-            (self.names.output.as_str(), &mut self.output),
-        ]
     }
 }

@@ -64,12 +64,17 @@ impl BlockNames {
 }
 
 /// `x + drop(attn(norm_1(x)))`, then `+ mlp(norm_2(·))` (see the module docs).
-#[derive(Debug)]
+#[derive(Debug, Module)]
+#[module(kind_expr = "self.names.kind", forward = forward_impl)]
 pub struct PreNormBlock {
     pub names: BlockNames,
+    #[child(name_expr = "self.names.norm_1")]
     pub norm_1: Slot,
+    #[child(name_expr = "self.names.attn")]
     pub attn: Slot,
+    #[child(name_expr = "self.names.norm_2")]
     pub norm_2: Slot,
+    #[child(name_expr = "self.names.mlp")]
     pub mlp: Slot,
     /// Dropout on the attention branch while training.
     pub dropout: f64,
@@ -93,12 +98,8 @@ impl PreNormBlock {
     }
 }
 
-impl Module for PreNormBlock {
-    fn kind(&self) -> &'static str {
-        self.names.kind
-    }
-
-    fn forward(&self, xs: &Tensor, ctx: &mut Context) -> Result<Tensor> {
+impl PreNormBlock {
+    fn forward_impl(&self, xs: &Tensor, ctx: &mut Context) -> Result<Tensor> {
         let n = &self.names;
         let a = ctx.call(n.norm_1, self.norm_1.as_ref(), xs)?;
         let mut a = ctx.call(n.attn, self.attn.as_ref(), &a)?;
@@ -109,26 +110,6 @@ impl Module for PreNormBlock {
         let m = ctx.call(n.norm_2, self.norm_2.as_ref(), &h)?;
         let m = ctx.call(n.mlp, self.mlp.as_ref(), &m)?;
         h.f_add(&m).op(n.kind)
-    }
-
-    fn children(&self) -> Vec<(&str, &dyn Module)> {
-        let n = &self.names;
-        vec![
-            (n.norm_1, self.norm_1.as_ref()),
-            (n.attn, self.attn.as_ref()),
-            (n.norm_2, self.norm_2.as_ref()),
-            (n.mlp, self.mlp.as_ref()),
-        ]
-    }
-
-    fn children_mut(&mut self) -> Vec<(&str, &mut Slot)> {
-        let n = self.names;
-        vec![
-            (n.norm_1, &mut self.norm_1),
-            (n.attn, &mut self.attn),
-            (n.norm_2, &mut self.norm_2),
-            (n.mlp, &mut self.mlp),
-        ]
     }
 }
 

@@ -6,8 +6,10 @@ use super::param;
 use crate::error::{Error, Result, TchResultExt};
 use crate::module::{Context, Module};
 
-#[derive(Debug)]
+#[derive(Debug, Module)]
+#[module(kind = "Embedding", forward = forward_impl)]
 pub struct Embedding {
+    #[param]
     pub weight: Tensor,
 }
 
@@ -45,13 +47,9 @@ impl Embedding {
     }
 }
 
-impl Module for Embedding {
-    fn kind(&self) -> &'static str {
-        "Embedding"
-    }
-
+impl Embedding {
     /// `xs`: integer indices of any shape; returns `[..., dim]`.
-    fn forward(&self, xs: &Tensor, _ctx: &mut Context) -> Result<Tensor> {
+    fn forward_impl(&self, xs: &Tensor, _ctx: &mut Context) -> Result<Tensor> {
         match xs.kind() {
             Kind::Int64 | Kind::Int => {}
             k => {
@@ -63,13 +61,5 @@ impl Module for Embedding {
             }
         }
         Tensor::f_embedding(&self.weight, xs, -1, false, false).op("Embedding")
-    }
-
-    fn params(&self) -> Vec<(&str, &Tensor)> {
-        vec![("weight", &self.weight)]
-    }
-
-    fn params_mut(&mut self) -> Vec<(&str, &mut Tensor)> {
-        vec![("weight", &mut self.weight)]
     }
 }

@@ -101,10 +101,14 @@ pub enum FfnPart {
     Down,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Module)]
+#[module(kind = "FeedForward", forward = forward_impl)]
 pub struct FeedForward {
+    #[child(name_expr = "self.names.up.as_str()")]
     pub up: Slot,
+    #[child(name_expr = "self.names.gate.as_deref().unwrap_or(\"gate\")")]
     pub gate: Option<Slot>,
+    #[child(name_expr = "self.names.down.as_str()")]
     pub down: Slot,
     pub activation: Activation,
     pub names: FfnNames,
@@ -298,12 +302,8 @@ impl FeedForward {
     }
 }
 
-impl Module for FeedForward {
-    fn kind(&self) -> &'static str {
-        "FeedForward"
-    }
-
-    fn forward(&self, xs: &Tensor, ctx: &mut Context) -> Result<Tensor> {
+impl FeedForward {
+    fn forward_impl(&self, xs: &Tensor, ctx: &mut Context) -> Result<Tensor> {
         let h = self.hidden(xs, ctx)?;
         let y = ctx.call(&self.names.down, self.down.as_ref(), &h)?;
         if ctx.train && self.dropout > 0.0 {
@@ -311,23 +311,5 @@ impl Module for FeedForward {
         } else {
             Ok(y)
         }
-    }
-
-    fn children(&self) -> Vec<(&str, &dyn Module)> {
-        let mut v: Vec<(&str, &dyn Module)> = vec![(self.names.up.as_str(), self.up.as_ref())];
-        if let (Some(g), Some(n)) = (&self.gate, &self.names.gate) {
-            v.push((n.as_str(), g.as_ref()));
-        }
-        v.push((self.names.down.as_str(), self.down.as_ref()));
-        v
-    }
-
-    fn children_mut(&mut self) -> Vec<(&str, &mut Slot)> {
-        let mut v: Vec<(&str, &mut Slot)> = vec![(self.names.up.as_str(), &mut self.up)];
-        if let (Some(g), Some(n)) = (&mut self.gate, &self.names.gate) {
-            v.push((n.as_str(), g));
-        }
-        v.push((self.names.down.as_str(), &mut self.down));
-        v
     }
 }

@@ -6,11 +6,14 @@ use super::{check_float, check_last_dim, param};
 use crate::error::{Error, Result, TchResultExt};
 use crate::module::{Context, Module};
 
-#[derive(Debug)]
+#[derive(Debug, Module)]
+#[module(kind = "Linear", forward = forward_impl)]
 pub struct Linear {
     /// `[out_features, in_features]`
+    #[param]
     pub weight: Tensor,
     /// `[out_features]`
+    #[param]
     pub bias: Option<Tensor>,
 }
 
@@ -69,30 +72,10 @@ impl Linear {
     }
 }
 
-impl Module for Linear {
-    fn kind(&self) -> &'static str {
-        "Linear"
-    }
-
-    fn forward(&self, xs: &Tensor, _ctx: &mut Context) -> Result<Tensor> {
+impl Linear {
+    fn forward_impl(&self, xs: &Tensor, _ctx: &mut Context) -> Result<Tensor> {
         check_last_dim("Linear", xs, self.in_features())?;
         check_float("Linear", xs)?;
         xs.f_linear(&self.weight, self.bias.as_ref()).op("Linear")
-    }
-
-    fn params(&self) -> Vec<(&str, &Tensor)> {
-        let mut v = vec![("weight", &self.weight)];
-        if let Some(b) = &self.bias {
-            v.push(("bias", b));
-        }
-        v
-    }
-
-    fn params_mut(&mut self) -> Vec<(&str, &mut Tensor)> {
-        let mut v = vec![("weight", &mut self.weight)];
-        if let Some(b) = &mut self.bias {
-            v.push(("bias", b));
-        }
-        v
     }
 }

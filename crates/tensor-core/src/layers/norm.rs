@@ -7,9 +7,12 @@ use super::{check_float, check_last_dim, param};
 use crate::error::{Error, Result, TchResultExt};
 use crate::module::{Context, Module};
 
-#[derive(Debug)]
+#[derive(Debug, Module)]
+#[module(kind = "LayerNorm", forward = forward_impl)]
 pub struct LayerNorm {
+    #[param]
     pub weight: Tensor,
+    #[param]
     pub bias: Option<Tensor>,
     pub eps: f64,
 }
@@ -40,32 +43,12 @@ impl LayerNorm {
     }
 }
 
-impl Module for LayerNorm {
-    fn kind(&self) -> &'static str {
-        "LayerNorm"
-    }
-
-    fn forward(&self, xs: &Tensor, _ctx: &mut Context) -> Result<Tensor> {
+impl LayerNorm {
+    fn forward_impl(&self, xs: &Tensor, _ctx: &mut Context) -> Result<Tensor> {
         let d = self.dim();
         check_last_dim("LayerNorm", xs, d)?;
         check_float("LayerNorm", xs)?;
         xs.f_layer_norm([d], Some(&self.weight), self.bias.as_ref(), self.eps, true)
             .op("LayerNorm")
-    }
-
-    fn params(&self) -> Vec<(&str, &Tensor)> {
-        let mut v = vec![("weight", &self.weight)];
-        if let Some(b) = &self.bias {
-            v.push(("bias", b));
-        }
-        v
-    }
-
-    fn params_mut(&mut self) -> Vec<(&str, &mut Tensor)> {
-        let mut v = vec![("weight", &mut self.weight)];
-        if let Some(b) = &mut self.bias {
-            v.push(("bias", b));
-        }
-        v
     }
 }

@@ -1,6 +1,8 @@
 //! tensor-core's test suite, one binary (each test executable links libtorch,
 //! so fewer binaries keep the build quick).
 
+mod adapt;
+mod derive;
 mod grouped;
 mod io;
 mod layers;
