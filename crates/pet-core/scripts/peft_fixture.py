@@ -19,12 +19,16 @@ root is found from this script's own path; `--out DIR` overrides it):
                rank_pattern / alpha_pattern {"encoder.layer.1.attention.self.value": 2 / 3}
   ia3/         IA3 on key/value (scale outputs, [out, 1]) and the FFN output
                dense of both layers (feedforward: scale inputs, [1, in])
+  loha/        LoHa r=4, alpha=8, on query/value/intermediate.dense, with
+               rank_pattern / alpha_pattern {"encoder.layer.1.attention.self.value": 2 / 3}
                Each adapter: save_pretrained -> adapter_config.json + adapter_model.safetensors,
-               with seeded non-trivial weights (LoRA B ~ 0.1 * randn, IA3 ~ 1 + 0.2 * randn).
+               with seeded non-trivial weights (LoRA B ~ 0.1 * randn, IA3 ~ 1 + 0.2 * randn,
+               every LoHa factor ~ 0.3 * randn).
   inputs.safetensors
     input_ids, attention_mask   [2, 7] int64 (row 1: last two positions are padding, id 0, mask 0)
-    base, lora, lora_rs, ia3    [2, 7, 32] f32 last_hidden_state of the base model / with that adapter
-    lora_merged                 the lora model after merge_and_unload (== lora up to float rounding)
+    base, lora, lora_rs, ia3, loha
+                                [2, 7, 32] f32 last_hidden_state of the base model / with that adapter
+    lora_merged, loha_merged    the lora / loha model after merge_and_unload (== it up to float rounding)
     lora_mixed                  one PeftModel holding "lora" and "lora_rs", forward with
                                 adapter_names=["lora", "__base__"] (row 0 with lora, row 1 plain)
 
@@ -52,7 +56,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 from transformers import BertConfig, BertModel
 
-from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
+from peft import IA3Config, LoHaConfig, LoraConfig, PeftModel, get_peft_model
 
 HERE = Path(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = HERE.parent / "tests" / "fixtures" / "peft"  # crates/pet-core/tests/fixtures/peft
@@ -116,6 +120,15 @@ def fill_ia3(peft_model, seed):
                 p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
 
 
+def fill_loha(peft_model, seed):
+    """LoHa's hada_w2_b is zero at init; re-draw every factor with seeded values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(peft_model.named_parameters()):
+            if "hada_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
 LORA = dict(r=4, lora_alpha=8, target_modules=["query", "value"], lora_dropout=0.0, bias="none")
 LORA_RS = dict(
     r=4,
@@ -126,6 +139,13 @@ LORA_RS = dict(
     alpha_pattern={"encoder.layer.1.attention.self.value": 3},
     lora_dropout=0.0,
     bias="none",
+)
+LOHA = dict(
+    r=4,
+    alpha=8,
+    target_modules=["query", "value", "intermediate.dense"],
+    rank_pattern={"encoder.layer.1.attention.self.value": 2},
+    alpha_pattern={"encoder.layer.1.attention.self.value": 3},
 )
 IA3 = dict(
     target_modules=["key", "value", "layer.0.output.dense", "layer.1.output.dense"],
@@ -175,6 +195,7 @@ def generate(out):
         ("lora", LoraConfig(**LORA), fill_lora, 10),
         ("lora_rs", LoraConfig(**LORA_RS), fill_lora, 11),
         ("ia3", IA3Config(**IA3), fill_ia3, 12),
+        ("loha", LoHaConfig(**LOHA), fill_loha, 13),
     ]:
         pm = get_peft_model(load_base(out / "base"), cfg)
         fill(pm, seed)
@@ -190,6 +211,8 @@ def generate(out):
 
     merged = PeftModel.from_pretrained(load_base(out / "base"), str(out / "lora")).merge_and_unload()
     tensors["lora_merged"] = run(merged, ids, mask)
+    merged = PeftModel.from_pretrained(load_base(out / "base"), str(out / "loha")).merge_and_unload()
+    tensors["loha_merged"] = run(merged, ids, mask)
 
     mixed = PeftModel.from_pretrained(load_base(out / "base"), str(out / "lora"), adapter_name="lora")
     mixed.load_adapter(str(out / "lora_rs"), adapter_name="lora_rs")
@@ -199,13 +222,14 @@ def generate(out):
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "inputs.safetensors"))
 
     b = tensors["base"]
-    for name in ["lora", "lora_rs", "ia3", "lora_merged"]:
+    for name in ["lora", "lora_rs", "ia3", "loha", "lora_merged", "loha_merged"]:
         d = (tensors[name] - b).abs().max().item()
         print(f"max|{name} - base| = {d:.4e}")
         assert d > 1e-3, f"{name} barely changes the output"
-    d = (tensors["lora_merged"] - tensors["lora"]).abs().max().item()
-    print(f"max|lora_merged - lora| = {d:.4e}")
-    assert d <= 1e-5
+    for name in ["lora", "loha"]:
+        d = (tensors[f"{name}_merged"] - tensors[name]).abs().max().item()
+        print(f"max|{name}_merged - {name}| = {d:.4e}")
+        assert d <= 1e-5
     d0 = (tensors["lora_mixed"][0] - tensors["lora"][0]).abs().max().item()
     d1 = (tensors["lora_mixed"][1] - b[1]).abs().max().item()
     print(f"lora_mixed: max|row0 - lora row0| = {d0:.4e}, max|row1 - base row1| = {d1:.4e}")
@@ -251,7 +275,7 @@ def main():
     ap.add_argument("--out", metavar="DIR", default=str(DEFAULT_OUT))
     ap.add_argument("--tol", type=float, default=TOL)
     ap.add_argument("--self-test", action="store_true",
-                    help="run --check on the fixture's own lora/ and ia3/ folders")
+                    help="run --check on the fixture's own lora/, ia3/ and loha/ folders")
     args = ap.parse_args()
     torch.set_num_threads(1)
     transformers.utils.logging.set_verbosity_error()
@@ -263,7 +287,7 @@ def main():
         out = Path(args.out)
         inp = load_file(str(out / "inputs.safetensors"))
         rc = 0
-        for name in ("lora", "ia3"):
+        for name in ("lora", "ia3", "loha"):
             with tempfile.TemporaryDirectory() as tmp:
                 tmp = Path(tmp)
                 for f in ("adapter_config.json", "adapter_model.safetensors"):

@@ -4,6 +4,8 @@
 //! - **LoRA** (Hu et al. 2021), **rsLoRA** (Kalajdzievski 2023), **DoRA**
 //!   (Liu et al. 2024) and **IA3** (Liu et al. 2022), as Hugging Face PEFT
 //!   computes them, with PEFT's adapter files;
+//! - **LoHa** (Hyeon-Woo et al. 2022, arXiv 2108.06098), the low-rank
+//!   Hadamard product, as PEFT computes it, with its adapter files;
 //! - **bottleneck adapters** (Houlsby et al. 2019; Pfeiffer et al. 2021),
 //!   sequential or parallel;
 //! - **VL-PET** (Hu et al., ICCV 2023, arXiv 2308.09804): the multi-head
@@ -14,7 +16,7 @@
 //! Specification: `docs/pet-core.md` (Method). Reading order:
 //! 1. [`error`]: what can be wrong (rank 0, no target, unknown adapter, unsafe merge, bad files);
 //! 2. [`target`]: PEFT's module-matching rules and per-module seeded initialisation;
-//! 3. [`lora`], [`ia3`], [`bottleneck`], [`gate`]: the modules' equations;
+//! 3. [`lora`], [`loha`], [`ia3`], [`bottleneck`], [`gate`]: the modules' equations;
 //! 4. [`AdaptedLinear`] (tensor-core's host for deltas on a `Linear`; [`Lora`],
 //!    [`Ia3`] and [`ParallelAdapter`] are its delta kinds here) and [`site`]
 //!    ([`AdapterSite`]: adapters around a sub-module), both [`host::AdapterHost`]s;
@@ -40,6 +42,7 @@ pub mod error;
 pub mod gate;
 pub mod host;
 pub mod ia3;
+pub mod loha;
 pub mod lora;
 pub mod mixed;
 pub mod model;
@@ -52,6 +55,7 @@ pub use bottleneck::{AdapterConfig, AdapterHeads, ParallelAdapter, Placement};
 pub use error::{Error, Result};
 pub use gate::{Combine, GateConfig, GateInput, Granularity, InitScheme, MiddleYForm};
 pub use ia3::{Ia3, Ia3Config};
+pub use loha::{Loha, LohaConfig, add_loha};
 pub use lora::{Lora, LoraConfig, LoraInit, LoraScaling};
 pub use mixed::{BASE, MixedBatch};
 pub use model::{

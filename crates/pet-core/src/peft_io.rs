@@ -11,7 +11,9 @@
 //! crate's LoRA, orthogonal-merge's adapters) is written as a LoRA file,
 //! each layer's `s` as `lora_alpha = s·r` with `rank_pattern` /
 //! `alpha_pattern` where layers differ, so PEFT rebuilds the same `s·BA`;
-//! IA3 adapters as IA3 files. Both files are written to temporary names and
+//! IA3 adapters as IA3 files, LoHa adapters as LOHA files (keys
+//! `<module>.hada_w1_a` ... `.hada_w2_b`, `s = alpha / r` with the same
+//! patterns). Both files are written to temporary names and
 //! renamed.
 //!
 //! Reading checks everything before the model changes: the PEFT type, the
@@ -33,6 +35,7 @@ use tensor_core::tch::Tensor;
 
 use crate::error::{Error, Result};
 use crate::ia3::Ia3;
+use crate::loha::Loha;
 use crate::lora::Lora;
 use crate::model::{AddReport, adapter_names, add_linear_adapters, is_feedforward, linear_paths};
 
@@ -91,9 +94,43 @@ pub fn save_adapter<M: ModuleExt + ?Sized>(
             "base_model_name_or_path": null,
             "task_type": null,
         })
+    } else if downcast_delta::<Loha>(layers[0].1).is_some() {
+        let mut rs = Vec::new();
+        for (p, d) in &layers {
+            let Some(l) = downcast_delta::<Loha>(*d) else {
+                return Err(Error::state(format!(
+                    "{p}: adapter '{name}' mixes LoHa and other kinds"
+                )));
+            };
+            rs.push((p.clone(), l.rank(), l.scale));
+            for (k, t) in ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"]
+                .into_iter()
+                .zip(l.tensors())
+            {
+                tensors.push((format!("{PREFIX}{p}.{k}"), t.detach()));
+            }
+        }
+        let (r0, alpha0, rank_pattern, alpha_pattern) = peft::rank_alpha_patterns(&rs);
+        json!({
+            "peft_type": "LOHA",
+            "r": r0,
+            "alpha": alpha0,
+            "rank_dropout": 0.0,
+            "module_dropout": 0.0,
+            "target_modules": layers.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>(),
+            "rank_pattern": rank_pattern,
+            "alpha_pattern": alpha_pattern,
+            "init_weights": true,
+            "use_effective_conv2d": false,
+            "inference_mode": true,
+            "modules_to_save": null,
+            "layers_to_transform": null,
+            "base_model_name_or_path": null,
+            "task_type": null,
+        })
     } else {
         return Err(Error::config(format!(
-            "adapter '{name}': only plain LoRA and IA3 adapters can be written as PEFT files (this one is {})",
+            "adapter '{name}': only plain LoRA, IA3 and LoHa adapters can be written as PEFT files (this one is {})",
             layers[0].1.kind()
         )));
     };
@@ -128,10 +165,11 @@ pub fn load_adapter<M: ModuleExt + ?Sized>(
     let suffixes: &[&str] = match peft_type.as_str() {
         "LORA" => &[".lora_A.weight", ".lora_B.weight"],
         "IA3" => &[".ia3_l"],
+        "LOHA" => &[".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b"],
         other => {
             return Err(Error::file(
                 &cpath,
-                format!("peft_type '{other}' is not supported (LORA and IA3 are)"),
+                format!("peft_type '{other}' is not supported (LORA, IA3 and LOHA are)"),
             ));
         }
     };
@@ -189,6 +227,35 @@ pub fn load_adapter<M: ModuleExt + ?Sized>(
             let lora = Lora::from_weights(a, b, header.scale(rank, alpha), w, ka)
                 .map_err(|e| Error::file(&cpath, e.to_string()))?;
             built.push((module.clone(), Box::new(lora)));
+        }
+    } else if peft_type == "LOHA" {
+        let header = LoraHeader::ranks(&cpath, &cfg, "alpha")?;
+        for (module, keys) in &by_module {
+            let mut factors = Vec::with_capacity(4);
+            for k in [".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b"] {
+                let key = keys.get(k).ok_or_else(|| {
+                    Error::file(
+                        &wpath,
+                        format!("{module}: needs all four of hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b (no {k})"),
+                    )
+                })?;
+                factors.push(file.load_weight(key, dev)?);
+            }
+            let (rank, alpha) = header.rank_alpha(module);
+            if factors[0].size().get(1) != Some(&rank) {
+                return Err(Error::file(
+                    &wpath,
+                    format!(
+                        "{module}.hada_w1_a has shape {:?} but the config gives rank {rank}",
+                        factors[0].size()
+                    ),
+                ));
+            }
+            let factors: [Tensor; 4] = factors.try_into().expect("four factors");
+            let w = &base_weight(model, module)?;
+            let loha = Loha::from_weights(factors, alpha / rank as f64, w, module)
+                .map_err(|e| Error::file(&cpath, e.to_string()))?;
+            built.push((module.clone(), Box::new(loha)));
         }
     } else {
         let ff = str_list(&cpath, &cfg, "feedforward_modules")?;

@@ -6,8 +6,8 @@ mod common;
 
 use common::{Inputs, base_model, fixture_dir, max_abs, run, run_mixed, scaled};
 use pet_core::{
-    Error, LoraConfig, LoraInit, add_ia3, add_lora, load_adapter, merge_adapter, save_adapter,
-    set_adapter,
+    Error, LohaConfig, LoraConfig, LoraInit, add_ia3, add_loha, add_lora, load_adapter,
+    merge_adapter, save_adapter, set_adapter, unmerge_adapter,
 };
 use tensor_core::ModuleExt;
 use tensor_core::tch::Tensor;
@@ -41,6 +41,60 @@ fn peft_lora_ia3_and_rslora_files_give_peft_outputs() {
     merge_adapter(&mut m, &["lora"], true).unwrap();
     let err = max_abs(&run(&m, &inp.ids, &inp.mask), &inp.expected("lora_merged"));
     assert!(err < tol, "merged: {err:e}");
+}
+
+/// LoHa, the adapter kind added to pet-core alone: PEFT's files give PEFT's
+/// outputs unmerged, merged and in a mixed batch.
+#[test]
+fn peft_loha_files_give_peft_outputs() {
+    let tol = scaled(TOL);
+    let inp = Inputs::load();
+    let mut m = base_model();
+    let r = load_adapter(&mut m, "loha", fixture_dir().join("loha")).unwrap();
+    assert_eq!(r.paths.len(), 6);
+    // rank_pattern / alpha_pattern: layer 1 value has rank 2 and s = 3/2.
+    let h = m
+        .get_as::<pet_core::AdaptedLinear>("encoder.layer.1.attention.self.value")
+        .unwrap();
+    let l = h.get_as::<pet_core::Loha>("loha").expect("a LoHa delta");
+    assert_eq!(l.rank(), 2);
+    assert!((l.scale - 1.5).abs() < 1e-12);
+    let err = max_abs(&run(&m, &inp.ids, &inp.mask), &inp.expected("loha"));
+    eprintln!("loha: max |err| vs PEFT = {err:e}");
+    assert!(err < tol, "loha: max |err| vs PEFT = {err:e}");
+    let out = run_mixed(&m, &inp.ids, &inp.mask, &["loha", "__base__"]);
+    let (want, base) = (inp.expected("loha"), inp.expected("base"));
+    assert!(max_abs(&out.get(0), &want.get(0)) < tol);
+    assert!(max_abs(&out.get(1), &base.get(1)) < tol);
+    merge_adapter(&mut m, &["loha"], true).unwrap();
+    let err = max_abs(&run(&m, &inp.ids, &inp.mask), &inp.expected("loha_merged"));
+    eprintln!("loha merged: max |err| vs PEFT = {err:e}");
+    assert!(err < tol, "loha merged: {err:e}");
+    unmerge_adapter(&mut m).unwrap();
+    let err = max_abs(&run(&m, &inp.ids, &inp.mask), &inp.expected("loha"));
+    assert!(err < tol, "loha unmerged again: {err:e}");
+}
+
+/// A fresh LoHa adapter changes nothing (W2b = 0) and still trains: its
+/// gradient reaches W2b through the nonzero W2a.
+#[test]
+fn fresh_loha_is_the_base_model_and_trains() {
+    let inp = Inputs::load();
+    let mut m = base_model();
+    let base = run(&m, &inp.ids, &inp.mask);
+    let r = add_loha(&mut m, "h", &LohaConfig::new(4, 8.0, &["query", "value"])).unwrap();
+    assert_eq!(r.paths.len(), 4);
+    // 2·r·(out + in) per 32x32 layer.
+    assert_eq!(r.params, 4 * 2 * 4 * (32 + 32));
+    assert!(run(&m, &inp.ids, &inp.mask).equal(&base));
+    pet_core::mark_only_adapters_trainable(&mut m, &[], &[]);
+    let loss = run(&m, &inp.ids, &inp.mask).square().sum(None);
+    loss.backward();
+    for (n, t) in m.named_parameters() {
+        if n.contains("hada_w2_b") {
+            assert!(t.grad().abs().sum(None).double_value(&[]) > 0.0, "{n}");
+        }
+    }
 }
 
 #[test]
@@ -94,7 +148,18 @@ fn save_then_load_round_trips_bitwise() {
         Ok(())
     })
     .unwrap();
-    for name in ["mine", "scales"] {
+    let mut loha = LohaConfig::new(3, 5.0, &["key", "layer.1.output.dense"]);
+    loha.rank_pattern.insert("layer.1.output.dense".into(), 2);
+    add_loha(&mut m, "hada", &loha).unwrap();
+    // Non-trivial IA3 values and LoHa factors.
+    m.for_each_param_mut(&mut |n, t| {
+        if n.contains("hada_w2_b") {
+            tensor_core::tch::no_grad(|| t.copy_(&(t.rand_like() - 0.5)));
+        }
+        Ok(())
+    })
+    .unwrap();
+    for name in ["mine", "scales", "hada"] {
         let out = dir.path().join(name);
         save_adapter(&m, name, &out).unwrap();
         let mut fresh = base_model();
