@@ -6,6 +6,9 @@
 //!   sentence embeddings (mean pooling, optional L2 normalisation) and a
 //!   sequence-classification head;
 //! - [`gpt`]: a GPT-2 style causal decoder (GPT-2 keys and config);
+//! - [`llama`]: Llama-family decoders (Llama, Mistral, Qwen2, Qwen3) with
+//!   RoPE and its scaling variants, grouped-query attention, a KV cache and
+//!   generation (greedy, temperature, top-k, top-p);
 //! - [`vit`]: a small Vision Transformer;
 //! - [`source`]: where a model folder comes from (explicit folder, environment,
 //!   the packaged default); [`config`]: Hugging Face `config.json`;
@@ -23,6 +26,7 @@ pub mod data;
 pub mod error;
 pub mod finetune;
 pub mod gpt;
+pub mod llama;
 pub mod loading;
 pub mod source;
 pub mod tokenizer;

@@ -16,7 +16,7 @@ pub use block::{BlockNames, PreNormBlock};
 pub use embedding::Embedding;
 pub use ffn::{Activation, FeedForward, FfnNames, FfnPart};
 pub use linear::Linear;
-pub use norm::LayerNorm;
+pub use norm::{LayerNorm, RmsNorm};
 
 use tch::Tensor;
 

@@ -374,3 +374,22 @@ fn bf16_forward_is_close_to_f32() {
     let (atol, rtol) = tolerances(DType::BF16, device());
     assert_close(&y16, &y32, atol * 5.0, rtol * 2.0);
 }
+
+#[test]
+fn rms_norm_is_the_formula_in_f32_and_keeps_the_input_dtype() {
+    let d = 6;
+    let mut n = tensor_core::layers::RmsNorm::new(d, 1e-6, Device::Cpu).unwrap();
+    tch::no_grad(|| {
+        n.weight
+            .copy_(&tensor_core::seed::randn_seeded(&[d], 5, Device::Cpu).unwrap())
+    });
+    let x = tensor_core::seed::randn_seeded(&[2, 3, d], 6, Device::Cpu).unwrap();
+    let want = &n.weight * (&x / (x.square().mean_dim(-1, true, Kind::Float) + 1e-6).sqrt());
+    let got = n.forward(&x, &mut Context::eval()).unwrap();
+    tensor_core::testing::assert_close(&got, &want, 1e-6, 1e-6);
+    let xb = x.to_kind(Kind::BFloat16);
+    let nb = n.forward(&xb, &mut Context::eval()).unwrap();
+    // The statistics run in f32; the weight (f32 here) promotes the product.
+    tensor_core::testing::assert_close(&nb, &want, 2e-2, 2e-2);
+    assert!(n.forward(&x.narrow(2, 0, 5), &mut Context::eval()).is_err());
+}

@@ -1,0 +1,170 @@
+#!/usr/bin/env python3
+"""Tiny random Llama-family decoders with Hugging Face transformers' outputs,
+for the parity tests of `model-zoo` (`src/llama.rs`).
+
+Run with the project's venv (no network needed):
+
+    ~/.cache/modular/torch-2.11.0/bin/python crates/model-zoo/scripts/make_decoder_fixtures.py
+
+It writes, under `crates/model-zoo/tests/fixtures/`, one folder per family,
+each with `config.json` and `model.safetensors` from
+`save_pretrained(safe_serialization=True)` and `expected.safetensors`:
+
+- `tiny-llama/`: Llama with Llama 3 RoPE scaling (factor 8, low/high
+  frequency factors 1/4, original context 16, so every band of the scaling
+  is exercised), q/k/v/o and MLP biases, an untied LM head;
+- `tiny-qwen2/`: Qwen2 (q/k/v biases, no o bias), tied embeddings;
+- `tiny-qwen3/`: Qwen3 (RMSNorm on each query and key head), an explicit
+  `head_dim` of 16 (not hidden/heads = 8);
+- `tiny-mistral/`: Mistral with a sliding window of 4 tokens (shorter than the
+  inputs, so the window matters).
+
+All: vocab 96, hidden 32, intermediate 48, 2 layers, 4 query heads and 2
+key/value heads (grouped-query attention), float32. Every parameter is redrawn
+from a seeded generator (RMSNorm weights around 1, matrices with std 0.15) so
+that activations stay O(1) and no code path sees only ones and zeros.
+
+`expected.safetensors`:
+- `input_ids`, `attention_mask` [3, 9] i64: row 0 full, row 1 right-padded
+  (3 pads), row 2 left-padded (3 pads); pad id 0;
+- `position_ids` [3, 9] i64: `cumsum(mask) - 1`, 1 on padding (what
+  `generate` uses);
+- `logits` [3, 9, 96] f32 from `model(input_ids, attention_mask, position_ids)`;
+- `gen_input_ids`, `gen_attention_mask` [2, 6] i64 (row 1 left-padded by 2)
+  and `gen_output` [2, 14] i64: greedy `generate` of 8 new tokens
+  (`do_sample=False`, no stop token, pad id 0).
+"""
+
+import os
+import shutil
+
+import torch
+from safetensors.torch import save_file
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FIXTURES = os.path.join(HERE, "..", "tests", "fixtures")
+
+COMMON = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-6,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def families():
+    yield "tiny-llama", LlamaForCausalLM, LlamaConfig(
+        **COMMON,
+        attention_bias=True,
+        mlp_bias=True,
+        tie_word_embeddings=False,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 10000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+    )
+    yield "tiny-qwen2", Qwen2ForCausalLM, Qwen2Config(
+        **COMMON, tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}
+    )
+    yield "tiny-qwen3", Qwen3ForCausalLM, Qwen3Config(
+        **COMMON, head_dim=16, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+    )
+    yield "tiny-mistral", MistralForCausalLM, MistralConfig(
+        **COMMON, sliding_window=4, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
+
+
+def redraw(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+            elif name.endswith(".bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.15 * torch.randn(p.shape, generator=g))
+
+
+def inputs(seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 96, (3, 9), generator=g)
+    mask = torch.ones(3, 9, dtype=torch.int64)
+    mask[1, 6:] = 0
+    mask[2, :3] = 0
+    ids = ids * mask  # pad id 0
+    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    gen_ids = torch.randint(3, 96, (2, 6), generator=g)
+    gen_mask = torch.ones(2, 6, dtype=torch.int64)
+    gen_mask[1, :2] = 0
+    gen_ids = gen_ids * gen_mask
+    return ids, mask, pos, gen_ids, gen_mask
+
+
+def main():
+    torch.set_num_threads(1)
+    for i, (name, cls, config) in enumerate(families()):
+        torch.manual_seed(0)
+        model = cls(config).float().eval()
+        redraw(model, 100 + i)
+        if config.tie_word_embeddings:
+            assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+        out = os.path.join(FIXTURES, name)
+        shutil.rmtree(out, ignore_errors=True)
+        model.save_pretrained(out, safe_serialization=True)
+        gc = os.path.join(out, "generation_config.json")
+        if os.path.exists(gc):
+            os.remove(gc)
+        ids, mask, pos, gen_ids, gen_mask = inputs(200 + i)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.float()
+            gen = model.generate(
+                input_ids=gen_ids,
+                attention_mask=gen_mask,
+                max_new_tokens=8,
+                do_sample=False,
+                pad_token_id=0,
+                eos_token_id=None,
+            )
+        assert gen.shape == (2, 14), gen.shape
+        save_file(
+            {
+                "input_ids": ids.contiguous(),
+                "attention_mask": mask.contiguous(),
+                "position_ids": pos.contiguous(),
+                "logits": logits.contiguous(),
+                "gen_input_ids": gen_ids.contiguous(),
+                "gen_attention_mask": gen_mask.contiguous(),
+                "gen_output": gen.contiguous(),
+            },
+            os.path.join(out, "expected.safetensors"),
+        )
+        size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
+        print(f"{name}: {sorted(os.listdir(out))}, {size} B, logits |max| {logits.abs().max():.3f}, generated {gen[:, 6:].tolist()}")
+
+
+if __name__ == "__main__":
+    main()

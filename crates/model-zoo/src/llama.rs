@@ -1,0 +1,1335 @@
+//! # Llama-family decoders: Llama, Mistral, Qwen2, Qwen3
+//!
+//! The pre-norm decoder-only Transformer of Touvron et al. (2023), *LLaMA:
+//! Open and Efficient Foundation Language Models*, with the variations its
+//! descendants ship. For token ids `x_1..x_T` and positions `p_t`:
+//!
+//! ```text
+//! h_0     = E[x_t]
+//! a_l     = h_{l-1} + Attn_l(RMSNorm_1(h_{l-1}))
+//! h_l     = a_l + MLP_l(RMSNorm_2(a_l))
+//! RMSNorm(u) = w ⊙ u / sqrt(mean(u²) + eps)
+//! MLP(u)  = W_down (silu(W_gate u) ⊙ W_up u)                      (SwiGLU)
+//! Attn(u) = W_o concat_i softmax(q_i k_{g(i)}ᵀ / sqrt(d_h) + M) v_{g(i)}
+//! q_i = R(p_t) W_q,i u,  k_j = R(p_t) W_k,j u,  v_j = W_v,j u      (RoPE)
+//! logits  = RMSNorm_f(h_L) W_lmᵀ                                  (W_lm = E when tied)
+//! ```
+//!
+//! - **Grouped-query attention**: `H` query heads share `H_kv` key/value
+//!   heads, query head `i` reading key/value head `g(i) = i / (H / H_kv)`.
+//! - **RoPE**: `R(p)` rotates the pairs `(u_j, u_{j + d_h/2})` of a head by
+//!   `p·θ_j`, `θ_j = base^{-2j/d_h}`. Scaling variants change `θ_j`:
+//!   `linear` divides every `θ_j` by a factor; `llama3` (Llama 3.1) divides
+//!   the low-frequency band (wavelength above `L/low_freq_factor`, `L` the
+//!   original context) by the factor, keeps the high-frequency band (below
+//!   `L/high_freq_factor`) and interpolates smoothly in between.
+//! - **Family options**: q/k/v (and o) biases (Llama's `attention_bias`;
+//!   always on q/k/v for Qwen2), MLP biases (`mlp_bias`), an RMSNorm on every
+//!   query and key head before RoPE (Qwen3's `q_norm` / `k_norm`), an explicit
+//!   `head_dim`, a tied or untied LM head, Mistral's sliding window (key `j`
+//!   is visible to query `i` when `i − window < j ≤ i`).
+//! - **Masks and positions**: `M` hides later keys, keys outside the window
+//!   and padding keys (`ctx.attention_mask`, 1 = token) with the dtype's
+//!   minimum. Positions follow the mask, `p_t = (number of tokens up to t) − 1`
+//!   (1 on padding), which is what Hugging Face's `generate` uses, so left- and
+//!   right-padded rows give the same logits as unpadded ones.
+//! - **KV cache**: during decoding each attention appends its keys and
+//!   values to a [`KvCache`] in the forward context, and `ctx.attention_mask`
+//!   covers the cached and the new positions.
+//!
+//! Names are Hugging Face's, so every sub-module is reachable by its
+//! checkpoint path: `model.embed_tokens`, `model.layers.3.self_attn.q_proj`,
+//! `model.layers.3.mlp.gate_proj` (the MLP is a `tensor-core` gated
+//! [`FeedForward`]), `model.layers.3.input_layernorm`, `model.norm`,
+//! `lm_head`. The decoder layer is `tensor-core`'s [`PreNormBlock`].
+
+use std::path::Path;
+
+use serde_json::Value;
+use tensor_core::layers::{
+    Activation, BlockNames, Embedding, FeedForward, FfnNames, Linear, PreNormBlock, RmsNorm,
+};
+use tensor_core::module::{Context, Module, Slot};
+use tensor_core::tch::{self, Device, Kind, Tensor};
+use tensor_core::{Error as TensorError, Result as TensorResult, TchResultExt};
+
+use crate::config::{Checks, JsonConfig};
+use crate::loading::{self, Checkpoint, Layout};
+use crate::{Error, Result};
+
+/// The architectures this file loads (`model_type` in `config.json`).
+pub const MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2", "qwen3"];
+
+/// Which member of the family a config describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    Llama,
+    Mistral,
+    Qwen2,
+    Qwen3,
+}
+
+/// How RoPE's frequencies are scaled.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    /// `θ_j = base^{-2j/d_h}`.
+    Default,
+    /// Every `θ_j` divided by `factor`.
+    Linear { factor: f64 },
+    /// Llama 3.1's band-wise scaling (module docs).
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
+}
+
+/// Hyper-parameters of a Llama-family decoder, from Hugging Face's `config.json`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    pub family: Family,
+    pub vocab_size: i64,
+    pub hidden_size: i64,
+    pub intermediate_size: i64,
+    pub num_hidden_layers: i64,
+    pub num_attention_heads: i64,
+    pub num_key_value_heads: i64,
+    pub head_dim: i64,
+    pub max_position_embeddings: i64,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_scaling: RopeScaling,
+    /// Biases on `q_proj`, `k_proj`, `v_proj`.
+    pub qkv_bias: bool,
+    /// Bias on `o_proj`.
+    pub o_bias: bool,
+    /// Biases on `gate_proj`, `up_proj`, `down_proj`.
+    pub mlp_bias: bool,
+    /// Qwen3's RMSNorm on every query and key head.
+    pub qk_norm: bool,
+    pub tie_word_embeddings: bool,
+    /// Mistral's attention window, in tokens.
+    pub sliding_window: Option<i64>,
+    pub hidden_act: Activation,
+    pub bos_token_id: Option<i64>,
+    /// Stop tokens (`eos_token_id`, a number or a list).
+    pub eos_token_ids: Vec<i64>,
+    pub pad_token_id: Option<i64>,
+}
+
+impl LlamaConfig {
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        Self::from_json(&JsonConfig::read(path)?)
+    }
+
+    /// Read Hugging Face's keys; RoPE from `rope_parameters` (transformers
+    /// 5) or from `rope_theta` + `rope_scaling` (earlier files).
+    pub fn from_json(j: &JsonConfig) -> Result<Self> {
+        let family = match j.expect_model_type(MODEL_TYPES)?.as_str() {
+            "llama" => Family::Llama,
+            "mistral" => Family::Mistral,
+            "qwen2" => Family::Qwen2,
+            _ => Family::Qwen3,
+        };
+        let hidden_size = j.positive("hidden_size")?;
+        let heads = j.positive("num_attention_heads")?;
+        let kv_heads = j.i64_or("num_key_value_heads", heads)?;
+        let head_dim = match j.opt_i64("head_dim")? {
+            Some(h) => h,
+            None => hidden_size / heads.max(1),
+        };
+        let (rope_theta, rope_scaling) = rope(j)?;
+        let attention_bias = j.bool_or("attention_bias", false)?;
+        let (qkv_bias, o_bias) = match family {
+            Family::Qwen2 => (true, false),
+            Family::Llama => (attention_bias, attention_bias),
+            Family::Mistral => (false, false),
+            Family::Qwen3 => (attention_bias, attention_bias),
+        };
+        if matches!(family, Family::Qwen2 | Family::Qwen3)
+            && j.bool_or("use_sliding_window", false)?
+        {
+            return Err(Error::config(
+                &j.path,
+                "use_sliding_window",
+                "sliding-window layers of Qwen2/Qwen3 are not supported",
+            ));
+        }
+        let sliding_window = match family {
+            Family::Mistral => j.opt_i64("sliding_window")?,
+            _ => None,
+        };
+        let eos_token_ids = match j.value.get("eos_token_id") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Number(n)) => n.as_i64().into_iter().collect(),
+            Some(Value::Array(a)) => a.iter().filter_map(Value::as_i64).collect(),
+            Some(v) => {
+                return Err(Error::config(
+                    &j.path,
+                    "eos_token_id",
+                    format!("expected an integer or a list of integers, got {v}"),
+                ));
+            }
+        };
+        let c = Self {
+            family,
+            vocab_size: j.positive("vocab_size")?,
+            hidden_size,
+            intermediate_size: j.positive("intermediate_size")?,
+            num_hidden_layers: j.positive("num_hidden_layers")?,
+            num_attention_heads: heads,
+            num_key_value_heads: kv_heads,
+            head_dim,
+            max_position_embeddings: j.i64_or("max_position_embeddings", 2048)?,
+            rms_norm_eps: j.f64_or("rms_norm_eps", 1e-6)?,
+            rope_theta,
+            rope_scaling,
+            qkv_bias,
+            o_bias,
+            mlp_bias: j.bool_or("mlp_bias", false)?,
+            qk_norm: family == Family::Qwen3,
+            tie_word_embeddings: j.bool_or("tie_word_embeddings", false)?,
+            sliding_window,
+            hidden_act: j.activation("hidden_act", "silu")?,
+            bos_token_id: j.opt_i64("bos_token_id")?,
+            eos_token_ids,
+            pad_token_id: j.opt_i64("pad_token_id")?,
+        };
+        c.validate_at(&j.path)?;
+        Ok(c)
+    }
+
+    fn validate_at(&self, path: &Path) -> Result<()> {
+        let ch = Checks(path);
+        ch.positive(&[
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("head_dim", self.head_dim),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ])?;
+        ch.divisible(
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+        )?;
+        if self.head_dim % 2 != 0 {
+            return Err(Error::config(
+                path,
+                "head_dim",
+                format!(
+                    "RoPE rotates pairs, so head_dim must be even, got {}",
+                    self.head_dim
+                ),
+            ));
+        }
+        ch.positive_float("rms_norm_eps", self.rms_norm_eps)?;
+        ch.positive_float("rope_theta", self.rope_theta)?;
+        if let Some(w) = self.sliding_window
+            && w <= 0
+        {
+            return Err(Error::config(
+                path,
+                "sliding_window",
+                format!("must be >= 1, got {w}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Parameters this config implies (for messages and size checks).
+    pub fn param_count(&self) -> i64 {
+        let (d, f, hd) = (self.hidden_size, self.intermediate_size, self.head_dim);
+        let (h, kv) = (self.num_attention_heads, self.num_key_value_heads);
+        let attn = d * h * hd * 2 + d * kv * hd * 2;
+        let mlp = 3 * d * f;
+        let per_layer = attn + mlp + 2 * d;
+        let head = if self.tie_word_embeddings {
+            0
+        } else {
+            self.vocab_size * d
+        };
+        self.vocab_size * d + self.num_hidden_layers * per_layer + d + head
+    }
+}
+
+/// RoPE's base and scaling from a config.
+fn rope(j: &JsonConfig) -> Result<(f64, RopeScaling)> {
+    let (params, key) = match j.value.get("rope_parameters") {
+        Some(Value::Object(m)) => (Some(m.clone()), "rope_parameters"),
+        _ => match j.value.get("rope_scaling") {
+            Some(Value::Object(m)) => (Some(m.clone()), "rope_scaling"),
+            _ => (None, "rope_scaling"),
+        },
+    };
+    let theta_default = j.f64_or("rope_theta", 10000.0)?;
+    let Some(p) = params else {
+        return Ok((theta_default, RopeScaling::Default));
+    };
+    let num = |k: &str| -> Result<f64> {
+        p.get(k)
+            .and_then(Value::as_f64)
+            .ok_or_else(|| Error::config(&j.path, format!("{key}.{k}"), "missing number"))
+    };
+    let theta = p
+        .get("rope_theta")
+        .and_then(Value::as_f64)
+        .unwrap_or(theta_default);
+    let kind = p
+        .get("rope_type")
+        .or_else(|| p.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    let scaling = match kind {
+        "default" => RopeScaling::Default,
+        "linear" => RopeScaling::Linear {
+            factor: num("factor")?,
+        },
+        "llama3" => RopeScaling::Llama3 {
+            factor: num("factor")?,
+            low_freq_factor: num("low_freq_factor")?,
+            high_freq_factor: num("high_freq_factor")?,
+            original_max_position_embeddings: num("original_max_position_embeddings")?,
+        },
+        other => {
+            return Err(Error::config(
+                &j.path,
+                format!("{key}.rope_type"),
+                format!("RoPE scaling '{other}' is not supported (default, linear and llama3 are)"),
+            ));
+        }
+    };
+    if let Some(f) = p.get("partial_rotary_factor").and_then(Value::as_f64)
+        && f != 1.0
+    {
+        return Err(Error::config(
+            &j.path,
+            format!("{key}.partial_rotary_factor"),
+            format!("partial rotary embeddings ({f}) are not supported"),
+        ));
+    }
+    Ok((theta, scaling))
+}
+
+/// `θ_j` for a head of width `head_dim`, computed in f32 as the reference does.
+fn inv_freq(config: &LlamaConfig, device: Device) -> TensorResult<Tensor> {
+    let op = "RoPE frequencies";
+    let d = config.head_dim;
+    let expo = Tensor::f_arange_start_step(0, d, 2, (Kind::Int64, Device::Cpu))
+        .and_then(|t| t.f_to_kind(Kind::Float))
+        .and_then(|t| t.f_div_scalar(d as f64))
+        .op(op)?;
+    let base = Tensor::f_full([1], config.rope_theta, (Kind::Float, Device::Cpu)).op(op)?;
+    let inv = base.f_pow(&expo).and_then(|p| p.f_reciprocal()).op(op)?;
+    let inv = match &config.rope_scaling {
+        RopeScaling::Default => inv,
+        RopeScaling::Linear { factor } => inv.f_div_scalar(*factor).op(op)?,
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings: old,
+        } => {
+            let low_wavelen = old / low_freq_factor;
+            let high_wavelen = old / high_freq_factor;
+            let wavelen = inv
+                .f_reciprocal()
+                .and_then(|r| r.f_mul_scalar(2.0 * std::f64::consts::PI))
+                .op(op)?;
+            let scaled = inv.f_div_scalar(*factor).op(op)?;
+            let low = wavelen.f_gt(low_wavelen).op(op)?;
+            let inv_l = scaled.f_where_self(&low, &inv).op(op)?;
+            let smooth = wavelen
+                .f_reciprocal()
+                .and_then(|r| r.f_mul_scalar(*old))
+                .and_then(|r| r.f_sub_scalar(*low_freq_factor))
+                .and_then(|r| r.f_div_scalar(high_freq_factor - low_freq_factor))
+                .op(op)?;
+            let smoothed = smooth
+                .f_neg()
+                .and_then(|s| s.f_add_scalar(1.0))
+                .and_then(|s| s.f_mul(&inv_l.f_div_scalar(*factor)?))
+                .and_then(|a| a.f_add(&smooth.f_mul(&inv_l)?))
+                .op(op)?;
+            let medium = wavelen
+                .f_lt(high_wavelen)
+                .and_then(|a| a.f_logical_not())
+                .and_then(|a| a.f_logical_and(&wavelen.f_gt(low_wavelen)?.f_logical_not()?))
+                .op(op)?;
+            smoothed.f_where_self(&medium, &inv_l).op(op)?
+        }
+    };
+    inv.f_to_device(device).op(op)
+}
+
+/// `[cos, sin]` of shape `[B, T, head_dim]` for positions `[B, T]`.
+fn rope_tables(
+    inv_freq: &Tensor,
+    positions: &Tensor,
+    kind: Kind,
+) -> TensorResult<(Tensor, Tensor)> {
+    let op = "RoPE tables";
+    let freqs = positions
+        .f_to_kind(Kind::Float)
+        .and_then(|p| p.f_unsqueeze(-1))
+        .and_then(|p| p.f_mul(&inv_freq.f_view([1, 1, -1])?))
+        .op(op)?;
+    let emb = Tensor::f_cat(&[&freqs, &freqs], -1).op(op)?;
+    let cos = emb.f_cos().and_then(|c| c.f_to_kind(kind)).op(op)?;
+    let sin = emb.f_sin().and_then(|s| s.f_to_kind(kind)).op(op)?;
+    Ok((cos, sin))
+}
+
+/// `x·cos + rotate_half(x)·sin` for `x: [B, H, T, d_h]`, tables `[B, T, d_h]`.
+fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> TensorResult<Tensor> {
+    let op = "RoPE";
+    let half = x.size()[3] / 2;
+    let x1 = x.f_narrow(3, 0, half).op(op)?;
+    let x2 = x.f_narrow(3, half, half).op(op)?;
+    let rotated = Tensor::f_cat(&[&x2.f_neg().op(op)?, &x1], 3).op(op)?;
+    let (c, s) = (cos.f_unsqueeze(1).op(op)?, sin.f_unsqueeze(1).op(op)?);
+    x.f_mul(&c)
+        .and_then(|a| a.f_add(&rotated.f_mul(&s)?))
+        .op(op)
+}
+
+/// The dtype's most negative value, which hides a key in the attention bias.
+fn hide_value(kind: Kind) -> f64 {
+    match kind {
+        Kind::Half => -65504.0,
+        Kind::BFloat16 => -3.389_531_389_251_535e38,
+        Kind::Double => f64::MIN,
+        _ => f64::from(f32::MIN),
+    }
+}
+
+/// What every attention of one forward pass shares: the RoPE tables of the
+/// new positions and the attention bias `[B, 1, T, S]` over all `S` cached
+/// and new keys. The model puts it into the context for its layers.
+#[derive(Debug)]
+pub struct DecoderStep {
+    pub cos: Tensor,
+    pub sin: Tensor,
+    pub bias: Tensor,
+}
+
+/// Keys and values of the positions seen so far, per layer, `[B, H_kv, S, d_h]`.
+#[derive(Debug, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new(layers: usize) -> Self {
+        Self {
+            layers: (0..layers).map(|_| None).collect(),
+        }
+    }
+
+    /// Cached positions (0 when empty).
+    pub fn len(&self) -> i64 {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map_or(0, |(k, _)| k.size()[2])
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Append this step's keys and values of layer `layer`; returns all of them.
+    fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> TensorResult<(Tensor, Tensor)> {
+        let slot = self
+            .layers
+            .get_mut(layer)
+            .ok_or_else(|| TensorError::invalid(format!("KvCache has no layer {layer}")))?;
+        let (k, v) = match slot.take() {
+            None => (k, v),
+            Some((pk, pv)) => (
+                Tensor::f_cat(&[&pk, &k], 2).op("KvCache")?,
+                Tensor::f_cat(&[&pv, &v], 2).op("KvCache")?,
+            ),
+        };
+        *slot = Some((k.shallow_clone(), v.shallow_clone()));
+        Ok((k, v))
+    }
+}
+
+/// Causal self-attention with grouped key/value heads, RoPE, optional
+/// per-head q/k RMSNorm, and the KV cache.
+#[derive(Debug, Module)]
+#[module(kind = "LlamaAttention", forward = forward_impl)]
+pub struct LlamaAttention {
+    #[child]
+    pub q_proj: Slot,
+    #[child]
+    pub k_proj: Slot,
+    #[child]
+    pub v_proj: Slot,
+    #[child]
+    pub o_proj: Slot,
+    #[child]
+    pub q_norm: Option<Slot>,
+    #[child]
+    pub k_norm: Option<Slot>,
+    pub layer: usize,
+    pub num_heads: i64,
+    pub num_kv_heads: i64,
+    pub head_dim: i64,
+}
+
+impl LlamaAttention {
+    pub fn new(config: &LlamaConfig, layer: usize, device: Device) -> Result<Self> {
+        let c = config;
+        let (d, hd) = (c.hidden_size, c.head_dim);
+        let lin = |i, o, b| -> Result<Slot> { Ok(Box::new(Linear::new(i, o, b, device)?)) };
+        let norm = || -> Result<Option<Slot>> {
+            Ok(if c.qk_norm {
+                Some(Box::new(RmsNorm::new(hd, c.rms_norm_eps, device)?))
+            } else {
+                None
+            })
+        };
+        Ok(Self {
+            q_proj: lin(d, c.num_attention_heads * hd, c.qkv_bias)?,
+            k_proj: lin(d, c.num_key_value_heads * hd, c.qkv_bias)?,
+            v_proj: lin(d, c.num_key_value_heads * hd, c.qkv_bias)?,
+            o_proj: lin(c.num_attention_heads * hd, d, c.o_bias)?,
+            q_norm: norm()?,
+            k_norm: norm()?,
+            layer,
+            num_heads: c.num_attention_heads,
+            num_kv_heads: c.num_key_value_heads,
+            head_dim: hd,
+        })
+    }
+
+    /// `[B, T, n·d_h]` → `[B, T, n, d_h]`, the head norm, → `[B, n, T, d_h]`.
+    fn heads(
+        &self,
+        x: &Tensor,
+        n: i64,
+        norm: Option<(&str, &Slot)>,
+        ctx: &mut Context,
+    ) -> TensorResult<Tensor> {
+        let s = x.size();
+        let x = x
+            .f_view([s[0], s[1], n, self.head_dim])
+            .op("LlamaAttention heads")?;
+        let x = match norm {
+            Some((name, m)) => ctx.call(name, m.as_ref(), &x)?,
+            None => x,
+        };
+        x.f_transpose(1, 2).op("LlamaAttention heads")
+    }
+
+    fn forward_impl(&self, xs: &Tensor, ctx: &mut Context) -> TensorResult<Tensor> {
+        let s = xs.size();
+        if s.len() != 3 {
+            return Err(TensorError::shape(
+                "LlamaAttention",
+                "[batch, seq, hidden]",
+                s,
+            ));
+        }
+        let (b, t) = (s[0], s[1]);
+        let (cos, sin, bias) = match ctx.get::<DecoderStep>() {
+            Some(st) => (
+                st.cos.shallow_clone(),
+                st.sin.shallow_clone(),
+                st.bias.shallow_clone(),
+            ),
+            None => {
+                return Err(TensorError::invalid(
+                    "LlamaAttention runs inside a LlamaModel forward (it needs the step's RoPE tables and mask)",
+                ));
+            }
+        };
+        let q = ctx.call("q_proj", self.q_proj.as_ref(), xs)?;
+        let k = ctx.call("k_proj", self.k_proj.as_ref(), xs)?;
+        let v = ctx.call("v_proj", self.v_proj.as_ref(), xs)?;
+        let q = self.heads(
+            &q,
+            self.num_heads,
+            self.q_norm.as_ref().map(|m| ("q_norm", m)),
+            ctx,
+        )?;
+        let k = self.heads(
+            &k,
+            self.num_kv_heads,
+            self.k_norm.as_ref().map(|m| ("k_norm", m)),
+            ctx,
+        )?;
+        let v = self.heads(&v, self.num_kv_heads, None, ctx)?;
+        let q = apply_rope(&q, &cos, &sin)?;
+        let k = apply_rope(&k, &cos, &sin)?;
+        let (k, v) = match ctx.get_mut::<KvCache>() {
+            Some(cache) => cache.append(self.layer, k, v)?,
+            None => (k, v),
+        };
+        let rep = self.num_heads / self.num_kv_heads;
+        let (k, v) = if rep > 1 {
+            let op = "LlamaAttention repeat_kv";
+            (
+                k.f_repeat_interleave_self_int(rep, 1, None).op(op)?,
+                v.f_repeat_interleave_self_int(rep, 1, None).op(op)?,
+            )
+        } else {
+            (k, v)
+        };
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let out = Tensor::f_scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            Some(&bias.f_to_kind(q.kind()).op("LlamaAttention mask")?),
+            0.0,
+            false,
+            scale,
+            false,
+        )
+        .op("LlamaAttention scaled_dot_product_attention")?;
+        let merged = out
+            .f_transpose(1, 2)
+            .and_then(|o| o.f_reshape([b, t, self.num_heads * self.head_dim]))
+            .op("LlamaAttention merge heads")?;
+        ctx.call("o_proj", self.o_proj.as_ref(), &merged)
+    }
+}
+
+/// A decoder layer's part names (`model.layers.N.*`).
+pub const LAYER_NAMES: BlockNames = BlockNames {
+    kind: "LlamaDecoderLayer",
+    norm_1: "input_layernorm",
+    attn: "self_attn",
+    norm_2: "post_attention_layernorm",
+    mlp: "mlp",
+};
+
+/// One decoder layer: `tensor-core`'s pre-norm block with RMSNorms, the
+/// attention above and a SwiGLU [`FeedForward`] (`gate_proj`, `up_proj`, `down_proj`).
+pub fn llama_layer(config: &LlamaConfig, layer: usize, device: Device) -> Result<PreNormBlock> {
+    let c = config;
+    let (d, f) = (c.hidden_size, c.intermediate_size);
+    let lin = |i, o| -> Result<Slot> { Ok(Box::new(Linear::new(i, o, c.mlp_bias, device)?)) };
+    let mlp = FeedForward {
+        up: lin(d, f)?,
+        gate: Some(lin(d, f)?),
+        down: lin(f, d)?,
+        activation: c.hidden_act,
+        names: FfnNames {
+            up: "up_proj".into(),
+            gate: Some("gate_proj".into()),
+            down: "down_proj".into(),
+        },
+        dropout: 0.0,
+    };
+    Ok(PreNormBlock::new(
+        LAYER_NAMES,
+        Box::new(RmsNorm::new(d, c.rms_norm_eps, device)?),
+        Box::new(LlamaAttention::new(c, layer, device)?),
+        Box::new(RmsNorm::new(d, c.rms_norm_eps, device)?),
+        Box::new(mlp),
+    ))
+}
+
+/// The decoder stack (`model.*`): embeddings, layers, the final RMSNorm.
+/// Its forward maps token ids `[B, T]` to hidden states `[B, T, d]`.
+#[derive(Debug, Module)]
+#[module(kind = "LlamaModel", forward = forward_impl)]
+pub struct LlamaModel {
+    pub config: LlamaConfig,
+    #[child]
+    pub embed_tokens: Slot,
+    #[children(names = "layer_names")]
+    pub layers: Vec<Slot>,
+    layer_names: Vec<String>,
+    #[child]
+    pub norm: Slot,
+    inv_freq: Tensor,
+}
+
+impl LlamaModel {
+    pub fn new(config: LlamaConfig, device: Device) -> Result<Self> {
+        let c = &config;
+        let embed = Embedding::from_weight(
+            Tensor::f_zeros([c.vocab_size, c.hidden_size], (Kind::Float, device))
+                .op("LlamaModel::new")?,
+        )?;
+        let n = c.num_hidden_layers as usize;
+        let layers = (0..n)
+            .map(|i| Ok(Box::new(llama_layer(c, i, device)?) as Slot))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            embed_tokens: Box::new(embed),
+            layers,
+            layer_names: (0..n).map(|i| format!("layers.{i}")).collect(),
+            norm: Box::new(RmsNorm::new(c.hidden_size, c.rms_norm_eps, device)?),
+            inv_freq: inv_freq(c, device)?,
+            config,
+        })
+    }
+
+    /// Positions `[B, T]` of the `T` new tokens: from the mask over all `S`
+    /// positions (`cumsum − 1`, 1 on padding), else `past..past + T`.
+    fn positions(
+        mask: Option<&Tensor>,
+        b: i64,
+        t: i64,
+        past: i64,
+        device: Device,
+    ) -> TensorResult<Tensor> {
+        let op = "LlamaModel positions";
+        match mask {
+            Some(m) => {
+                let m = m
+                    .f_to_device(device)
+                    .and_then(|m| m.f_to_kind(Kind::Int64))
+                    .op(op)?;
+                let p = m
+                    .f_cumsum(1, Kind::Int64)
+                    .and_then(|c| c.f_sub_scalar(1))
+                    .and_then(|c| c.f_masked_fill(&m.f_eq(0)?, 1))
+                    .op(op)?;
+                let s = p.size()[1];
+                p.f_narrow(1, s - t, t).op(op)
+            }
+            None => Tensor::f_arange_start(past, past + t, (Kind::Int64, device))
+                .and_then(|a| a.f_unsqueeze(0))
+                .and_then(|a| a.f_expand([b, t], false))
+                .op(op),
+        }
+    }
+
+    /// The additive bias `[B, 1, T, S]`: 0 where query `past + i` may see key
+    /// `j` (causal, inside the window, not padding), the dtype's minimum elsewhere.
+    fn bias(
+        &self,
+        mask: Option<&Tensor>,
+        b: i64,
+        t: i64,
+        past: i64,
+        kind: Kind,
+        device: Device,
+    ) -> TensorResult<Tensor> {
+        let op = "LlamaModel mask";
+        let s = past + t;
+        let q = Tensor::f_arange_start(past, s, (Kind::Int64, device))
+            .and_then(|a| a.f_view([t, 1]))
+            .op(op)?;
+        let k = Tensor::f_arange(s, (Kind::Int64, device))
+            .and_then(|a| a.f_view([1, s]))
+            .op(op)?;
+        let mut allowed = k.f_le_tensor(&q).op(op)?;
+        if let Some(w) = self.config.sliding_window {
+            let inside = k.f_gt_tensor(&q.f_sub_scalar(w).op(op)?).op(op)?;
+            allowed = allowed.f_logical_and(&inside).op(op)?;
+        }
+        let mut allowed = allowed.f_view([1, 1, t, s]).op(op)?;
+        if let Some(m) = mask {
+            let keep = m
+                .f_to_device(device)
+                .and_then(|m| m.f_ne(0))
+                .and_then(|m| m.f_view([b, 1, 1, s]))
+                .op(op)?;
+            allowed = allowed.f_logical_and(&keep).op(op)?;
+        }
+        Tensor::f_zeros([1], (kind, device))
+            .and_then(|z| z.f_masked_fill(&allowed.f_logical_not()?, hide_value(kind)))
+            .op(op)
+    }
+
+    fn forward_impl(&self, input_ids: &Tensor, ctx: &mut Context) -> TensorResult<Tensor> {
+        let s = input_ids.size();
+        if s.len() != 2 {
+            return Err(TensorError::shape(
+                "LlamaModel input_ids",
+                "[batch, seq]",
+                s,
+            ));
+        }
+        let (b, t) = (s[0], s[1]);
+        let past = ctx.get::<KvCache>().map_or(0, KvCache::len);
+        let mask = ctx.attention_mask.as_ref().map(Tensor::shallow_clone);
+        if let Some(m) = &mask
+            && m.size() != [b, past + t]
+        {
+            return Err(TensorError::shape(
+                "LlamaModel attention_mask (cached and new positions)",
+                format!("[{b}, {}]", past + t),
+                m.size(),
+            ));
+        }
+        let h = ctx.call("embed_tokens", self.embed_tokens.as_ref(), input_ids)?;
+        let device = h.device();
+        let pos = Self::positions(mask.as_ref(), b, t, past, device)?;
+        let (cos, sin) = rope_tables(&self.inv_freq, &pos, h.kind())?;
+        let bias = self.bias(mask.as_ref(), b, t, past, h.kind(), device)?;
+        let before = ctx.insert(DecoderStep { cos, sin, bias });
+        let mut out = Ok(h);
+        for (name, layer) in self.layer_names.iter().zip(&self.layers) {
+            out = out.and_then(|h| ctx.call(name, layer.as_ref(), &h));
+        }
+        match before {
+            Some(st) => {
+                ctx.insert(st);
+            }
+            None => {
+                ctx.remove::<DecoderStep>();
+            }
+        }
+        ctx.call("norm", self.norm.as_ref(), &out?)
+    }
+}
+
+/// A decoder with its language-model head (`LlamaForCausalLM` and the
+/// Mistral/Qwen equivalents). Its forward maps token ids `[B, T]` to logits
+/// `[B, T, vocab]`; the head is the input embedding when tied.
+#[derive(Debug, Module)]
+#[module(kind = "LlamaForCausalLM", forward = forward_impl)]
+pub struct LlamaForCausalLM {
+    #[child]
+    pub model: Slot,
+    #[child]
+    pub lm_head: Option<Slot>,
+}
+
+impl LlamaForCausalLM {
+    pub fn new(config: LlamaConfig, device: Device) -> Result<Self> {
+        let lm_head: Option<Slot> = if config.tie_word_embeddings {
+            None
+        } else {
+            Some(Box::new(Linear::new(
+                config.hidden_size,
+                config.vocab_size,
+                false,
+                device,
+            )?))
+        };
+        Ok(Self {
+            model: Box::new(LlamaModel::new(config, device)?),
+            lm_head,
+        })
+    }
+
+    /// Load a Hugging Face folder: `config.json` and `model.safetensors`.
+    /// f16/bf16 weights are kept in their dtype on a GPU and upcast to f32 on the CPU.
+    pub fn from_folder(dir: impl AsRef<Path>, device: Device) -> Result<Self> {
+        let dir = dir.as_ref();
+        loading::expect_folder(dir, "Llama-family")?;
+        let config = LlamaConfig::from_file(dir.join("config.json"))?;
+        // The initial values are overwritten: draw them under the seed lock,
+        // so they never land inside another thread's seeded draws.
+        let mut model = tensor_core::seed::with_seed_lock(|| Self::new(config, device))?;
+        model.load_safetensors(dir.join("model.safetensors"))?;
+        Ok(model)
+    }
+
+    pub fn decoder(&self) -> &LlamaModel {
+        tensor_core::module::downcast_ref::<LlamaModel>(self.model.as_ref())
+            .expect("the model slot holds the LlamaModel it was built with")
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.decoder().config
+    }
+
+    /// Copy a checkpoint's tensors in: every parameter once with the shape
+    /// the config implies; `lm_head.weight` is ignored when tied, and the
+    /// `rotary_emb.inv_freq` buffers of older files always.
+    pub fn load_safetensors(&mut self, path: impl AsRef<Path>) -> Result<()> {
+        let file = loading::open_weights(path.as_ref(), "Llama-family")?;
+        let c = self.config();
+        let tied = c.tie_word_embeddings;
+        let about = Checkpoint {
+            model: "Llama-family decoder",
+            config: format!(
+                "{:?}, {} layers, hidden {}, {} heads / {} kv heads of {}, vocab {}",
+                c.family,
+                c.num_hidden_layers,
+                c.hidden_size,
+                c.num_attention_heads,
+                c.num_key_value_heads,
+                c.head_dim,
+                c.vocab_size
+            ),
+            prefix: "",
+        };
+        loading::load_checkpoint(
+            self,
+            &file,
+            &about,
+            |key| {
+                if key.ends_with("rotary_emb.inv_freq") || (tied && key == "lm_head.weight") {
+                    None
+                } else {
+                    Some(key.to_owned())
+                }
+            },
+            |_| Layout::AsIs,
+        )
+    }
+
+    fn forward_impl(&self, input_ids: &Tensor, ctx: &mut Context) -> TensorResult<Tensor> {
+        let h = ctx.call("model", self.model.as_ref(), input_ids)?;
+        match &self.lm_head {
+            Some(head) => ctx.call("lm_head", head.as_ref(), &h),
+            None => {
+                let w = self
+                    .decoder()
+                    .embed_tokens
+                    .params()
+                    .first()
+                    .map(|(_, w)| w.shallow_clone())
+                    .ok_or_else(|| TensorError::invalid("embed_tokens has no weight"))?;
+                h.f_matmul(&w.f_transpose(0, 1).op("tied lm_head")?)
+                    .op("tied lm_head")
+            }
+        }
+    }
+
+    /// Logits `[B, T, vocab]` of `input_ids [B, T]` under `attention_mask`.
+    pub fn logits(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+        let mut ctx = Context::eval();
+        ctx.attention_mask = attention_mask.map(Tensor::shallow_clone);
+        Ok(ctx.call("", self, input_ids)?)
+    }
+
+    /// Continue every row of `input_ids [B, T]` (left-padded, with
+    /// `attention_mask`) by up to `opts.max_new_tokens` tokens, through the
+    /// KV cache. Returns `[B, T + n]`; a row that produced a stop token is
+    /// continued with `opts.pad_token_id`, and generation ends when every
+    /// row has stopped.
+    pub fn generate(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        opts: &GenerateOptions,
+    ) -> Result<Tensor> {
+        opts.validate()?;
+        let s = input_ids.size();
+        if s.len() != 2 || s[1] == 0 {
+            return Err(TensorError::shape("generate input_ids", "[batch, seq >= 1]", s).into());
+        }
+        let device = crate::loading::device_of(self);
+        let b = s[0];
+        tch::no_grad(|| -> Result<Tensor> {
+            let ids = input_ids.f_to_device(device).op("generate")?;
+            let mut mask = match attention_mask {
+                Some(m) => m.f_to_device(device).op("generate")?,
+                None => Tensor::f_ones([b, s[1]], (Kind::Int64, device)).op("generate")?,
+            };
+            if mask.size() != s {
+                return Err(TensorError::shape(
+                    "generate attention_mask",
+                    format!("{s:?}"),
+                    mask.size(),
+                )
+                .into());
+            }
+            let mut ctx = Context::eval();
+            ctx.insert(KvCache::new(self.config().num_hidden_layers as usize));
+            ctx.attention_mask = Some(mask.shallow_clone());
+            let mut logits = ctx.call("", self, &ids)?;
+            let mut out = ids;
+            let stops = Tensor::from_slice(&opts.stop_tokens)
+                .f_to_device(device)
+                .op("generate")?;
+            let mut running = Tensor::f_ones([b], (Kind::Bool, device)).op("generate")?;
+            let pad =
+                Tensor::f_full([b], opts.pad_token_id, (Kind::Int64, device)).op("generate")?;
+            for step in 0..opts.max_new_tokens {
+                let last = logits.f_select(1, -1).op("generate")?;
+                let next = opts.sampling.choose(&last, step as u64)?;
+                let next = next.f_where_self(&running, &pad).op("generate")?;
+                out = Tensor::f_cat(&[&out, &next.f_unsqueeze(1).op("generate")?], 1)
+                    .op("generate")?;
+                if !opts.stop_tokens.is_empty() {
+                    let stopped = Tensor::f_isin(&next, &stops, false, false).op("generate")?;
+                    running = running
+                        .f_logical_and(&stopped.f_logical_not()?)
+                        .op("generate")?;
+                    let any = running
+                        .f_any()
+                        .and_then(|a| a.f_int64_value(&[]))
+                        .op("generate")?;
+                    if any == 0 {
+                        break;
+                    }
+                }
+                if step + 1 == opts.max_new_tokens {
+                    break;
+                }
+                let one = Tensor::f_ones([b, 1], (mask.kind(), device)).op("generate")?;
+                mask = Tensor::f_cat(&[&mask, &one], 1).op("generate")?;
+                ctx.attention_mask = Some(mask.shallow_clone());
+                logits = ctx.call("", self, &next.f_unsqueeze(1).op("generate")?)?;
+            }
+            Ok(out)
+        })
+    }
+}
+
+/// How the next token is chosen.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Sampling {
+    /// The most likely token.
+    Greedy,
+    /// A draw from the softmax of `logits / temperature`, restricted to the
+    /// `top_k` most likely tokens and then to the smallest set whose
+    /// probability reaches `top_p` (transformers' order), seeded per step.
+    Sample {
+        temperature: f64,
+        top_k: Option<i64>,
+        top_p: Option<f64>,
+        seed: u64,
+    },
+}
+
+impl Sampling {
+    /// The next token of every row of `logits [B, vocab]`: `[B]` int64.
+    pub fn choose(&self, logits: &Tensor, step: u64) -> Result<Tensor> {
+        let op = "sampling";
+        match self {
+            Sampling::Greedy => Ok(logits.f_argmax(-1, false).op(op)?),
+            Sampling::Sample {
+                temperature,
+                top_k,
+                top_p,
+                seed,
+            } => {
+                let mut l = logits
+                    .f_to_kind(Kind::Float)
+                    .and_then(|l| l.f_div_scalar(*temperature))
+                    .op(op)?;
+                let v = l.size()[1];
+                if let Some(k) = top_k
+                    && *k < v
+                {
+                    let (top, _) = l.f_topk(*k, -1, true, true).op(op)?;
+                    let kth = top.f_narrow(1, k - 1, 1).op(op)?;
+                    l = l
+                        .f_masked_fill(&l.f_lt_tensor(&kth)?, f64::NEG_INFINITY)
+                        .op(op)?;
+                }
+                if let Some(p) = top_p
+                    && *p < 1.0
+                {
+                    let (sorted, idx) = l.f_sort(-1, false).op(op)?;
+                    let cum = sorted
+                        .f_softmax(-1, Kind::Float)
+                        .and_then(|s| s.f_cumsum(-1, Kind::Float))
+                        .op(op)?;
+                    let remove = cum.f_le(1.0 - p).op(op)?;
+                    // Keep at least the most likely token (the last one, ascending).
+                    let last = remove.size()[1] - 1;
+                    let _ = remove
+                        .f_narrow(1, last, 1)
+                        .and_then(|mut r| r.f_fill_(0))
+                        .op(op)?;
+                    let remove = remove.f_scatter(1, &idx, &remove.shallow_clone()).op(op)?;
+                    l = l.f_masked_fill(&remove, f64::NEG_INFINITY).op(op)?;
+                }
+                let probs = l.f_softmax(-1, Kind::Float).op(op)?;
+                let draw = tensor_core::seed::with_seed(seed.wrapping_add(step), || {
+                    probs.f_to_device(Device::Cpu)?.f_multinomial(1, false)
+                })
+                .op(op)?;
+                Ok(draw
+                    .f_squeeze_dim(1)
+                    .and_then(|d| d.f_to_device(logits.device()))
+                    .op(op)?)
+            }
+        }
+    }
+}
+
+/// What [`LlamaForCausalLM::generate`] does.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateOptions {
+    pub max_new_tokens: i64,
+    pub sampling: Sampling,
+    /// Tokens that end a row (the config's `eos_token_id` by default).
+    pub stop_tokens: Vec<i64>,
+    /// What a stopped row is continued with.
+    pub pad_token_id: i64,
+}
+
+impl GenerateOptions {
+    /// Greedy decoding of up to `max_new_tokens`, stopping at the config's
+    /// end-of-sequence tokens, padding with its pad token (else 0).
+    pub fn greedy(config: &LlamaConfig, max_new_tokens: i64) -> Self {
+        Self {
+            max_new_tokens,
+            sampling: Sampling::Greedy,
+            stop_tokens: config.eos_token_ids.clone(),
+            pad_token_id: config.pad_token_id.unwrap_or(0),
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.max_new_tokens < 1 {
+            return Err(Error::invalid(format!(
+                "generate: max_new_tokens must be >= 1, got {}",
+                self.max_new_tokens
+            )));
+        }
+        if let Sampling::Sample {
+            temperature,
+            top_k,
+            top_p,
+            ..
+        } = &self.sampling
+        {
+            if !(temperature.is_finite() && *temperature > 0.0) {
+                return Err(Error::invalid(format!(
+                    "generate: temperature must be > 0, got {temperature}"
+                )));
+            }
+            if top_k.is_some_and(|k| k < 1) {
+                return Err(Error::invalid("generate: top_k must be >= 1"));
+            }
+            if top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
+                return Err(Error::invalid("generate: top_p must be in (0, 1]"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::loading::fixtures;
+    use tensor_core::contract::{check_contract, check_keys};
+    use tensor_core::io::SafetensorsFile;
+    use tensor_core::module::ModuleExt;
+    use tensor_core::tch::no_grad;
+    use tensor_core::testing::{closeness, device, slack};
+
+    const FAMILIES: [&str; 4] = ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-mistral"];
+
+    fn fixture(name: &str) -> PathBuf {
+        fixtures::folder(name)
+    }
+
+    fn load(name: &str) -> LlamaForCausalLM {
+        LlamaForCausalLM::from_folder(fixture(name), device()).unwrap()
+    }
+
+    /// Logits at the token positions of every row (padding positions carry no meaning).
+    fn token_logits(logits: &Tensor, mask: &Tensor) -> Tensor {
+        let keep = mask.to_device(logits.device()).ne(0).unsqueeze(-1);
+        logits.masked_select(&keep).to_device(Device::Cpu)
+    }
+
+    #[test]
+    fn logits_match_transformers_with_left_and_right_padding() {
+        for name in FAMILIES {
+            let model = load(name);
+            let e = fixtures::expected(&fixture(name));
+            let ids = e["input_ids"].to_device(device());
+            let mask = e["attention_mask"].to_device(device());
+            let logits = no_grad(|| model.logits(&ids, Some(&mask))).unwrap();
+            let c = closeness(
+                &token_logits(&logits, &mask),
+                &token_logits(&e["logits"], &e["attention_mask"]),
+                1e-4 * slack(),
+                0.0,
+            )
+            .unwrap();
+            println!(
+                "{name}: logits max abs err vs transformers = {:e}",
+                c.max_abs
+            );
+            assert!(c.ok, "{name}: {c:?}");
+        }
+    }
+
+    #[test]
+    fn greedy_generation_equals_transformers_token_for_token() {
+        for name in FAMILIES {
+            let model = load(name);
+            let e = fixtures::expected(&fixture(name));
+            let mut opts = GenerateOptions::greedy(model.config(), 8);
+            opts.stop_tokens.clear(); // the reference ran without a stop token
+            let out = model
+                .generate(&e["gen_input_ids"], Some(&e["gen_attention_mask"]), &opts)
+                .unwrap();
+            let want = &e["gen_output"];
+            assert_eq!(
+                Vec::<i64>::try_from(out.to_device(Device::Cpu).flatten(0, -1)).unwrap(),
+                Vec::<i64>::try_from(want.flatten(0, -1)).unwrap(),
+                "{name}"
+            );
+        }
+    }
+
+    /// Decoding through the cache, one token at a time, gives the logits
+    /// of one full forward pass (left padding included).
+    #[test]
+    fn kv_cache_steps_equal_one_full_forward() {
+        for name in ["tiny-llama", "tiny-mistral"] {
+            let model = load(name);
+            let e = fixtures::expected(&fixture(name));
+            let ids = e["input_ids"].to_device(device());
+            let mask = e["attention_mask"].to_device(device());
+            let full = no_grad(|| model.logits(&ids, Some(&mask))).unwrap();
+            let t = ids.size()[1];
+            let mut ctx = Context::eval();
+            ctx.insert(KvCache::new(model.config().num_hidden_layers as usize));
+            let mut steps = Vec::new();
+            for i in 0..t {
+                ctx.attention_mask = Some(mask.narrow(1, 0, i + 1));
+                let l = no_grad(|| ctx.call("", &model, &ids.narrow(1, i, 1))).unwrap();
+                steps.push(l);
+            }
+            assert_eq!(ctx.get::<KvCache>().unwrap().len(), t);
+            let stepped = Tensor::cat(&steps, 1);
+            let c = closeness(
+                &token_logits(&stepped, &mask),
+                &token_logits(&full, &mask),
+                1e-5 * slack(),
+                1e-5,
+            )
+            .unwrap();
+            assert!(c.ok, "{name}: {c:?}");
+        }
+    }
+
+    #[test]
+    fn names_are_the_checkpoint_keys_and_the_contract_holds() {
+        for name in FAMILIES {
+            let mut model = load(name);
+            check_contract(&mut model).unwrap();
+            let file = SafetensorsFile::open(fixture(name).join("model.safetensors")).unwrap();
+            let ignore: &[&str] = if model.config().tie_word_embeddings {
+                &["lm_head.weight"]
+            } else {
+                &[]
+            };
+            check_keys(&model, &file.names(), ignore).unwrap();
+            assert!(model.get("model.layers.1.self_attn.q_proj").is_ok());
+            assert!(model.get("model.layers.1.mlp.gate_proj").is_ok());
+        }
+        let q3 = load("tiny-qwen3");
+        assert!(q3.get("model.layers.0.self_attn.q_norm").is_ok());
+        assert_eq!(q3.config().head_dim, 16);
+        let q2 = load("tiny-qwen2");
+        assert!(q2.lm_head.is_none() && q2.config().qkv_bias && !q2.config().o_bias);
+    }
+
+    #[test]
+    fn seeded_sampling_repeats_and_narrow_filters_are_greedy() {
+        let model = load("tiny-qwen3");
+        let e = fixtures::expected(&fixture("tiny-qwen3"));
+        let (ids, mask) = (&e["gen_input_ids"], &e["gen_attention_mask"]);
+        let run = |sampling: Sampling| {
+            let opts = GenerateOptions {
+                max_new_tokens: 6,
+                sampling,
+                stop_tokens: vec![],
+                pad_token_id: 0,
+            };
+            model
+                .generate(ids, Some(mask), &opts)
+                .unwrap()
+                .to_device(Device::Cpu)
+        };
+        let sample = |seed, top_k, top_p| Sampling::Sample {
+            temperature: 1.5,
+            top_k,
+            top_p,
+            seed,
+        };
+        let a = run(sample(7, None, None));
+        assert!(
+            a.equal(&run(sample(7, None, None))),
+            "same seed, same tokens"
+        );
+        assert!(!a.equal(&run(sample(8, None, None))) || !a.equal(&run(sample(9, None, None))));
+        let greedy = run(Sampling::Greedy);
+        assert!(
+            run(sample(3, Some(1), None)).equal(&greedy),
+            "top_k = 1 is greedy"
+        );
+        assert!(
+            run(sample(3, None, Some(1e-9))).equal(&greedy),
+            "a tiny top_p is greedy"
+        );
+    }
+
+    #[test]
+    fn stop_tokens_end_rows_and_pad_them() {
+        let model = load("tiny-qwen2");
+        let e = fixtures::expected(&fixture("tiny-qwen2"));
+        let want = &e["gen_output"];
+        // Stop at row 0's second generated token: row 0 is padded after it,
+        // row 1 runs on until it stops too or the budget ends.
+        let stop = want.int64_value(&[0, 7]);
+        let opts = GenerateOptions {
+            max_new_tokens: 8,
+            sampling: Sampling::Greedy,
+            stop_tokens: vec![stop],
+            pad_token_id: 0,
+        };
+        let out = model
+            .generate(&e["gen_input_ids"], Some(&e["gen_attention_mask"]), &opts)
+            .unwrap()
+            .to_device(Device::Cpu);
+        assert_eq!(out.int64_value(&[0, 7]), stop);
+        for j in 8..out.size()[1] {
+            assert_eq!(
+                out.int64_value(&[0, j]),
+                0,
+                "row 0 is padded after its stop token"
+            );
+        }
+        assert!(
+            GenerateOptions {
+                max_new_tokens: 0,
+                ..opts.clone()
+            }
+            .validate()
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn bad_configs_name_the_key() {
+        let base = || {
+            let text = std::fs::read_to_string(fixture("tiny-llama").join("config.json")).unwrap();
+            serde_json::from_str::<Value>(&text).unwrap()
+        };
+        let err = |v: Value| {
+            LlamaConfig::from_json(&JsonConfig::from_value("config.json", v).unwrap())
+                .unwrap_err()
+                .to_string()
+        };
+        let mut v = base();
+        v["rope_parameters"]["rope_type"] = "yarn".into();
+        assert!(err(v).contains("rope_type"));
+        let mut v = base();
+        v["num_key_value_heads"] = 3.into();
+        assert!(err(v).contains("num_key_value_heads"));
+        let mut v = base();
+        v["model_type"] = "gemma".into();
+        assert!(err(v).contains("model_type"));
+        let mut v = base();
+        v["head_dim"] = 7.into();
+        assert!(err(v).contains("head_dim"));
+        // A config from another model: the weights do not fit and the error names a tensor.
+        let dir = tempfile::tempdir().unwrap();
+        let mut v = base();
+        v["intermediate_size"] = 40.into();
+        std::fs::write(dir.path().join("config.json"), v.to_string()).unwrap();
+        std::fs::copy(
+            fixture("tiny-llama").join("model.safetensors"),
+            dir.path().join("model.safetensors"),
+        )
+        .unwrap();
+        let e = LlamaForCausalLM::from_folder(dir.path(), Device::Cpu).unwrap_err();
+        assert!(e.to_string().contains("mlp"), "{e}");
+    }
+}
