@@ -33,14 +33,25 @@ that activations stay O(1) and no code path sees only ones and zeros.
 - `gen_input_ids`, `gen_attention_mask` [2, 6] i64 (row 1 left-padded by 2)
   and `gen_output` [2, 14] i64: greedy `generate` of 8 new tokens
   (`do_sample=False`, no stop token, pad id 0).
+
+`tiny-llama/` also gets a `tokenizer.json`: a character-level BPE with 96
+entries (`<pad>` 0, `<s>` 1, `</s>` 2, `<unk>` 3) trained on a few English
+sentences, adding `<s>` in front of every text, and `generate.json`: three
+prompts with the text `generate` continues them with (greedy, 8 new tokens,
+stopping at `</s>`, prompts left-padded in one batch, the new tokens decoded
+without special tokens), which the `modular generate` test compares with.
 """
 
 import os
 import shutil
 
+import json
+
 import torch
 from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
+    PreTrainedTokenizerFast,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -124,6 +135,60 @@ def inputs(seed):
     return ids, mask, pos, gen_ids, gen_mask
 
 
+CORPUS = [
+    "the cat sat on the mat",
+    "a dog ran in the park",
+    "we read books at night",
+    "she likes green tea and toast",
+    "models predict the next token",
+    "rust is fast and safe",
+]
+PROMPTS = ["the cat sat", "rust is", "we read books at"]
+
+
+def tiny_tokenizer():
+    tok = Tokenizer(models.BPE(unk_token="<unk>", end_of_word_suffix="</w>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.BPEDecoder(suffix="</w>")
+    trainer = trainers.BpeTrainer(
+        vocab_size=96,
+        special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+        end_of_word_suffix="</w>",
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    assert tok.get_vocab_size() <= 96, tok.get_vocab_size()
+    return tok
+
+
+def text_generation(model, out):
+    tok = tiny_tokenizer()
+    tok.save(os.path.join(out, "tokenizer.json"))
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        padding_side="left",
+    )
+    enc = fast(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        gen = model.generate(
+            **enc, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=2
+        )
+    new = gen[:, enc["input_ids"].shape[1]:]
+    rows = [
+        {"prompt": p, "completion": fast.decode(n, skip_special_tokens=True), "tokens": n.tolist()}
+        for p, n in zip(PROMPTS, new)
+    ]
+    with open(os.path.join(out, "generate.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+        f.write("\n")
+    return rows
+
+
 def main():
     torch.set_num_threads(1)
     for i, (name, cls, config) in enumerate(families()):
@@ -162,6 +227,8 @@ def main():
             },
             os.path.join(out, "expected.safetensors"),
         )
+        if name == "tiny-llama":
+            print(text_generation(model, out))
         size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
         print(f"{name}: {sorted(os.listdir(out))}, {size} B, logits |max| {logits.abs().max():.3f}, generated {gen[:, 6:].tolist()}")
 

@@ -49,7 +49,7 @@ use serde_json::Value;
 use tensor_core::layers::{
     Activation, BlockNames, Embedding, FeedForward, FfnNames, Linear, PreNormBlock, RmsNorm,
 };
-use tensor_core::module::{Context, Module, Slot};
+use tensor_core::module::{Context, Module, ModuleExt, Slot};
 use tensor_core::tch::{self, Device, Kind, Tensor};
 use tensor_core::{Error as TensorError, Result as TensorResult, TchResultExt};
 
@@ -811,16 +811,23 @@ impl LlamaForCausalLM {
         })
     }
 
-    /// Load a Hugging Face folder: `config.json` and `model.safetensors`.
-    /// f16/bf16 weights are kept in their dtype on a GPU and upcast to f32 on the CPU.
+    /// Load a Hugging Face folder: `config.json` and `model.safetensors`, or
+    /// the shards `model.safetensors.index.json` lists. f16/bf16 weights are
+    /// kept in their dtype on a GPU and upcast to f32 on the CPU.
     pub fn from_folder(dir: impl AsRef<Path>, device: Device) -> Result<Self> {
         let dir = dir.as_ref();
         loading::expect_folder(dir, "Llama-family")?;
         let config = LlamaConfig::from_file(dir.join("config.json"))?;
+        let files = loading::open_folder_weights(dir, "Llama-family")?;
         // The initial values are overwritten: draw them under the seed lock,
         // so they never land inside another thread's seeded draws.
         let mut model = tensor_core::seed::with_seed_lock(|| Self::new(config, device))?;
-        model.load_safetensors(dir.join("model.safetensors"))?;
+        model.load_shards(&files)?;
+        if device.is_cuda()
+            && let Some(kind) = checkpoint_half_kind(&files)?
+        {
+            model.to_kind(kind)?;
+        }
         Ok(model)
     }
 
@@ -838,6 +845,11 @@ impl LlamaForCausalLM {
     /// `rotary_emb.inv_freq` buffers of older files always.
     pub fn load_safetensors(&mut self, path: impl AsRef<Path>) -> Result<()> {
         let file = loading::open_weights(path.as_ref(), "Llama-family")?;
+        self.load_shards(std::slice::from_ref(&file))
+    }
+
+    /// [`LlamaForCausalLM::load_safetensors`] over the shards of one checkpoint.
+    pub fn load_shards(&mut self, files: &[tensor_core::io::SafetensorsFile]) -> Result<()> {
         let c = self.config();
         let tied = c.tie_word_embeddings;
         let about = Checkpoint {
@@ -854,9 +866,9 @@ impl LlamaForCausalLM {
             ),
             prefix: "",
         };
-        loading::load_checkpoint(
+        loading::load_checkpoint_shards(
             self,
-            &file,
+            files,
             &about,
             |key| {
                 if key.ends_with("rotary_emb.inv_freq") || (tied && key == "lm_head.weight") {
@@ -905,6 +917,27 @@ impl LlamaForCausalLM {
         attention_mask: Option<&Tensor>,
         opts: &GenerateOptions,
     ) -> Result<Tensor> {
+        self.generate_with(
+            input_ids,
+            attention_mask,
+            opts,
+            Context::eval(),
+            &mut |_| Ok(()),
+        )
+    }
+
+    /// [`LlamaForCausalLM::generate`] in a forward context the caller
+    /// prepared (e.g. with a per-row adapter choice, pet-core's mixed
+    /// batch), calling `on_step` with each step's new tokens `[B]` (for
+    /// streaming).
+    pub fn generate_with(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        opts: &GenerateOptions,
+        mut ctx: Context,
+        on_step: &mut dyn FnMut(&Tensor) -> Result<()>,
+    ) -> Result<Tensor> {
         opts.validate()?;
         let s = input_ids.size();
         if s.len() != 2 || s[1] == 0 {
@@ -912,11 +945,12 @@ impl LlamaForCausalLM {
         }
         let device = crate::loading::device_of(self);
         let b = s[0];
+        let op = "generate";
         tch::no_grad(|| -> Result<Tensor> {
-            let ids = input_ids.f_to_device(device).op("generate")?;
+            let ids = input_ids.f_to_device(device).op(op)?;
             let mut mask = match attention_mask {
-                Some(m) => m.f_to_device(device).op("generate")?,
-                None => Tensor::f_ones([b, s[1]], (Kind::Int64, device)).op("generate")?,
+                Some(m) => m.f_to_device(device).op(op)?,
+                None => Tensor::f_ones([b, s[1]], (Kind::Int64, device)).op(op)?,
             };
             if mask.size() != s {
                 return Err(TensorError::shape(
@@ -926,32 +960,28 @@ impl LlamaForCausalLM {
                 )
                 .into());
             }
-            let mut ctx = Context::eval();
+            ctx.train = false;
             ctx.insert(KvCache::new(self.config().num_hidden_layers as usize));
             ctx.attention_mask = Some(mask.shallow_clone());
             let mut logits = ctx.call("", self, &ids)?;
             let mut out = ids;
             let stops = Tensor::from_slice(&opts.stop_tokens)
                 .f_to_device(device)
-                .op("generate")?;
-            let mut running = Tensor::f_ones([b], (Kind::Bool, device)).op("generate")?;
-            let pad =
-                Tensor::f_full([b], opts.pad_token_id, (Kind::Int64, device)).op("generate")?;
+                .op(op)?;
+            let mut running = Tensor::f_ones([b], (Kind::Bool, device)).op(op)?;
+            let pad = Tensor::f_full([b], opts.pad_token_id, (Kind::Int64, device)).op(op)?;
             for step in 0..opts.max_new_tokens {
-                let last = logits.f_select(1, -1).op("generate")?;
+                let last = logits.f_select(1, -1).op(op)?;
                 let next = opts.sampling.choose(&last, step as u64)?;
-                let next = next.f_where_self(&running, &pad).op("generate")?;
-                out = Tensor::f_cat(&[&out, &next.f_unsqueeze(1).op("generate")?], 1)
-                    .op("generate")?;
+                let next = next.f_where_self(&running, &pad).op(op)?;
+                out = Tensor::f_cat(&[&out, &next.f_unsqueeze(1).op(op)?], 1).op(op)?;
+                on_step(&next)?;
                 if !opts.stop_tokens.is_empty() {
-                    let stopped = Tensor::f_isin(&next, &stops, false, false).op("generate")?;
+                    let stopped = Tensor::f_isin(&next, &stops, false, false).op(op)?;
                     running = running
-                        .f_logical_and(&stopped.f_logical_not()?)
-                        .op("generate")?;
-                    let any = running
-                        .f_any()
-                        .and_then(|a| a.f_int64_value(&[]))
-                        .op("generate")?;
+                        .f_logical_and(&stopped.f_logical_not().op(op)?)
+                        .op(op)?;
+                    let any = running.f_any().and_then(|a| a.f_int64_value(&[])).op(op)?;
                     if any == 0 {
                         break;
                     }
@@ -959,14 +989,33 @@ impl LlamaForCausalLM {
                 if step + 1 == opts.max_new_tokens {
                     break;
                 }
-                let one = Tensor::f_ones([b, 1], (mask.kind(), device)).op("generate")?;
-                mask = Tensor::f_cat(&[&mask, &one], 1).op("generate")?;
+                let one = Tensor::f_ones([b, 1], (mask.kind(), device)).op(op)?;
+                mask = Tensor::f_cat(&[&mask, &one], 1).op(op)?;
                 ctx.attention_mask = Some(mask.shallow_clone());
-                logits = ctx.call("", self, &next.f_unsqueeze(1).op("generate")?)?;
+                logits = ctx.call("", self, &next.f_unsqueeze(1).op(op)?)?;
             }
             Ok(out)
         })
     }
+}
+
+/// The half-precision dtype the checkpoint's floating weights are stored
+/// in, when they all are (f16 or bf16).
+fn checkpoint_half_kind(files: &[tensor_core::io::SafetensorsFile]) -> Result<Option<Kind>> {
+    let mut kinds = Vec::new();
+    for f in files {
+        for n in f.names() {
+            let (k, _) = f.info(&n)?;
+            if !kinds.contains(&k) {
+                kinds.push(k);
+            }
+        }
+    }
+    Ok(match kinds.as_slice() {
+        [Kind::Half] => Some(Kind::Half),
+        [Kind::BFloat16] => Some(Kind::BFloat16),
+        _ => None,
+    })
 }
 
 /// How the next token is chosen.
@@ -1293,6 +1342,64 @@ mod tests {
             }
             .validate()
             .is_err()
+        );
+    }
+
+    /// A checkpoint split over two shards with an index loads to the same
+    /// model; an index naming a shard that lacks the tensor is an error
+    /// naming the shard.
+    #[test]
+    fn sharded_checkpoints_load() {
+        let src = fixture("tiny-qwen3");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(src.join("config.json"), dir.path().join("config.json")).unwrap();
+        let all = tensor_core::io::load(src.join("model.safetensors"), Device::Cpu).unwrap();
+        let (a, b): (Vec<_>, Vec<_>) = all.into_iter().enumerate().partition(|(i, _)| i % 2 == 0);
+        let mut map = serde_json::Map::new();
+        for (file, part) in [
+            ("model-00001-of-00002.safetensors", &a),
+            ("model-00002-of-00002.safetensors", &b),
+        ] {
+            let refs: Vec<(&str, &Tensor)> =
+                part.iter().map(|(_, (n, t))| (n.as_str(), t)).collect();
+            tensor_core::io::save(dir.path().join(file), &refs, None).unwrap();
+            for (_, (n, _)) in part.iter() {
+                map.insert(n.clone(), file.into());
+            }
+        }
+        let index = serde_json::json!({"metadata": {}, "weight_map": map});
+        std::fs::write(
+            dir.path().join("model.safetensors.index.json"),
+            index.to_string(),
+        )
+        .unwrap();
+        let e = fixtures::expected(&src);
+        let ids = e["input_ids"].to_device(device());
+        let mask = e["attention_mask"].to_device(device());
+        let sharded = LlamaForCausalLM::from_folder(dir.path(), device()).unwrap();
+        let whole = load("tiny-qwen3");
+        let (x, y) = no_grad(|| {
+            (
+                sharded.logits(&ids, Some(&mask)).unwrap(),
+                whole.logits(&ids, Some(&mask)).unwrap(),
+            )
+        });
+        assert!(x.equal(&y));
+        // The index points a tensor at the wrong shard.
+        let (k0, _) = &a[0].1;
+        map.insert(k0.clone(), "model-00002-of-00002.safetensors".into());
+        let index = serde_json::json!({"metadata": {}, "weight_map": map});
+        std::fs::write(
+            dir.path().join("model.safetensors.index.json"),
+            index.to_string(),
+        )
+        .unwrap();
+        let err = LlamaForCausalLM::from_folder(dir.path(), device())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("model-00002-of-00002.safetensors") && err.contains(k0.as_str()),
+            "{err}"
         );
     }
 

@@ -140,7 +140,27 @@ pub fn load_checkpoint(
     key_to_name: impl Fn(&str) -> Option<String>,
     layout: impl Fn(&str) -> Layout,
 ) -> Result<()> {
-    let path = file.path();
+    load_checkpoint_shards(
+        model,
+        std::slice::from_ref(file),
+        about,
+        key_to_name,
+        layout,
+    )
+}
+
+/// [`load_checkpoint`] over the shards of one checkpoint: a key may stand
+/// in any shard, but in one only; errors name the shard.
+pub fn load_checkpoint_shards(
+    model: &mut dyn Module,
+    files: &[SafetensorsFile],
+    about: &Checkpoint,
+    key_to_name: impl Fn(&str) -> Option<String>,
+    layout: impl Fn(&str) -> Layout,
+) -> Result<()> {
+    let Some(first_file) = files.first() else {
+        return Err(Error::invalid("load_checkpoint: no weight files"));
+    };
     let device = device_of(model);
     let params: Vec<(String, Vec<i64>)> = model
         .named_parameters()
@@ -150,31 +170,34 @@ pub fn load_checkpoint(
     let known: HashSet<&str> = params.iter().map(|(n, _)| n.as_str()).collect();
     let described = format!("this {} ({})", about.model, about.config);
 
-    // Which key holds each parameter.
-    let mut keys: HashMap<String, String> = HashMap::new();
-    let mut unexpected: Vec<String> = Vec::new();
-    for key in file.names() {
-        let Some(name) = key_to_name(&key) else {
-            continue;
-        };
-        if !known.contains(name.as_str()) {
-            unexpected.push(key);
-        } else if let Some(first) = keys.get(&name) {
-            return Err(Error::file(
-                path,
-                format!("tensor '{name}' is stored twice ('{first}' and '{key}')"),
-            ));
-        } else {
-            keys.insert(name, key);
+    // Which key (in which shard) holds each parameter.
+    let mut keys: HashMap<String, (String, usize)> = HashMap::new();
+    let mut unexpected: Vec<(String, usize)> = Vec::new();
+    for (fi, file) in files.iter().enumerate() {
+        for key in file.names() {
+            let Some(name) = key_to_name(&key) else {
+                continue;
+            };
+            if !known.contains(name.as_str()) {
+                unexpected.push((key, fi));
+            } else if let Some((first, _)) = keys.get(&name) {
+                return Err(Error::file(
+                    file.path(),
+                    format!("tensor '{name}' is stored twice ('{first}' and '{key}')"),
+                ));
+            } else {
+                keys.insert(name, (key, fi));
+            }
         }
     }
-    if let Some((first, rest)) = unexpected.split_first() {
+    if let Some(((first, fi), rest)) = unexpected.split_first() {
+        let rest: Vec<String> = rest.iter().map(|(k, _)| k.clone()).collect();
         return Err(Error::file(
-            path,
+            files[*fi].path(),
             format!(
                 "tensor '{first}' is not a parameter of {described}{}; \
                  is config.json from the same model?",
-                and_more(rest)
+                and_more(&rest)
             ),
         ));
     }
@@ -190,18 +213,26 @@ pub fn load_checkpoint(
         } else {
             format!(" (also looked for '{}{first}')", about.prefix)
         };
+        let place = if files.len() == 1 {
+            first_file.path().to_owned()
+        } else {
+            first_file
+                .path()
+                .parent()
+                .map_or_else(|| first_file.path().to_owned(), Path::to_owned)
+        };
         return Err(Error::file(
-            path,
+            place,
             format!("missing tensor '{first}'{also}{}", and_more(rest)),
         ));
     }
 
     let mut mismatched = Vec::new();
     for (name, shape) in &params {
-        let key = &keys[name];
+        let (key, fi) = &keys[name];
         let l = layout(name);
         let expected = l.stored_shape(shape);
-        let (_, stored) = file.info(key)?;
+        let (_, stored) = files[*fi].info(key)?;
         if stored != expected {
             let transposed = if l == Layout::Transposed {
                 format!(" (the parameter {shape:?}, stored transposed)")
@@ -229,7 +260,7 @@ pub fn load_checkpoint(
             format!("{n} tensors")
         };
         return Err(Error::file(
-            path,
+            first_file.path(),
             format!(
                 "{head} with a shape other than config.json implies for {described}: \
                  {shown}{more}"
@@ -239,12 +270,67 @@ pub fn load_checkpoint(
 
     let mut values = Vec::with_capacity(params.len());
     for (name, _) in &params {
-        let key = &keys[name];
-        let t = layout(name).convert(file.load_weight(key, device)?, key)?;
+        let (key, fi) = &keys[name];
+        let t = layout(name).convert(files[*fi].load_weight(key, device)?, key)?;
         values.push((name.clone(), t));
     }
     model.load_named(&values, true)?;
     Ok(())
+}
+
+/// The weight files of a model folder: `model.safetensors`, or the shards
+/// that `model.safetensors.index.json` lists (its `weight_map` must name an
+/// existing shard for every key, and each key must be in the shard named).
+pub fn open_folder_weights(dir: &Path, model: &str) -> Result<Vec<SafetensorsFile>> {
+    let single = dir.join("model.safetensors");
+    let index = dir.join("model.safetensors.index.json");
+    if single.is_file() || !index.is_file() {
+        return Ok(vec![open_weights(&single, model)?]);
+    }
+    let text = std::fs::read_to_string(&index)
+        .map_err(|e| Error::file(&index, format!("cannot read: {e}")))?;
+    let v: Value = serde_json::from_str(&text)
+        .map_err(|e| Error::file(&index, format!("not valid JSON: {e}")))?;
+    let Some(map) = v.get("weight_map").and_then(Value::as_object) else {
+        return Err(Error::file(
+            &index,
+            "expected an object 'weight_map' (key -> shard file)",
+        ));
+    };
+    let mut shards: Vec<String> = Vec::new();
+    for (key, f) in map {
+        let Some(f) = f.as_str() else {
+            return Err(Error::file(
+                &index,
+                format!("weight_map['{key}'] is not a file name"),
+            ));
+        };
+        if f.contains('/') || f.contains("..") {
+            return Err(Error::file(
+                &index,
+                format!("weight_map['{key}'] = '{f}' is not a file of this folder"),
+            ));
+        }
+        if !shards.iter().any(|s| s == f) {
+            shards.push(f.to_owned());
+        }
+    }
+    shards.sort();
+    let files = shards
+        .iter()
+        .map(|f| open_weights(&dir.join(f), model))
+        .collect::<Result<Vec<_>>>()?;
+    for (key, f) in map {
+        let f = f.as_str().unwrap_or_default();
+        let i = shards.iter().position(|s| s == f).expect("listed above");
+        if !files[i].names().iter().any(|n| n == key) {
+            return Err(Error::file(
+                files[i].path(),
+                format!("the index names this shard for tensor '{key}', which it does not hold"),
+            ));
+        }
+    }
+    Ok(files)
 }
 
 /// ` (and N more: 'a', 'b', 'c', ...)` for what follows the first offender;

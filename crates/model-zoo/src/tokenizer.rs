@@ -1,7 +1,11 @@
 //! Hugging Face `tokenizer.json` through the `tokenizers` crate, set up the
 //! way sentence-transformers uses it: special tokens added, truncation to
 //! the model's maximum sequence length, right padding to the longest text
-//! of the batch.
+//! of the batch. For decoders ([`TextTokenizer::for_decoder`]): no
+//! truncation, left padding (so every row's last token is its newest), and
+//! [`TextTokenizer::decode`]. Special tokens written in a text (a chat
+//! template's `<|im_start|>`) are matched as the single tokens
+//! `tokenizer.json` declares them to be.
 
 use std::path::{Path, PathBuf};
 
@@ -73,6 +77,75 @@ impl TextTokenizer {
             max_len,
             pad_id,
         })
+    }
+
+    /// Load a decoder's `tokenizer.json`: special tokens added as its post
+    /// processor says (Llama's `<s>`), no truncation, left padding with
+    /// `pad_id` (the config's `pad_token_id`), else the first of `<pad>`,
+    /// `<|endoftext|>`, `</s>`, `<|end_of_text|>` the vocabulary has.
+    pub fn for_decoder(
+        path: impl AsRef<Path>,
+        vocab_size: i64,
+        pad_id: Option<i64>,
+    ) -> Result<Self> {
+        let path = path.as_ref().to_owned();
+        let tok_err = |reason: String| Error::Tokenizer {
+            path: path.clone(),
+            reason,
+        };
+        if !path.is_file() {
+            return Err(tok_err("file not found".into()));
+        }
+        let mut inner = Tokenizer::from_file(&path).map_err(|e| tok_err(e.to_string()))?;
+        let n = inner.get_vocab_size(true) as i64;
+        if n > vocab_size {
+            return Err(tok_err(format!(
+                "its vocabulary has {n} tokens but the model's embedding has {vocab_size} rows (wrong tokenizer for this model?)"
+            )));
+        }
+        let (pad_id, pad_token) = match pad_id {
+            Some(id) => {
+                let id =
+                    u32::try_from(id).map_err(|_| tok_err(format!("pad id {id} is negative")))?;
+                let tok = inner
+                    .id_to_token(id)
+                    .ok_or_else(|| tok_err(format!("pad id {id} is not in the vocabulary")))?;
+                (id, tok)
+            }
+            None => ["<pad>", "<|endoftext|>", "</s>", "<|end_of_text|>"]
+                .iter()
+                .find_map(|t| inner.token_to_id(t).map(|id| (id, (*t).to_owned())))
+                .ok_or_else(|| {
+                    tok_err("no padding token (pad_token_id, <pad>, <|endoftext|>, </s>)".into())
+                })?,
+        };
+        inner
+            .with_truncation(None)
+            .map_err(|e| tok_err(e.to_string()))?;
+        inner.with_padding(Some(PaddingParams {
+            strategy: PaddingStrategy::BatchLongest,
+            direction: tokenizers::PaddingDirection::Left,
+            pad_id,
+            pad_token,
+            ..PaddingParams::default()
+        }));
+        Ok(Self {
+            inner,
+            path,
+            max_len: usize::MAX,
+            pad_id,
+        })
+    }
+
+    /// The text of `ids`; special tokens left out when `skip_special`.
+    pub fn decode(&self, ids: &[i64], skip_special: bool) -> Result<String> {
+        let ids: Vec<u32> = ids.iter().filter_map(|&i| u32::try_from(i).ok()).collect();
+        self.inner
+            .decode(&ids, skip_special)
+            .map_err(|e| Error::Tokenizer {
+                path: self.path.clone(),
+                reason: e.to_string(),
+            })
     }
 
     pub fn path(&self) -> &Path {

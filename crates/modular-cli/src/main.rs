@@ -148,7 +148,7 @@ fn main() -> ExitCode {
         Some("finetune") => finetune_cmd(&args[1..]),
         Some(
             cmd @ ("split" | "merge" | "tune" | "inspect" | "distill" | "profile" | "eval"
-            | "predict" | "embed"),
+            | "predict" | "embed" | "generate"),
         ) => cli::run(cmd, &args[1..]),
         Some("help" | "--help" | "-h") => {
             println!("{USAGE}\n{}", cli::SUMMARY);

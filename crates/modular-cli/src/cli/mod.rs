@@ -1,5 +1,5 @@
 //! The user subcommands of `modular`: `split`, `merge`, `tune`, `eval`,
-//! `predict`, `embed`, `distill`, `profile`, `inspect`.
+//! `predict`, `embed`, `generate`, `distill`, `profile`, `inspect`.
 //!
 //! Each lives in its own file and goes only through the method crates'
 //! public APIs (what a user of the libraries would write). Shared here:
@@ -13,6 +13,7 @@
 pub mod distill;
 pub mod embed;
 pub mod eval;
+pub mod generate;
 pub mod inspect;
 pub mod merge;
 pub mod predict;
@@ -42,6 +43,7 @@ pub fn run(cmd: &str, args: &[String]) -> AnyResult<()> {
         "eval" => eval::run(args),
         "predict" => predict::run(args),
         "embed" => embed::run(args),
+        "generate" => generate::run(args),
         other => usage("--help", format!("unknown command '{other}'")),
     }
 }
@@ -56,6 +58,7 @@ pub const SUMMARY: &str = "\
   modular eval    TUNED_DIR [--data FILE|DIR]                      score what tune wrote (accuracy, F1, MCC, confusion)
   modular predict TUNED_DIR --data FILE [--out FILE]               labels and probabilities as JSONL
   modular embed   --data FILE --out FILE.safetensors|.jsonl         sentence embeddings
+  modular generate --model DIR --prompt TEXT|--data FILE [--out FILE]  text from a Llama/Mistral/Qwen decoder
   modular inspect DIR                                             parameters, adapters, experts";
 
 /// `dir` must be an existing folder; `what` says what it should hold.
