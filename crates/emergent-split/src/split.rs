@@ -256,6 +256,12 @@ impl FfnWeights {
     /// Detached copies of `ffn`'s weights (the projections must be plain `Linear`s).
     pub fn of(ffn: &FeedForward) -> Result<Self> {
         let d = |t: &Tensor| t.f_detach().op("FfnWeights");
+        if ffn.gate.is_some() && ffn.gate_bias()?.is_some() {
+            return Err(Error::config(
+                "a gated FFN with a bias on its gate projection (Llama's mlp_bias) cannot be split: \
+                 the expert computation has no gate bias",
+            ));
+        }
         Ok(Self {
             w1: d(ffn.w1()?)?,
             b1: ffn.b1()?.map(d).transpose()?,

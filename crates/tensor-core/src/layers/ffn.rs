@@ -271,6 +271,11 @@ impl FeedForward {
     pub fn gate_weight(&self) -> Result<&Tensor> {
         Ok(&self.linear(FfnPart::Gate)?.weight)
     }
+    /// `b_g: [d_ff]` of a gated FFN whose gate projection has a bias
+    /// (Llama's `mlp_bias`); the formula above then reads `act(W_g x + b_g)`.
+    pub fn gate_bias(&self) -> Result<Option<&Tensor>> {
+        Ok(self.linear(FfnPart::Gate)?.bias.as_ref())
+    }
 
     pub fn d_model(&self) -> Result<i64> {
         Ok(self.w1()?.size()[1])

@@ -1,0 +1,139 @@
+//! Every method crate on a Llama-family decoder (model-zoo's tiny Llama
+//! fixture): EMoE splits its gated FFNs, the bricks profiler reads them,
+//! orthogonal adapters merge on its projections. LoRA with PEFT parity is
+//! pet-core's `tests/decoder.rs`.
+
+use std::path::PathBuf;
+
+use configurable_bricks::{ProfileConfig, Profiler};
+use emergent_split::EmoeConfig;
+use emergent_split::convert::{convert, emoe_paths, fold_back};
+use model_zoo::llama::LlamaForCausalLM;
+use orthogonal_merge::{AdapterConfig, BasisKind, FrozenSide, Registry};
+use tensor_core::module::ModuleExt;
+use tensor_core::tch::{self, Device, Tensor};
+use tensor_core::testing::assert_close;
+
+fn fixture_of(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../model-zoo/tests/fixtures")
+        .join(name)
+}
+
+fn fixture() -> PathBuf {
+    fixture_of("tiny-llama")
+}
+
+fn load() -> LlamaForCausalLM {
+    LlamaForCausalLM::from_folder(fixture(), Device::Cpu).unwrap()
+}
+
+/// Mistral's tiny fixture: a gated FFN without biases, as real Llama-family checkpoints have.
+fn load_mistral() -> LlamaForCausalLM {
+    LlamaForCausalLM::from_folder(fixture_of("tiny-mistral"), Device::Cpu).unwrap()
+}
+
+fn batch() -> (Tensor, Tensor) {
+    let e: std::collections::HashMap<String, Tensor> =
+        tensor_core::io::load(fixture().join("expected.safetensors"), Device::Cpu)
+            .unwrap()
+            .into_iter()
+            .collect();
+    (
+        e["input_ids"].shallow_clone(),
+        e["attention_mask"].shallow_clone(),
+    )
+}
+
+fn logits(m: &LlamaForCausalLM) -> Tensor {
+    let (ids, mask) = batch();
+    let l = tch::no_grad(|| m.logits(&ids, Some(&mask))).unwrap();
+    l.masked_select(&mask.ne(0).unsqueeze(-1))
+}
+
+/// EMoE on the gated FFNs `model.layers.N.mlp`, clustering the gate rows
+/// `W_G` as the reference's Llama code does: with every expert selected the
+/// split computes the dense model; with fewer it changes it; folding back
+/// restores it. A gate projection with a bias (the Llama fixture's
+/// `mlp_bias`) is refused by name.
+#[test]
+fn emoe_splits_gated_ffns_exactly() {
+    let e = convert(&mut load(), &[0], &EmoeConfig::new(4, 4)).unwrap_err();
+    assert!(e.to_string().contains("gate projection"), "{e}");
+    let load = load_mistral;
+    let dense = logits(&load());
+    let mut m = load();
+    let r = convert(&mut m, &[0, 1], &EmoeConfig::new(4, 4)).unwrap();
+    assert_eq!(r.layers.len(), 2);
+    assert_eq!(emoe_paths(&m), ["model.layers.0.mlp", "model.layers.1.mlp"]);
+    assert!(
+        r.layers
+            .iter()
+            .all(|l| l.d_ff == 48 && l.objective <= l.random_objective)
+    );
+    assert_close(&logits(&m), &dense, 1e-5, 1e-5);
+    let mut sparse = load();
+    convert(&mut sparse, &[0, 1], &EmoeConfig::new(4, 1)).unwrap();
+    assert!((logits(&sparse) - &dense).abs().max().double_value(&[]) > 1e-3);
+    fold_back(&mut m).unwrap();
+    assert!(emoe_paths(&m).is_empty());
+    assert_close(&logits(&m), &dense, 1e-5, 1e-5);
+}
+
+/// The bricks profiler finds both decoder FFNs and averages their hidden
+/// activations `silu(x W_Gᵀ) ⊙ x W_Uᵀ` over each sample's tokens.
+#[test]
+fn bricks_profile_decoder_ffns() {
+    let m = load();
+    let p = Profiler::new(&m, ProfileConfig::default()).unwrap();
+    let paths: Vec<&str> = p.sites.iter().map(|s| s.path.as_str()).collect();
+    assert_eq!(paths, ["model.layers.0.mlp", "model.layers.1.mlp"]);
+    let (ids, mask) = batch();
+    let prof = p.profile_batch(&m, &ids, &mask, None).unwrap();
+    assert_eq!(prof.size(), [3, 96]);
+    assert_eq!(prof.isfinite().all().int64_value(&[]), 1);
+    // Profiling twice gives the same values; padding does not count.
+    assert!(prof.equal(&p.profile_batch(&m, &ids, &mask, None).unwrap()));
+}
+
+/// Orthogonal adapters on q_proj/v_proj of the decoder: both active equal
+/// W0 + ΔW_a + ΔW_b, folding them in gives the same logits, and the two
+/// deltas are orthogonal.
+#[test]
+fn orthogonal_adapters_merge_on_a_decoder() {
+    let mut m = load();
+    let targets = ["q_proj", "v_proj"];
+    let mut reg =
+        Registry::for_model(&m, &targets, BasisKind::QrBins, 11, 2, FrozenSide::Input).unwrap();
+    for c in ["a", "b"] {
+        reg.claim(c).unwrap();
+        orthogonal_merge::add_orthogonal(&mut m, c, &reg, &AdapterConfig::new(&targets)).unwrap();
+    }
+    let mut seed = 0;
+    tch::no_grad(|| {
+        m.for_each_param_mut(&mut |n, t| {
+            if n.contains(".lora_B.") {
+                seed += 1;
+                t.copy_(
+                    &(tensor_core::seed::randn_seeded(&t.size(), seed, Device::Cpu).unwrap() * 0.2),
+                );
+            }
+            Ok(())
+        })
+        .unwrap()
+    });
+    let both = logits(&m);
+    assert!((&both - logits(&load())).abs().max().double_value(&[]) > 1e-3);
+    let tasks = [
+        orthogonal_merge::task_delta(&m, "a").unwrap(),
+        orthogonal_merge::task_delta(&m, "b").unwrap(),
+    ];
+    let report = orthogonal_merge::interference(&tasks).unwrap();
+    for l in &report.layers {
+        for p in &l.pairs {
+            assert!(p.cosine.abs() < 1e-5, "{}: {}", l.layer, p.cosine);
+        }
+    }
+    assert_eq!(orthogonal_merge::merge_and_unload(&mut m).unwrap(), 4);
+    assert_close(&logits(&m), &both, 1e-5, 1e-5);
+}
