@@ -17,7 +17,12 @@ each with `config.json` and `model.safetensors` from
 - `tiny-qwen3/`: Qwen3 (RMSNorm on each query and key head), an explicit
   `head_dim` of 16 (not hidden/heads = 8);
 - `tiny-mistral/`: Mistral with a sliding window of 4 tokens (shorter than the
-  inputs, so the window matters).
+  inputs, so the window matters);
+- `tiny-mixtral/`: Mixtral, 4 experts, top-2 (probabilities renormalised),
+  stored as transformers writes it (`block_sparse_moe.experts.{i}.w1/w2/w3`);
+- `tiny-qwen2moe/`: Qwen2-MoE, 4 experts of width 16, top-2 without
+  renormalisation, a shared expert of width 24 with its sigmoid gate, layer 1
+  dense (`mlp_only_layers`).
 
 All: vocab 96, hidden 32, intermediate 48, 2 layers, 4 query heads and 2
 key/value heads (grouped-query attention), float32. Every parameter is redrawn
@@ -34,9 +39,11 @@ that activations stay O(1) and no code path sees only ones and zeros.
   and `gen_output` [2, 14] i64: greedy `generate` of 8 new tokens
   (`do_sample=False`, no stop token, pad id 0).
 
-`tiny-llama/` also gets a `tokenizer.json`: a character-level BPE with 96
-entries (`<pad>` 0, `<s>` 1, `</s>` 2, `<unk>` 3) trained on a few English
-sentences, adding `<s>` in front of every text, and `generate.json`: three
+`tiny-llama/` also gets a `tokenizer.json`: a word-level vocabulary
+(`<pad>` 0, `<s>` 1, `</s>` 2, `<unk>` 3, then the words of a few English
+sentences in sorted order, then `w{i}` up to id 95, so it is the same on
+every run and every id decodes), adding `<s>` in
+front of every text, and `generate.json`: three
 prompts with the text `generate` continues them with (greedy, 8 new tokens,
 stopping at `</s>`, prompts left-padded in one batch, the new tokens decoded
 without special tokens), which the `modular generate` test compares with.
@@ -49,13 +56,17 @@ import json
 
 import torch
 from safetensors.torch import save_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (
     PreTrainedTokenizerFast,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
@@ -106,6 +117,15 @@ def families():
         **COMMON, sliding_window=4, tie_word_embeddings=False,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     )
+    yield "tiny-mixtral", MixtralForCausalLM, MixtralConfig(
+        **COMMON, num_local_experts=4, num_experts_per_tok=2, sliding_window=None,
+        tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+    )
+    yield "tiny-qwen2moe", Qwen2MoeForCausalLM, Qwen2MoeConfig(
+        **COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+        shared_expert_intermediate_size=24, norm_topk_prob=False, mlp_only_layers=[1],
+        tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+    )
 
 
 def redraw(model, seed):
@@ -147,16 +167,13 @@ PROMPTS = ["the cat sat", "rust is", "we read books at"]
 
 
 def tiny_tokenizer():
-    tok = Tokenizer(models.BPE(unk_token="<unk>", end_of_word_suffix="</w>"))
+    words = sorted({w for line in CORPUS for w in line.split()})
+    tokens = ["<pad>", "<s>", "</s>", "<unk>"] + words
+    tokens += [f"w{i}" for i in range(len(tokens), 96)]  # every id of the model decodes
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.add_special_tokens(["<pad>", "<s>", "</s>", "<unk>"])
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.decoder = decoders.BPEDecoder(suffix="</w>")
-    trainer = trainers.BpeTrainer(
-        vocab_size=96,
-        special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
-        end_of_word_suffix="</w>",
-        show_progress=False,
-    )
-    tok.train_from_iterator(CORPUS, trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     assert tok.get_vocab_size() <= 96, tok.get_vocab_size()
     return tok

@@ -47,7 +47,8 @@ use std::path::Path;
 
 use serde_json::Value;
 use tensor_core::layers::{
-    Activation, BlockNames, Embedding, FeedForward, FfnNames, Linear, PreNormBlock, RmsNorm,
+    Activation, BlockNames, Embedding, FeedForward, FfnNames, Linear, MoeNames, PreNormBlock,
+    RmsNorm, SparseMoeBlock,
 };
 use tensor_core::module::{Context, Module, ModuleExt, Slot};
 use tensor_core::tch::{self, Device, Kind, Tensor};
@@ -58,7 +59,7 @@ use crate::loading::{self, Checkpoint, Layout};
 use crate::{Error, Result};
 
 /// The architectures this file loads (`model_type` in `config.json`).
-pub const MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2", "qwen3"];
+pub const MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe"];
 
 /// Which member of the family a config describes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +68,35 @@ pub enum Family {
     Mistral,
     Qwen2,
     Qwen3,
+    /// Mistral's attention with sparse MoE blocks (`block_sparse_moe`).
+    Mixtral,
+    /// Qwen2's attention with sparse MoE blocks and a shared expert (`mlp`).
+    Qwen2Moe,
+}
+
+/// The sparse MoE blocks of a Mixtral or Qwen-MoE decoder.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MoeSpec {
+    pub num_experts: i64,
+    /// Experts per token.
+    pub top_k: i64,
+    /// Renormalise the chosen experts' probabilities (Mixtral: always).
+    pub norm_topk_prob: bool,
+    /// Hidden width of each routed expert.
+    pub expert_size: i64,
+    /// Hidden width of the shared expert (Qwen-MoE).
+    pub shared_expert_size: Option<i64>,
+    /// Layers that keep a dense MLP (Qwen-MoE's `mlp_only_layers`).
+    pub dense_layers: Vec<i64>,
+    /// Every `sparse_step`-th layer is sparse (Qwen-MoE's `decoder_sparse_step`).
+    pub sparse_step: i64,
+}
+
+impl MoeSpec {
+    /// Is layer `layer` a sparse MoE block?
+    pub fn is_sparse(&self, layer: i64) -> bool {
+        !self.dense_layers.contains(&layer) && (layer + 1) % self.sparse_step.max(1) == 0
+    }
 }
 
 /// How RoPE's frequencies are scaled.
@@ -116,6 +146,8 @@ pub struct LlamaConfig {
     /// Stop tokens (`eos_token_id`, a number or a list).
     pub eos_token_ids: Vec<i64>,
     pub pad_token_id: Option<i64>,
+    /// The sparse MoE blocks, for Mixtral and Qwen-MoE.
+    pub moe: Option<MoeSpec>,
 }
 
 impl LlamaConfig {
@@ -130,6 +162,8 @@ impl LlamaConfig {
             "llama" => Family::Llama,
             "mistral" => Family::Mistral,
             "qwen2" => Family::Qwen2,
+            "mixtral" => Family::Mixtral,
+            "qwen2_moe" => Family::Qwen2Moe,
             _ => Family::Qwen3,
         };
         let hidden_size = j.positive("hidden_size")?;
@@ -143,11 +177,58 @@ impl LlamaConfig {
         let attention_bias = j.bool_or("attention_bias", false)?;
         let (qkv_bias, o_bias) = match family {
             Family::Qwen2 => (true, false),
+            Family::Qwen2Moe => (j.bool_or("qkv_bias", true)?, false),
             Family::Llama => (attention_bias, attention_bias),
-            Family::Mistral => (false, false),
+            Family::Mistral | Family::Mixtral => (false, false),
             Family::Qwen3 => (attention_bias, attention_bias),
         };
-        if matches!(family, Family::Qwen2 | Family::Qwen3)
+        let moe = match family {
+            Family::Mixtral => Some(MoeSpec {
+                num_experts: j.positive("num_local_experts")?,
+                top_k: j.positive("num_experts_per_tok")?,
+                norm_topk_prob: true,
+                expert_size: j.positive("intermediate_size")?,
+                shared_expert_size: None,
+                dense_layers: Vec::new(),
+                sparse_step: 1,
+            }),
+            Family::Qwen2Moe => Some(MoeSpec {
+                num_experts: j.positive("num_experts")?,
+                top_k: j.positive("num_experts_per_tok")?,
+                norm_topk_prob: j.bool_or("norm_topk_prob", false)?,
+                expert_size: j.positive("moe_intermediate_size")?,
+                shared_expert_size: match j.opt_i64("shared_expert_intermediate_size")? {
+                    Some(0) | None => None,
+                    Some(n) => Some(n),
+                },
+                dense_layers: match j.value.get("mlp_only_layers") {
+                    None | Some(Value::Null) => Vec::new(),
+                    Some(Value::Array(a)) => a.iter().filter_map(Value::as_i64).collect(),
+                    Some(v) => {
+                        return Err(Error::config(
+                            &j.path,
+                            "mlp_only_layers",
+                            format!("expected a list of layer indices, got {v}"),
+                        ));
+                    }
+                },
+                sparse_step: j.i64_or("decoder_sparse_step", 1)?,
+            }),
+            _ => None,
+        };
+        if let Some(m) = &moe
+            && m.top_k > m.num_experts
+        {
+            return Err(Error::config(
+                &j.path,
+                "num_experts_per_tok",
+                format!(
+                    "{} experts per token, but only {} experts",
+                    m.top_k, m.num_experts
+                ),
+            ));
+        }
+        if matches!(family, Family::Qwen2 | Family::Qwen3 | Family::Qwen2Moe)
             && j.bool_or("use_sliding_window", false)?
         {
             return Err(Error::config(
@@ -157,7 +238,7 @@ impl LlamaConfig {
             ));
         }
         let sliding_window = match family {
-            Family::Mistral => j.opt_i64("sliding_window")?,
+            Family::Mistral | Family::Mixtral => j.opt_i64("sliding_window")?,
             _ => None,
         };
         let eos_token_ids = match j.value.get("eos_token_id") {
@@ -195,6 +276,7 @@ impl LlamaConfig {
             bos_token_id: j.opt_i64("bos_token_id")?,
             eos_token_ids,
             pad_token_id: j.opt_i64("pad_token_id")?,
+            moe,
         };
         c.validate_at(&j.path)?;
         Ok(c)
@@ -605,30 +687,91 @@ pub const LAYER_NAMES: BlockNames = BlockNames {
     mlp: "mlp",
 };
 
-/// One decoder layer: `tensor-core`'s pre-norm block with RMSNorms, the
-/// attention above and a SwiGLU [`FeedForward`] (`gate_proj`, `up_proj`, `down_proj`).
-pub fn llama_layer(config: &LlamaConfig, layer: usize, device: Device) -> Result<PreNormBlock> {
-    let c = config;
-    let (d, f) = (c.hidden_size, c.intermediate_size);
-    let lin = |i, o| -> Result<Slot> { Ok(Box::new(Linear::new(i, o, c.mlp_bias, device)?)) };
-    let mlp = FeedForward {
+/// Mixtral's layer names: the MoE block is `block_sparse_moe`.
+pub const MIXTRAL_LAYER_NAMES: BlockNames = BlockNames {
+    kind: "MixtralDecoderLayer",
+    mlp: "block_sparse_moe",
+    ..LAYER_NAMES
+};
+
+/// A SwiGLU [`FeedForward`] `d -> f -> d` (`gate_proj`, `up_proj`, `down_proj`).
+fn swiglu(d: i64, f: i64, bias: bool, act: Activation, device: Device) -> Result<FeedForward> {
+    let lin = |i, o| -> Result<Slot> { Ok(Box::new(Linear::new(i, o, bias, device)?)) };
+    Ok(FeedForward {
         up: lin(d, f)?,
         gate: Some(lin(d, f)?),
         down: lin(f, d)?,
-        activation: c.hidden_act,
-        names: FfnNames {
-            up: "up_proj".into(),
-            gate: Some("gate_proj".into()),
-            down: "down_proj".into(),
-        },
+        activation: act,
+        names: FfnNames::llama(),
         dropout: 0.0,
+    })
+}
+
+/// The sparse MoE block of a Mixtral or Qwen-MoE layer, PyTorch's `Linear`
+/// initialisation per expert.
+fn moe_block(c: &LlamaConfig, m: &MoeSpec, device: Device) -> Result<SparseMoeBlock> {
+    let (d, e, f) = (c.hidden_size, m.num_experts, m.expert_size);
+    let uniform = |shape: &[i64], fan_in: i64| -> Result<Tensor> {
+        let b = 1.0 / (fan_in as f64).sqrt();
+        Ok(Tensor::f_empty(shape, (Kind::Float, device))
+            .and_then(|mut t| t.f_uniform_(-b, b))
+            .map(|t| t.detach().set_requires_grad(true))
+            .op("moe_block")?)
+    };
+    let names = if c.family == Family::Mixtral {
+        MoeNames::mixtral()
+    } else {
+        MoeNames::qwen_moe()
+    };
+    let shared: Option<Slot> = match m.shared_expert_size {
+        Some(s) => Some(Box::new(swiglu(d, s, false, c.hidden_act, device)?)),
+        None => None,
+    };
+    let shared_gate: Option<Slot> = match m.shared_expert_size {
+        Some(_) => Some(Box::new(Linear::new(d, 1, false, device)?)),
+        None => None,
+    };
+    Ok(SparseMoeBlock {
+        names,
+        gate: Box::new(Linear::new(d, e, false, device)?),
+        w1: uniform(&[e, f, d], d)?,
+        w3: uniform(&[e, f, d], d)?,
+        w2: uniform(&[e, d, f], f)?,
+        shared,
+        shared_gate,
+        top_k: m.top_k,
+        norm_topk_prob: m.norm_topk_prob,
+        activation: c.hidden_act,
+    })
+}
+
+/// One decoder layer: `tensor-core`'s pre-norm block with RMSNorms, the
+/// attention above and a SwiGLU [`FeedForward`] (`gate_proj`, `up_proj`,
+/// `down_proj`), or a sparse MoE block on the MoE families' sparse layers.
+pub fn llama_layer(config: &LlamaConfig, layer: usize, device: Device) -> Result<PreNormBlock> {
+    let c = config;
+    let d = c.hidden_size;
+    let mlp: Slot = match &c.moe {
+        Some(m) if m.is_sparse(layer as i64) => Box::new(moe_block(c, m, device)?),
+        _ => Box::new(swiglu(
+            d,
+            c.intermediate_size,
+            c.mlp_bias,
+            c.hidden_act,
+            device,
+        )?),
+    };
+    let names = if c.family == Family::Mixtral {
+        MIXTRAL_LAYER_NAMES
+    } else {
+        LAYER_NAMES
     };
     Ok(PreNormBlock::new(
-        LAYER_NAMES,
+        names,
         Box::new(RmsNorm::new(d, c.rms_norm_eps, device)?),
         Box::new(LlamaAttention::new(c, layer, device)?),
         Box::new(RmsNorm::new(d, c.rms_norm_eps, device)?),
-        Box::new(mlp),
+        mlp,
     ))
 }
 
@@ -866,7 +1009,7 @@ impl LlamaForCausalLM {
             ),
             prefix: "",
         };
-        loading::load_checkpoint_shards(
+        loading::load_checkpoint_stacked(
             self,
             files,
             &about,
@@ -878,6 +1021,7 @@ impl LlamaForCausalLM {
                 }
             },
             |_| Layout::AsIs,
+            expert_row,
         )
     }
 
@@ -997,6 +1141,17 @@ impl LlamaForCausalLM {
             Ok(out)
         })
     }
+}
+
+/// A per-expert checkpoint key as a row of a stacked parameter:
+/// `….experts.{i}.{w}.weight` → (`….experts.{w}`, `i`) (Mixtral's `w1`/`w2`/`w3`,
+/// Qwen-MoE's `gate_proj`/`up_proj`/`down_proj`).
+fn expert_row(key: &str) -> Option<(String, i64)> {
+    let (head, rest) = key.rsplit_once(".experts.")?;
+    let (i, tail) = rest.split_once('.')?;
+    let i: i64 = i.parse().ok()?;
+    let w = tail.strip_suffix(".weight")?;
+    (!w.contains('.')).then(|| (format!("{head}.experts.{w}"), i))
 }
 
 /// The half-precision dtype the checkpoint's floating weights are stored
@@ -1157,7 +1312,14 @@ mod tests {
     use tensor_core::tch::no_grad;
     use tensor_core::testing::{closeness, device, slack};
 
-    const FAMILIES: [&str; 4] = ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-mistral"];
+    const FAMILIES: [&str; 6] = [
+        "tiny-llama",
+        "tiny-qwen2",
+        "tiny-qwen3",
+        "tiny-mistral",
+        "tiny-mixtral",
+        "tiny-qwen2moe",
+    ];
 
     fn fixture(name: &str) -> PathBuf {
         fixtures::folder(name)
@@ -1258,15 +1420,41 @@ mod tests {
             } else {
                 &[]
             };
-            check_keys(&model, &file.names(), ignore).unwrap();
+            // Per-expert keys name rows of the stacked expert parameters.
+            let mut keys: Vec<String> = file
+                .names()
+                .into_iter()
+                .map(|k| expert_row(&k).map_or(k, |(n, _)| n))
+                .collect();
+            keys.sort();
+            keys.dedup();
+            check_keys(&model, &keys, ignore).unwrap();
             assert!(model.get("model.layers.1.self_attn.q_proj").is_ok());
-            assert!(model.get("model.layers.1.mlp.gate_proj").is_ok());
+            if model.config().moe.is_none() {
+                assert!(model.get("model.layers.1.mlp.gate_proj").is_ok());
+            }
         }
         let q3 = load("tiny-qwen3");
         assert!(q3.get("model.layers.0.self_attn.q_norm").is_ok());
         assert_eq!(q3.config().head_dim, 16);
         let q2 = load("tiny-qwen2");
         assert!(q2.lm_head.is_none() && q2.config().qkv_bias && !q2.config().o_bias);
+        let mx = load("tiny-mixtral");
+        let moe = mx
+            .get_as::<SparseMoeBlock>("model.layers.1.block_sparse_moe")
+            .unwrap();
+        assert_eq!(
+            (moe.num_experts(), moe.top_k, moe.norm_topk_prob),
+            (4, 2, true)
+        );
+        assert_eq!(moe.w1.size(), [4, 48, 32]);
+        let qm = load("tiny-qwen2moe");
+        let moe = qm.get_as::<SparseMoeBlock>("model.layers.0.mlp").unwrap();
+        assert!(moe.shared.is_some() && !moe.norm_topk_prob);
+        assert!(
+            qm.get_as::<FeedForward>("model.layers.1.mlp").is_ok(),
+            "mlp_only_layers stay dense"
+        );
     }
 
     #[test]

@@ -158,6 +158,22 @@ pub fn load_checkpoint_shards(
     key_to_name: impl Fn(&str) -> Option<String>,
     layout: impl Fn(&str) -> Layout,
 ) -> Result<()> {
+    load_checkpoint_stacked(model, files, about, key_to_name, layout, |_| None)
+}
+
+/// [`load_checkpoint_shards`] where some parameters are stacks of
+/// per-expert checkpoint tensors: `stacked(key)` gives `(parameter, i)` for
+/// a key that holds row `i` of a stacked parameter `[E, ...]` (Mixtral's
+/// `experts.3.w1.weight` → `experts.w1`, row 3). Every row must come from
+/// exactly one key with the shape of one row.
+pub fn load_checkpoint_stacked(
+    model: &mut dyn Module,
+    files: &[SafetensorsFile],
+    about: &Checkpoint,
+    key_to_name: impl Fn(&str) -> Option<String>,
+    layout: impl Fn(&str) -> Layout,
+    stacked: impl Fn(&str) -> Option<(String, i64)>,
+) -> Result<()> {
     let Some(first_file) = files.first() else {
         return Err(Error::invalid("load_checkpoint: no weight files"));
     };
@@ -170,11 +186,18 @@ pub fn load_checkpoint_shards(
     let known: HashSet<&str> = params.iter().map(|(n, _)| n.as_str()).collect();
     let described = format!("this {} ({})", about.model, about.config);
 
-    // Which key (in which shard) holds each parameter.
+    // Which key (in which shard) holds each parameter, or each row of a stacked one.
     let mut keys: HashMap<String, (String, usize)> = HashMap::new();
+    let mut rows: HashMap<String, Vec<(i64, String, usize)>> = HashMap::new();
     let mut unexpected: Vec<(String, usize)> = Vec::new();
     for (fi, file) in files.iter().enumerate() {
         for key in file.names() {
+            if let Some((name, i)) = stacked(&key)
+                && known.contains(name.as_str())
+            {
+                rows.entry(name).or_default().push((i, key, fi));
+                continue;
+            }
             let Some(name) = key_to_name(&key) else {
                 continue;
             };
@@ -202,9 +225,40 @@ pub fn load_checkpoint_shards(
         ));
     }
 
+    // Stacked parameters: rows 0..E, each once, each of one row's shape.
+    let mut stacks: HashMap<String, Vec<(String, usize)>> = HashMap::new();
+    for (name, mut r) in rows {
+        let shape = &params.iter().find(|(n, _)| *n == name).expect("known").1;
+        r.sort_by_key(|x| x.0);
+        let e = shape.first().copied().unwrap_or(0);
+        let idx: Vec<i64> = r.iter().map(|x| x.0).collect();
+        if idx != (0..e).collect::<Vec<_>>() {
+            return Err(Error::file(
+                files[r[0].2].path(),
+                format!(
+                    "the checkpoint holds rows {idx:?} of '{name}' (per-expert tensors such as '{}'), but config.json implies {e} experts",
+                    r[0].1
+                ),
+            ));
+        }
+        for (_, key, fi) in &r {
+            let (_, stored) = files[*fi].info(key)?;
+            if stored[..] != shape[1..] {
+                return Err(Error::file(
+                    files[*fi].path(),
+                    format!(
+                        "'{key}': shape {stored:?} in the file, {:?} expected for {described}",
+                        &shape[1..]
+                    ),
+                ));
+            }
+        }
+        stacks.insert(name, r.into_iter().map(|(_, k, f)| (k, f)).collect());
+    }
+
     let missing: Vec<String> = params
         .iter()
-        .filter(|(n, _)| !keys.contains_key(n))
+        .filter(|(n, _)| !keys.contains_key(n) && !stacks.contains_key(n))
         .map(|(n, _)| n.clone())
         .collect();
     if let Some((first, rest)) = missing.split_first() {
@@ -229,7 +283,9 @@ pub fn load_checkpoint_shards(
 
     let mut mismatched = Vec::new();
     for (name, shape) in &params {
-        let (key, fi) = &keys[name];
+        let Some((key, fi)) = keys.get(name) else {
+            continue; // stacked, checked row by row above
+        };
         let l = layout(name);
         let expected = l.stored_shape(shape);
         let (_, stored) = files[*fi].info(key)?;
@@ -270,8 +326,19 @@ pub fn load_checkpoint_shards(
 
     let mut values = Vec::with_capacity(params.len());
     for (name, _) in &params {
-        let (key, fi) = &keys[name];
-        let t = layout(name).convert(files[*fi].load_weight(key, device)?, key)?;
+        let t = match (keys.get(name), stacks.get(name)) {
+            (Some((key, fi)), _) => {
+                layout(name).convert(files[*fi].load_weight(key, device)?, key)?
+            }
+            (None, Some(r)) => {
+                let parts = r
+                    .iter()
+                    .map(|(k, fi)| files[*fi].load_weight(k, device))
+                    .collect::<tensor_core::Result<Vec<_>>>()?;
+                Tensor::f_stack(&parts, 0).op(name)?
+            }
+            (None, None) => unreachable!("missing parameters were reported above"),
+        };
         values.push((name.clone(), t));
     }
     model.load_named(&values, true)?;

@@ -137,3 +137,45 @@ fn orthogonal_adapters_merge_on_a_decoder() {
     assert_eq!(orthogonal_merge::merge_and_unload(&mut m).unwrap(), 4);
     assert_close(&logits(&m), &both, 1e-5, 1e-5);
 }
+
+/// moe-router takes over Mixtral's and Qwen-MoE's sparse blocks as its
+/// MoeLayer with the router and the experts keeping their values: the
+/// logits do not change, and the layer's losses and capacity then apply.
+#[test]
+fn moe_router_takes_over_pretrained_moe_blocks() {
+    for (name, blocks) in [("tiny-mixtral", 2), ("tiny-qwen2moe", 1)] {
+        let load = || LlamaForCausalLM::from_folder(fixture_of(name), Device::Cpu).unwrap();
+        let before = logits(&load());
+        let mut m = load();
+        let paths = moe_router::take_over_sparse_blocks(&mut m).unwrap();
+        assert_eq!(paths.len(), blocks, "{name}");
+        assert_close(&logits(&m), &before, 1e-5, 1e-5);
+        // Training adds the layer's auxiliary losses under its path.
+        let (ids, mask) = batch();
+        let mut ctx = tensor_core::Context::train().with_mask(mask);
+        let _ = tch::no_grad(|| ctx.call("", &m, &ids)).unwrap();
+        assert!(
+            ctx.aux_losses()
+                .iter()
+                .any(|(n, _)| n.starts_with(&paths[0])),
+            "{name}: {:?}",
+            ctx.aux_losses().iter().map(|(n, _)| n).collect::<Vec<_>>()
+        );
+        // A tight capacity drops assignments and changes the output.
+        let p = paths[0].clone();
+        let layer: &mut moe_router::MoeLayer = match m.get_as_mut::<moe_router::SharedExpertMoe>(&p)
+        {
+            Ok(s) => tensor_core::module::downcast_mut(s.moe.as_mut()).unwrap(),
+            Err(_) => m.get_as_mut::<moe_router::MoeLayer>(&p).unwrap(),
+        };
+        for r in [&mut layer.config.router, &mut layer.router.config] {
+            r.capacity_factor = 0.25;
+            r.eval_capacity_factor = Some(0.25);
+            r.min_capacity = 1;
+        }
+        assert!(
+            (logits(&m) - &before).abs().max().double_value(&[]) > 1e-4,
+            "{name}"
+        );
+    }
+}

@@ -65,6 +65,7 @@ pub mod moa;
 pub mod moe;
 pub mod router;
 pub mod stick_breaking;
+pub mod takeover;
 
 pub use block::{ModuleFormerConfig, moduleformer_block};
 pub use config::{
@@ -84,3 +85,4 @@ pub use stick_breaking::{
     SbOutput, SbRemainder, SbVariant, stick_breaking_attention, stick_breaking_naive,
     stick_breaking_weights,
 };
+pub use takeover::{SharedExpertMoe, moe_layer_from, take_over_sparse_blocks};

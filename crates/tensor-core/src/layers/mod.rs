@@ -9,6 +9,7 @@ mod block;
 mod embedding;
 mod ffn;
 mod linear;
+mod moe;
 mod norm;
 
 pub use attention::{Attention, AttentionConfig, AttentionNames};
@@ -16,6 +17,7 @@ pub use block::{BlockNames, PreNormBlock};
 pub use embedding::Embedding;
 pub use ffn::{Activation, FeedForward, FfnNames, FfnPart};
 pub use linear::Linear;
+pub use moe::{MoeNames, SparseMoeBlock};
 pub use norm::{LayerNorm, RmsNorm};
 
 use tch::Tensor;
