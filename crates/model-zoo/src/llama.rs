@@ -485,12 +485,16 @@ fn hide_value(kind: Kind) -> f64 {
 
 /// What every attention of one forward pass shares: the RoPE tables of the
 /// new positions and the attention bias `[B, 1, T, S]` over all `S` cached
-/// and new keys. The model puts it into the context for its layers.
+/// and new keys. The model puts it into the context for its layers. When
+/// nothing is padded and no window cuts in, there is no bias: the attention
+/// is plainly causal (`causal`, a prompt) or sees every key (one new token
+/// after the cache), which lets libtorch pick its fused kernels.
 #[derive(Debug)]
 pub struct DecoderStep {
     pub cos: Tensor,
     pub sin: Tensor,
-    pub bias: Tensor,
+    pub bias: Option<Tensor>,
+    pub causal: bool,
 }
 
 /// Keys and values of the positions seen so far, per layer, `[B, H_kv, S, d_h]`.
@@ -614,15 +618,17 @@ impl LlamaAttention {
             ));
         }
         let (b, t) = (s[0], s[1]);
-        let (cos, sin, bias) = match ctx.get::<DecoderStep>() {
+        let (cos, sin, bias, causal) = match ctx.get::<DecoderStep>() {
             Some(st) => (
                 st.cos.shallow_clone(),
                 st.sin.shallow_clone(),
-                st.bias.shallow_clone(),
+                st.bias.as_ref().map(Tensor::shallow_clone),
+                st.causal,
             ),
             None => {
                 return Err(TensorError::invalid(
-                    "LlamaAttention runs inside a LlamaModel forward (it needs the step's RoPE tables and mask)",
+                    "LlamaAttention needs the step's RoPE tables and mask: run it inside a LlamaModel, \
+                     or after a LlamaEmbedStage in the same context",
                 ));
             }
         };
@@ -648,26 +654,22 @@ impl LlamaAttention {
             Some(cache) => cache.append(self.layer, k, v)?,
             None => (k, v),
         };
-        let rep = self.num_heads / self.num_kv_heads;
-        let (k, v) = if rep > 1 {
-            let op = "LlamaAttention repeat_kv";
-            (
-                k.f_repeat_interleave_self_int(rep, 1, None).op(op)?,
-                v.f_repeat_interleave_self_int(rep, 1, None).op(op)?,
-            )
-        } else {
-            (k, v)
-        };
+        // Grouped-query attention: libtorch reads key/value head g(i) for query head i.
+        let gqa = self.num_heads != self.num_kv_heads;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let bias = bias
+            .map(|b| b.f_to_kind(q.kind()))
+            .transpose()
+            .op("LlamaAttention mask")?;
         let out = Tensor::f_scaled_dot_product_attention(
             &q,
             &k,
             &v,
-            Some(&bias.f_to_kind(q.kind()).op("LlamaAttention mask")?),
+            bias.as_ref(),
             0.0,
-            false,
+            causal,
             scale,
-            false,
+            gqa,
         )
         .op("LlamaAttention scaled_dot_product_attention")?;
         let merged = out
@@ -846,7 +848,7 @@ impl LlamaModel {
     /// The additive bias `[B, 1, T, S]`: 0 where query `past + i` may see key
     /// `j` (causal, inside the window, not padding), the dtype's minimum elsewhere.
     fn bias(
-        &self,
+        window: Option<i64>,
         mask: Option<&Tensor>,
         b: i64,
         t: i64,
@@ -863,7 +865,7 @@ impl LlamaModel {
             .and_then(|a| a.f_view([1, s]))
             .op(op)?;
         let mut allowed = k.f_le_tensor(&q).op(op)?;
-        if let Some(w) = self.config.sliding_window {
+        if let Some(w) = window {
             let inside = k.f_gt_tensor(&q.f_sub_scalar(w).op(op)?).op(op)?;
             allowed = allowed.f_logical_and(&inside).op(op)?;
         }
@@ -881,16 +883,16 @@ impl LlamaModel {
             .op(op)
     }
 
-    fn forward_impl(&self, input_ids: &Tensor, ctx: &mut Context) -> TensorResult<Tensor> {
-        let s = input_ids.size();
-        if s.len() != 2 {
-            return Err(TensorError::shape(
-                "LlamaModel input_ids",
-                "[batch, seq]",
-                s,
-            ));
-        }
-        let (b, t) = (s[0], s[1]);
+    /// The step's RoPE tables and attention bias for token ids of size
+    /// `ids [B, T]` embedded as `h`, the cache length and mask read from `ctx`.
+    fn step(
+        inv_freq: &Tensor,
+        window: Option<i64>,
+        ids: &[i64],
+        h: &Tensor,
+        ctx: &Context,
+    ) -> TensorResult<DecoderStep> {
+        let (b, t) = (ids[0], ids[1]);
         let past = ctx.get::<KvCache>().map_or(0, KvCache::len);
         let mask = ctx.attention_mask.as_ref().map(Tensor::shallow_clone);
         if let Some(m) = &mask
@@ -902,12 +904,50 @@ impl LlamaModel {
                 m.size(),
             ));
         }
-        let h = ctx.call("embed_tokens", self.embed_tokens.as_ref(), input_ids)?;
         let device = h.device();
         let pos = Self::positions(mask.as_ref(), b, t, past, device)?;
-        let (cos, sin) = rope_tables(&self.inv_freq, &pos, h.kind())?;
-        let bias = self.bias(mask.as_ref(), b, t, past, h.kind(), device)?;
-        let before = ctx.insert(DecoderStep { cos, sin, bias });
+        let (cos, sin) = rope_tables(inv_freq, &pos, h.kind())?;
+        // One host read per forward: is anything padded?
+        let padded = match &mask {
+            Some(m) => {
+                m.f_eq(0)
+                    .and_then(|z| z.f_any())
+                    .and_then(|a| a.f_int64_value(&[]))
+                    .op("LlamaModel mask")?
+                    != 0
+            }
+            None => false,
+        };
+        let windowed = window.is_some_and(|w| w < past + t);
+        if !padded && !windowed && (past == 0 || t == 1) {
+            return Ok(DecoderStep {
+                cos,
+                sin,
+                bias: None,
+                causal: past == 0 && t > 1,
+            });
+        }
+        let bias = Self::bias(window, mask.as_ref(), b, t, past, h.kind(), device)?;
+        Ok(DecoderStep {
+            cos,
+            sin,
+            bias: Some(bias),
+            causal: false,
+        })
+    }
+
+    fn forward_impl(&self, input_ids: &Tensor, ctx: &mut Context) -> TensorResult<Tensor> {
+        let s = input_ids.size();
+        if s.len() != 2 {
+            return Err(TensorError::shape(
+                "LlamaModel input_ids",
+                "[batch, seq]",
+                s,
+            ));
+        }
+        let h = ctx.call("embed_tokens", self.embed_tokens.as_ref(), input_ids)?;
+        let step = Self::step(&self.inv_freq, self.config.sliding_window, &s, &h, ctx)?;
+        let before = ctx.insert(step);
         let mut out = Ok(h);
         for (name, layer) in self.layer_names.iter().zip(&self.layers) {
             out = out.and_then(|h| ctx.call(name, layer.as_ref(), &h));
@@ -1173,6 +1213,103 @@ fn checkpoint_half_kind(files: &[tensor_core::io::SafetensorsFile]) -> Result<Op
     })
 }
 
+/// The embedding stage of a decoder taken apart into stages
+/// ([`LlamaForCausalLM::into_stages`], for m2mKD's module split): embeds the
+/// token ids and leaves the step's RoPE tables and attention bias in the
+/// context, for the decoder layers that follow in this or a later module.
+#[derive(Debug, Module)]
+#[module(kind = "LlamaEmbedStage", forward = forward_impl)]
+pub struct LlamaEmbedStage {
+    #[child]
+    pub embed_tokens: Slot,
+    inv_freq: Tensor,
+    sliding_window: Option<i64>,
+}
+
+impl LlamaEmbedStage {
+    fn forward_impl(&self, input_ids: &Tensor, ctx: &mut Context) -> TensorResult<Tensor> {
+        let s = input_ids.size();
+        if s.len() != 2 {
+            return Err(TensorError::shape(
+                "LlamaEmbedStage input_ids",
+                "[batch, seq]",
+                s,
+            ));
+        }
+        let h = ctx.call("embed_tokens", self.embed_tokens.as_ref(), input_ids)?;
+        let step = LlamaModel::step(&self.inv_freq, self.sliding_window, &s, &h, ctx)?;
+        ctx.insert(step);
+        Ok(h)
+    }
+}
+
+/// The head stage of a decoder taken apart into stages: the final RMSNorm
+/// and the LM head (the input embedding when tied).
+#[derive(Debug, Module)]
+#[module(kind = "LlamaHeadStage", forward = forward_impl)]
+pub struct LlamaHeadStage {
+    #[child]
+    pub norm: Slot,
+    #[child]
+    pub lm_head: Option<Slot>,
+    /// The input embedding `[vocab, d]` when the head is tied to it.
+    tied: Option<Tensor>,
+}
+
+impl LlamaHeadStage {
+    fn forward_impl(&self, xs: &Tensor, ctx: &mut Context) -> TensorResult<Tensor> {
+        let h = ctx.call("norm", self.norm.as_ref(), xs)?;
+        match (&self.lm_head, &self.tied) {
+            (Some(head), _) => ctx.call("lm_head", head.as_ref(), &h),
+            (None, Some(w)) => h
+                .f_matmul(&w.f_transpose(0, 1).op("tied lm_head")?)
+                .op("tied lm_head"),
+            (None, None) => Err(TensorError::invalid("LlamaHeadStage has no LM head")),
+        }
+    }
+}
+
+impl LlamaForCausalLM {
+    /// Take the decoder apart as `(embedding stage, decoder layers, head
+    /// stage, hidden width)`: running them in order in one context computes
+    /// the model's logits. m2mKD splits a teacher given this way into modules.
+    pub fn into_stages(self) -> Result<(Slot, Vec<Slot>, Slot, i64)> {
+        let Self { model, lm_head } = self;
+        let m = tensor_core::module::downcast_box::<LlamaModel>(model).map_err(|_| {
+            Error::invalid("into_stages: the model slot no longer holds a LlamaModel")
+        })?;
+        let LlamaModel {
+            config,
+            embed_tokens,
+            layers,
+            norm,
+            inv_freq,
+            ..
+        } = *m;
+        let tied = if lm_head.is_none() {
+            let w = embed_tokens
+                .params()
+                .first()
+                .map(|(_, w)| w.shallow_clone())
+                .ok_or_else(|| Error::invalid("into_stages: embed_tokens has no weight"))?;
+            Some(w)
+        } else {
+            None
+        };
+        let embed = LlamaEmbedStage {
+            embed_tokens,
+            inv_freq,
+            sliding_window: config.sliding_window,
+        };
+        let head = LlamaHeadStage {
+            norm,
+            lm_head,
+            tied,
+        };
+        Ok((Box::new(embed), layers, Box::new(head), config.hidden_size))
+    }
+}
+
 /// How the next token is chosen.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Sampling {
@@ -1373,6 +1510,14 @@ mod tests {
                 Vec::<i64>::try_from(out.to_device(Device::Cpu).flatten(0, -1)).unwrap(),
                 Vec::<i64>::try_from(want.flatten(0, -1)).unwrap(),
                 "{name}"
+            );
+            // Row 0 alone, unpadded: prompt and decoding without any mask.
+            let one = model
+                .generate(&e["gen_input_ids"].narrow(0, 0, 1), None, &opts)
+                .unwrap();
+            assert!(
+                one.to_device(Device::Cpu).equal(&want.narrow(0, 0, 1)),
+                "{name}: unpadded row"
             );
         }
     }

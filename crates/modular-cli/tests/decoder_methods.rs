@@ -179,3 +179,33 @@ fn moe_router_takes_over_pretrained_moe_blocks() {
         );
     }
 }
+
+/// m2mKD with a decoder teacher: the tiny Llama taken apart into stages
+/// and split into two modules computes the teacher's logits module by
+/// module, and a fresh decoder layer can stand in for a module's block.
+#[test]
+fn m2mkd_splits_a_decoder_teacher_into_modules() {
+    let teacher = load();
+    let want = logits(&teacher);
+    let (embed, blocks, head, width) = teacher.into_stages().unwrap();
+    let stack = m2mkd::stage::LayerStack::new(embed, blocks, head, width).unwrap();
+    let modular =
+        m2mkd::split::split_into_modular(stack, &m2mkd::split::Boundaries::even(2, 2).unwrap())
+            .unwrap();
+    assert_eq!(modular.len(), 2);
+    let (ids, mask) = batch();
+    let mut ctx = tensor_core::Context::eval().with_mask(mask.shallow_clone());
+    let out = tch::no_grad(|| modular.forward_range(&ids, 0, 2, &mut ctx)).unwrap();
+    assert_close(
+        &out.masked_select(&mask.ne(0).unsqueeze(-1)),
+        &want,
+        1e-5,
+        1e-5,
+    );
+    // Module 0's output feeds module 1 in the same context (its RoPE tables and mask travel with it).
+    let mut ctx = tensor_core::Context::eval().with_mask(mask.shallow_clone());
+    let h = tch::no_grad(|| modular.forward_range(&ids, 0, 1, &mut ctx)).unwrap();
+    assert_eq!(h.size(), [3, 9, width]);
+    let out2 = tch::no_grad(|| modular.forward_range(&h, 1, 2, &mut ctx)).unwrap();
+    assert!(out2.equal(&out));
+}
