@@ -205,3 +205,158 @@ fn per_prompt_adapters_share_one_batch() {
     let base = &got[2]["tokens"];
     assert!(got[0]["tokens"] != *base || got[1]["tokens"] != *base);
 }
+
+fn corpus(n: usize) -> String {
+    let words = ["the", "cat", "sat", "on", "mat", "a", "dog", "ran"];
+    let mut x: u64 = 7;
+    let mut out = String::new();
+    for i in 0..n {
+        let mut line = Vec::new();
+        for _ in 0..8 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            line.push(words[(x >> 33) as usize % words.len()]);
+        }
+        out.push_str(&format!(
+            "{}\n",
+            serde_json::json!({"text": line.join(" "), "label": i % 2})
+        ));
+    }
+    out
+}
+
+/// `split`, `tune`, `merge` and `profile` on decoder folders.
+#[test]
+fn split_tune_merge_profile_take_decoder_folders() {
+    let dir = tempfile::tempdir().unwrap();
+    let fx = |n: &str| fixture().parent().unwrap().join(n);
+    // split: the permuted dense decoder computes what the source did.
+    let out = dir.path().join("split");
+    expect(
+        &[
+            "split",
+            "--model",
+            s(&fx("tiny-mistral")),
+            "--out",
+            s(&out),
+            "--experts",
+            "4",
+            "--layers",
+            "all",
+            "--quiet",
+        ],
+        0,
+    );
+    let (a, b) = (
+        LlamaForCausalLM::from_folder(fx("tiny-mistral"), Device::Cpu).unwrap(),
+        LlamaForCausalLM::from_folder(&out, Device::Cpu).unwrap(),
+    );
+    let ids = tensor_core::tch::Tensor::from_slice(&[1i64, 5, 9, 13, 40, 7]).view([1, 6]);
+    let (la, lb) = (a.logits(&ids, None).unwrap(), b.logits(&ids, None).unwrap());
+    tensor_core::testing::assert_close(&lb, &la, 1e-5, 1e-5);
+    let (_, err) = expect(
+        &[
+            "split",
+            "--model",
+            s(&fx("tiny-mixtral")),
+            "--out",
+            s(&dir.path().join("x")),
+            "--quiet",
+        ],
+        1,
+    );
+    assert!(err.contains("already a sparse"), "{err}");
+    let (_, err) = expect(
+        &[
+            "split",
+            "--model",
+            s(&fx("tiny-llama")),
+            "--out",
+            s(&dir.path().join("y")),
+            "--quiet",
+        ],
+        1,
+    );
+    assert!(err.contains("gate projection"), "{err}");
+    // tune: LoRA on the next-token loss lowers the held-out loss; the folder
+    // is a PEFT adapter that generate and merge take.
+    let data = dir.path().join("c.jsonl");
+    std::fs::write(&data, corpus(40)).unwrap();
+    let m = fixture();
+    let tuned = dir.path().join("lm");
+    expect(
+        &[
+            "tune",
+            "--model",
+            s(&m),
+            "--data",
+            s(&data),
+            "--out",
+            s(&tuned),
+            "--epochs",
+            "3",
+            "--lr",
+            "1e-2",
+            "--batch",
+            "8",
+            "--quiet",
+        ],
+        0,
+    );
+    let t = common::json(&tuned.join("tune.json"));
+    assert!(
+        t["held_out_loss_after"].as_f64().unwrap() < t["held_out_loss_before"].as_f64().unwrap(),
+        "{t}"
+    );
+    let prompts = dir.path().join("p.jsonl");
+    std::fs::write(&prompts, "{\"prompt\": \"the cat\", \"adapter\": \"lm\"}\n").unwrap();
+    let spec = format!("lm={}", s(&tuned));
+    expect(
+        &[
+            "generate",
+            "--model",
+            s(&m),
+            "--data",
+            s(&prompts),
+            "--adapters",
+            &spec,
+            "--max-new-tokens",
+            "4",
+        ],
+        0,
+    );
+    let merged = dir.path().join("merged");
+    expect(
+        &[
+            "merge",
+            s(&tuned),
+            s(&tuned),
+            "--out",
+            s(&merged),
+            "--method",
+            "cat",
+            "--model",
+            s(&m),
+            "--quiet",
+        ],
+        0,
+    );
+    assert!(merged.join("adapter_config.json").is_file());
+    // profile: the decoder's FFNs, with labels.
+    let prof = dir.path().join("prof");
+    expect(
+        &[
+            "profile",
+            "--model",
+            s(&m),
+            "--data",
+            s(&data),
+            "--out",
+            s(&prof),
+            "--quiet",
+        ],
+        0,
+    );
+    assert!(prof.join("bricks.json").is_file());
+}

@@ -290,6 +290,11 @@ fn read_tasks(dirs: &[PathBuf]) -> AnyResult<Vec<TaskDelta>> {
 /// sequence classifier name their layers `bert.…`, so those are checked
 /// against the encoder inside a classifier.
 fn check_model(dir: &Path, tasks: &[TaskDelta]) -> AnyResult<()> {
+    if super::is_decoder(dir) {
+        let model = model_zoo::llama::LlamaForCausalLM::from_folder(dir, Device::Cpu)?;
+        return check_against_model(&model, tasks)
+            .map_err(|e| format!("adapters do not fit the model {}: {e}", dir.display()).into());
+    }
     let bert = BertModel::from_folder(dir, Device::Cpu)?;
     let in_classifier = tasks
         .iter()

@@ -20,6 +20,7 @@ pub mod predict;
 pub mod profile;
 pub mod split;
 pub mod tune;
+pub mod tune_lm;
 pub mod tuned;
 
 use std::path::{Path, PathBuf};
@@ -60,6 +61,21 @@ pub const SUMMARY: &str = "\
   modular embed   --data FILE --out FILE.safetensors|.jsonl         sentence embeddings
   modular generate --model DIR --prompt TEXT|--data FILE [--out FILE]  text from a Llama/Mistral/Qwen decoder
   modular inspect DIR                                             parameters, adapters, experts";
+
+/// Does the model folder's `config.json` name a Llama-family decoder
+/// (`model_zoo::llama::MODEL_TYPES`)? A missing or unreadable config says no;
+/// the encoder loader then reports it.
+pub fn is_decoder(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| {
+            v.get("model_type")
+                .and_then(|m| m.as_str())
+                .map(str::to_owned)
+        })
+        .is_some_and(|t| model_zoo::llama::MODEL_TYPES.contains(&t.as_str()))
+}
 
 /// `dir` must be an existing folder; `what` says what it should hold.
 pub fn require_dir(dir: &Path, what: &str) -> AnyResult<()> {

@@ -30,6 +30,7 @@ use configurable_bricks::{
     profile_corpus,
 };
 use model_zoo::bert::BertModel;
+use model_zoo::llama::LlamaForCausalLM;
 use model_zoo::source::ModelSource;
 use model_zoo::tokenizer::TextTokenizer;
 use serde_json::json;
@@ -494,12 +495,24 @@ pub fn run(args: &[String]) -> AnyResult<()> {
     )?;
     let out_dir = AtomicDir::new(&out, f.switch("--force"))?;
     let device = tensor_core::best();
-    let model = BertModel::from_folder(&source.dir, device)?;
-    let positions = model.config.max_position_embeddings.max(2) as usize;
-    let max_len = max_len.min(positions);
-    let tok = TextTokenizer::from_file(source.tokenizer_path(), max_len, model.config.vocab_size)?;
+    // An encoder (BERT family) or a Llama-family decoder, by config.json's model_type.
+    let (model, tok, max_len): (Box<dyn Module>, TextTokenizer, usize) =
+        if super::is_decoder(&source.dir) {
+            let m = LlamaForCausalLM::from_folder(&source.dir, device)?;
+            let c = m.config().clone();
+            let tok =
+                TextTokenizer::for_decoder(source.tokenizer_path(), c.vocab_size, c.pad_token_id)?;
+            (Box::new(m), tok, max_len)
+        } else {
+            let m = BertModel::from_folder(&source.dir, device)?;
+            let positions = m.config.max_position_embeddings.max(2) as usize;
+            let max_len = max_len.min(positions);
+            let tok =
+                TextTokenizer::from_file(source.tokenizer_path(), max_len, m.config.vocab_size)?;
+            (Box::new(m), tok, max_len)
+        };
     let config = ProfileConfig::default();
-    let profiler = Profiler::new(&model, config.clone())?;
+    let profiler = Profiler::new(model.as_ref(), config.clone())?;
     let n = corpus.texts.len();
     let (labels, functions): (Vec<usize>, Vec<String>) = match &corpus.labels {
         Some(l) => (l.clone(), corpus.names.clone()),

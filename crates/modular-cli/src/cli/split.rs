@@ -1,5 +1,6 @@
 //! `modular split`: EMoE (Qiu et al. 2023, "Emergent Modularity in
-//! Pre-trained Transformers") on a Hugging Face BERT-style model folder.
+//! Pre-trained Transformers") on a Hugging Face BERT-style encoder folder
+//! or a Llama-family decoder folder (gated FFNs, clustered on the gate rows).
 //!
 //! Each chosen FFN's neurons are clustered by balanced k-means of their
 //! normalised keys (`emergent_split::convert`) and permuted into contiguous
@@ -21,8 +22,9 @@ use std::time::Instant;
 use emergent_split::convert::{convert, emoe_paths, reference_layers};
 use emergent_split::{EmoeConfig, EmoeFfn, SplitStrategy};
 use model_zoo::bert::BertModel;
+use model_zoo::llama::LlamaForCausalLM;
 use serde_json::json;
-use tensor_core::module::{ModuleExt, Slot};
+use tensor_core::module::{Module, ModuleExt, Slot};
 use tensor_core::tch::{Device, Tensor};
 
 use super::{AnyResult, AtomicDir, Flags, human_count, progress, require_model_dir, usage};
@@ -100,8 +102,34 @@ pub fn run(args: &[String]) -> AnyResult<()> {
     let source = model_zoo::source::ModelSource::resolve(model_flag.as_deref())?;
     f.out_not_input(Path::new(&out), &[("--model", &source.dir)])?;
     let dir = source.dir.clone();
-    let mut model = BertModel::from_folder(&dir, Device::Cpu)?;
-    let num_layers = model.config.num_hidden_layers as usize;
+    // An encoder (BERT family) or a Llama-family decoder (gated FFNs
+    // `model.layers.N.mlp`, clustered on their gate rows), by model_type.
+    let (mut model, num_layers, d_ff): (Box<dyn Module>, usize, usize) = if super::is_decoder(&dir)
+    {
+        let m = LlamaForCausalLM::from_folder(&dir, Device::Cpu)?;
+        let c = m.config().clone();
+        if c.moe.is_some() {
+            return Err(format!(
+                "{} is already a sparse mixture-of-experts model ({:?}); split splits dense FFNs",
+                dir.display(),
+                c.family
+            )
+            .into());
+        }
+        (
+            Box::new(m),
+            c.num_hidden_layers as usize,
+            c.intermediate_size as usize,
+        )
+    } else {
+        let m = BertModel::from_folder(&dir, Device::Cpu)?;
+        let (l, f) = (
+            m.config.num_hidden_layers as usize,
+            m.config.intermediate_size as usize,
+        );
+        (Box::new(m), l, f)
+    };
+    let model = model.as_mut();
     let layers = match layers_flag {
         None => reference_layers(num_layers),
         Some(v) if v.is_empty() => (0..num_layers).collect(),
@@ -117,7 +145,6 @@ pub fn run(args: &[String]) -> AnyResult<()> {
             ),
         );
     }
-    let d_ff = model.config.intermediate_size as usize;
     if !d_ff.is_multiple_of(experts) {
         return usage(
             "split",
@@ -149,7 +176,7 @@ pub fn run(args: &[String]) -> AnyResult<()> {
     let mut reports = Vec::new();
     for &l in &layers {
         pb.set_message(format!("layer {l}"));
-        let r = convert(&mut model, &[l], &cfg)?;
+        let r = convert(model, &[l], &cfg)?;
         reports.extend(r.layers);
         pb.inc(1);
     }
@@ -158,7 +185,7 @@ pub fn run(args: &[String]) -> AnyResult<()> {
 
     // Replace every expert FFN by its dense form in the permuted order.
     let mut layer_json = Vec::new();
-    for path in emoe_paths(&model) {
+    for path in emoe_paths(model) {
         let e = model.get_as::<EmoeFfn>(&path)?;
         let perm = e.permutation().to_vec();
         let dense = e.to_dense(false)?;

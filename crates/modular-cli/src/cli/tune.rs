@@ -42,7 +42,10 @@ usage: modular tune --data FILE.jsonl|DIR --out DIR [--method lora|vlpet] [--ran
 
 Tune a BERT encoder (the packaged all-MiniLM-L6-v2 unless --model) as a sequence
 classifier (mean pooling + linear head) with LoRA or VL-PET, and print its
-accuracy. Data: JSONL lines {\"text\": \"...\", \"label\": 0}; a FILE is split into
+accuracy. With --model a Llama-family decoder folder (llama, mistral, qwen2, qwen3,
+mixtral, qwen2_moe), tune LoRA (alpha = 2R) on q/k/v/o_proj for the next-token loss of
+a JSONL file of {\"text\": \"...\"} lines (10% held out) and write a PEFT LoRA
+folder for modular generate --adapters. Data: JSONL lines {\"text\": \"...\", \"label\": 0}; a FILE is split into
 90% train / 10% held out for validation (seeded); a DIR holds train.jsonl,
 validation.jsonl and test_id.jsonl, and is also scored on test_ood.jsonl when it has one.
 
@@ -283,6 +286,29 @@ pub fn run(args: &[String]) -> AnyResult<()> {
     let rank = f.positive_or("--rank", 8)? as i64;
     let seed: u64 = f.parsed_or("--seed", 0)?;
     let quiet = f.switch("--quiet");
+    if let Some(m) = f.path("--model")
+        && super::is_decoder(&m)
+    {
+        if method != Method::Lora {
+            return usage("tune", "a decoder folder is tuned with --method lora only");
+        }
+        if f.get("--eval-limit").is_some() {
+            return usage("tune", "--eval-limit applies to classifier tuning only");
+        }
+        require_model_dir(&m)?;
+        let o = super::tune_lm::LmOptions {
+            rank,
+            epochs: f.positive_or("--epochs", 1)?,
+            lr: f.learning_rate("--lr", 1e-3)?,
+            batch: f.positive_or("--batch", 32)?,
+            max_len: f.positive_or("--max-len", 64)?.max(2),
+            seed,
+            train_limit: f.parsed("--train-limit")?,
+            quiet,
+            force: f.switch("--force"),
+        };
+        return super::tune_lm::run(&f, &m, &data_path, &out, &o);
+    }
     let opts = FinetuneOptions {
         epochs: f.positive_or("--epochs", 1)? as u64,
         batch_size: f.positive_or("--batch", 32)?,
