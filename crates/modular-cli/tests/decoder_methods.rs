@@ -138,6 +138,15 @@ fn orthogonal_adapters_merge_on_a_decoder() {
     assert_close(&logits(&m), &both, 1e-5, 1e-5);
 }
 
+/// The taken-over `MoeLayer` at `p` (inside a `SharedExpertMoe` for Qwen-MoE).
+fn layer_of<'a>(m: &'a mut LlamaForCausalLM, p: &str) -> &'a mut moe_router::MoeLayer {
+    if m.get_as::<moe_router::SharedExpertMoe>(p).is_ok() {
+        let s = m.get_as_mut::<moe_router::SharedExpertMoe>(p).unwrap();
+        return tensor_core::module::downcast_mut(s.moe.as_mut()).unwrap();
+    }
+    m.get_as_mut::<moe_router::MoeLayer>(p).unwrap()
+}
+
 /// moe-router takes over Mixtral's and Qwen-MoE's sparse blocks as its
 /// MoeLayer with the router and the experts keeping their values: the
 /// logits do not change, and the layer's losses and capacity then apply.
@@ -161,13 +170,17 @@ fn moe_router_takes_over_pretrained_moe_blocks() {
             "{name}: {:?}",
             ctx.aux_losses().iter().map(|(n, _)| n).collect::<Vec<_>>()
         );
-        // A tight capacity drops assignments and changes the output.
+        // Growing masked experts, then pruning the unused ones, keeps the logits.
         let p = paths[0].clone();
-        let layer: &mut moe_router::MoeLayer = match m.get_as_mut::<moe_router::SharedExpertMoe>(&p)
-        {
-            Ok(s) => tensor_core::module::downcast_mut(s.moe.as_mut()).unwrap(),
-            Err(_) => m.get_as_mut::<moe_router::MoeLayer>(&p).unwrap(),
-        };
+        moe_router::grow_experts(layer_of(&mut m, &p), 2, false, true).unwrap();
+        assert_eq!(layer_of(&mut m, &p).experts.w1.size()[0], 6);
+        assert_close(&logits(&m), &before, 1e-5, 1e-5);
+        let usage = Tensor::from_slice(&[1.0f32, 1.0, 1.0, 1.0, 0.0, 0.0]);
+        let kept = moe_router::prune_experts(layer_of(&mut m, &p), &usage, 0.5).unwrap();
+        assert_eq!(kept, [0, 1, 2, 3]);
+        assert_close(&logits(&m), &before, 1e-5, 1e-5);
+        // A tight capacity drops assignments and changes the output.
+        let layer = layer_of(&mut m, &p);
         for r in [&mut layer.config.router, &mut layer.router.config] {
             r.capacity_factor = 0.25;
             r.eval_capacity_factor = Some(0.25);
