@@ -40,13 +40,18 @@ that activations stay O(1) and no code path sees only ones and zeros.
   (`do_sample=False`, no stop token, pad id 0).
 
 `tiny-llama/` also gets a `tokenizer.json`: a word-level vocabulary
-(`<pad>` 0, `<s>` 1, `</s>` 2, `<unk>` 3, then the words of a few English
+(`<pad>` 0, `<s>` 1, `</s>` 2, `<unk>` 3, `<|im_start|>` 4, `<|im_end|>` 5
+(all special), then the words of a few English
 sentences in sorted order, then `w{i}` up to id 95, so it is the same on
 every run and every id decodes), adding `<s>` in
 front of every text, and `generate.json`: three
 prompts with the text `generate` continues them with (greedy, 8 new tokens,
 stopping at `</s>`, prompts left-padded in one batch, the new tokens decoded
-without special tokens), which the `modular generate` test compares with.
+without special tokens), which the `modular generate` test compares with;
+`tokenizer_config.json` with a ChatML-style chat template (a loop, a role
+check with `raise_exception`, `.strip()`), and `chat.json`: two messages, the
+text `apply_chat_template(add_generation_prompt=True)` renders, its ids
+(encoded without added special tokens) and the greedy continuation (6 tokens).
 """
 
 import os
@@ -155,7 +160,21 @@ def inputs(seed):
     return ids, mask, pos, gen_ids, gen_mask
 
 
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unknown role ' + message['role']) }}"
+    "{%- endif %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'].strip() }}<|im_end|>\n"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}"
+)
+CHAT = [
+    {"role": "system", "content": "  rust is fast  "},
+    {"role": "user", "content": "the cat sat on the mat"},
+]
 CORPUS = [
+    "system user assistant",
     "the cat sat on the mat",
     "a dog ran in the park",
     "we read books at night",
@@ -168,11 +187,12 @@ PROMPTS = ["the cat sat", "rust is", "we read books at"]
 
 def tiny_tokenizer():
     words = sorted({w for line in CORPUS for w in line.split()})
-    tokens = ["<pad>", "<s>", "</s>", "<unk>"] + words
+    special = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
+    tokens = special + words
     tokens += [f"w{i}" for i in range(len(tokens), 96)]  # every id of the model decodes
     vocab = {t: i for i, t in enumerate(tokens)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.add_special_tokens(["<pad>", "<s>", "</s>", "<unk>"])
+    tok.add_special_tokens(special)
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     assert tok.get_vocab_size() <= 96, tok.get_vocab_size()
@@ -203,7 +223,35 @@ def text_generation(model, out):
     with open(os.path.join(out, "generate.json"), "w") as f:
         json.dump(rows, f, indent=1)
         f.write("\n")
-    return rows
+    # The chat template, as transformers stores and renders it.
+    fast.chat_template = CHAT_TEMPLATE
+    config = {
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "pad_token": "<pad>",
+        "unk_token": "<unk>",
+        "chat_template": CHAT_TEMPLATE,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }
+    with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f, indent=1, sort_keys=True)
+        f.write("\n")
+    text = fast.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False)
+    ids = fast(text, add_special_tokens=False, return_tensors="pt")
+    with torch.no_grad():
+        gen = model.generate(**ids, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=2)
+    new = gen[0, ids["input_ids"].shape[1]:]
+    chat = {
+        "messages": CHAT,
+        "rendered": text,
+        "input_ids": ids["input_ids"][0].tolist(),
+        "completion": fast.decode(new, skip_special_tokens=True),
+        "tokens": new.tolist(),
+    }
+    with open(os.path.join(out, "chat.json"), "w") as f:
+        json.dump(chat, f, indent=1)
+        f.write("\n")
+    return rows, chat
 
 
 def main():

@@ -13,6 +13,7 @@
 //! - [`source`]: where a model folder comes from (explicit folder, environment,
 //!   the packaged default); [`config`]: Hugging Face `config.json`;
 //!   [`tokenizer`]: `tokenizer.json` through the `tokenizers` crate;
+//! - [`chat`]: a folder's chat template, rendered as transformers renders it;
 //! - [`data`]: the project's real datasets (JSONL);
 //! - [`finetune`]: the text-classification recipe, on `tensor_core::train`.
 //!
@@ -21,6 +22,7 @@
 //! `encoder.layer.3.(ffn)`), which is how the method crates reach in.
 
 pub mod bert;
+pub mod chat;
 pub mod config;
 pub mod data;
 pub mod error;

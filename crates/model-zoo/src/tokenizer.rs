@@ -175,12 +175,23 @@ impl TextTokenizer {
 
     /// Encode a batch of texts onto `device`.
     pub fn encode_batch(&self, texts: &[&str], device: Device) -> Result<Encoded> {
+        self.encode_batch_with(texts, device, true)
+    }
+
+    /// [`TextTokenizer::encode_batch`], adding the special tokens of the
+    /// tokenizer's post processor or not (a rendered chat template carries its own).
+    pub fn encode_batch_with(
+        &self,
+        texts: &[&str],
+        device: Device,
+        add_special: bool,
+    ) -> Result<Encoded> {
         if texts.is_empty() {
             return Err(Error::invalid("encode_batch: no texts"));
         }
         let enc = self
             .inner
-            .encode_batch(texts.to_vec(), true)
+            .encode_batch(texts.to_vec(), add_special)
             .map_err(|e| Error::Tokenizer {
                 path: self.path.clone(),
                 reason: e.to_string(),

@@ -360,3 +360,66 @@ fn split_tune_merge_profile_take_decoder_folders() {
     );
     assert!(prof.join("bricks.json").is_file());
 }
+
+/// `--chat` renders the folder's chat template (as transformers does) and
+/// continues the assistant's turn with transformers' greedy tokens, from a
+/// prompt with `--system` or from a `messages` line.
+#[test]
+fn chat_prompts_use_the_folders_template() {
+    let want: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture().join("chat.json")).unwrap())
+            .unwrap();
+    let m = fixture();
+    let system = want["messages"][0]["content"].as_str().unwrap();
+    let user = want["messages"][1]["content"].as_str().unwrap();
+    let (stdout, _) = expect(
+        &[
+            "generate",
+            "--model",
+            s(&m),
+            "--chat",
+            "--system",
+            system,
+            "--prompt",
+            user,
+            "--max-new-tokens",
+            "6",
+        ],
+        0,
+    );
+    assert_eq!(stdout.trim_end(), want["completion"].as_str().unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("chat.jsonl");
+    std::fs::write(
+        &data,
+        format!("{}\n", serde_json::json!({"messages": want["messages"]})),
+    )
+    .unwrap();
+    let (stdout, _) = expect(
+        &[
+            "generate",
+            "--model",
+            s(&m),
+            "--data",
+            s(&data),
+            "--max-new-tokens",
+            "6",
+        ],
+        0,
+    );
+    let got = lines(&stdout);
+    assert_eq!(got[0]["tokens"], want["tokens"]);
+    // No template in the folder: a clear error.
+    let (_, err) = expect(
+        &[
+            "generate",
+            "--model",
+            s(&fixture().parent().unwrap().join("tiny-qwen2")),
+            "--chat",
+            "--prompt",
+            "a",
+        ],
+        1,
+    );
+    assert!(err.contains("chat template"), "{err}");
+}

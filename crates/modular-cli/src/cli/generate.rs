@@ -7,6 +7,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use model_zoo::chat::{ChatMessage, ChatTemplate};
 use model_zoo::llama::{GenerateOptions, LlamaForCausalLM, Sampling};
 use model_zoo::tokenizer::TextTokenizer;
 use pet_core::{BASE, MixedBatch};
@@ -19,7 +20,7 @@ use super::{AnyResult, Flags, require_dir};
 pub const HELP: &str = "\
 usage: modular generate --model DIR (--prompt TEXT | --data FILE.jsonl) [--out FILE.jsonl]
                         [--max-new-tokens 64] [--temperature X [--top-k K] [--top-p P] [--seed 0]]
-                        [--batch 8] [--adapters NAME=DIR,...]
+                        [--batch 8] [--adapters NAME=DIR,...] [--chat [--system TEXT]]
 
 Continue text with a Llama-family decoder (config.json with model_type llama, mistral,
 qwen2 or qwen3; model.safetensors or sharded weights; tokenizer.json). Decoding is greedy
@@ -39,6 +40,10 @@ options:
   --top-k K, --top-p P   keep the K most likely tokens, then the smallest set reaching P (sampling only)
   --seed N               sampling seed [0]; the same seed gives the same text
   --batch N              prompts per forward pass [8]
+  --chat                 render each prompt as a user message with the folder's chat template
+                         (tokenizer_config.json), opening the assistant's turn; --data lines may
+                         give \"messages\": [{\"role\", \"content\"}, ...] instead of a prompt
+  --system TEXT          with --chat: a system message before each prompt
   --adapters N=D,...     PEFT LoRA folders loaded as adapters NAME; a --data line's \"adapter\"
                          picks one for that prompt (none: the base model), all in one batch
 
@@ -49,9 +54,10 @@ examples:
   modular generate --model models/Llama-3.2-1B --data prompts.jsonl --out out.jsonl --temperature 0.7 --top-p 0.9
   modular generate --model models/Llama-3.2-1B --data prompts.jsonl --adapters sql=adapters/sql,chat=adapters/chat";
 
-/// One request: its prompt and adapter (`None`: the base model).
+/// One request: its prompt (or chat messages) and adapter (`None`: the base model).
 struct Request {
     prompt: String,
+    messages: Option<Vec<ChatMessage>>,
     adapter: Option<String>,
 }
 
@@ -66,10 +72,21 @@ fn read_requests(path: &Path) -> AnyResult<Vec<Request>> {
         let at = format!("{}:{}", path.display(), i + 1);
         let v: Value =
             serde_json::from_str(line).map_err(|e| format!("{at}: not valid JSON: {e}"))?;
-        let prompt = v
-            .get("prompt")
-            .and_then(Value::as_str)
-            .ok_or_else(|| format!("{at}: needs a string field \"prompt\""))?;
+        let messages: Option<Vec<ChatMessage>> = match v.get("messages") {
+            None | Some(Value::Null) => None,
+            Some(m) => Some(serde_json::from_value(m.clone()).map_err(|e| {
+                format!("{at}: \"messages\" must be a list of {{\"role\", \"content\"}}: {e}")
+            })?),
+        };
+        let prompt = match (v.get("prompt").and_then(Value::as_str), &messages) {
+            (Some(p), _) => p,
+            (None, Some(_)) => "",
+            (None, None) => {
+                return Err(
+                    format!("{at}: needs a string field \"prompt\" (or \"messages\")").into(),
+                );
+            }
+        };
         let adapter = match v.get("adapter") {
             None | Some(Value::Null) => None,
             Some(Value::String(s)) => Some(s.clone()),
@@ -77,6 +94,7 @@ fn read_requests(path: &Path) -> AnyResult<Vec<Request>> {
         };
         out.push(Request {
             prompt: prompt.to_owned(),
+            messages,
             adapter,
         });
     }
@@ -122,8 +140,9 @@ pub fn run(args: &[String]) -> AnyResult<()> {
             "--seed",
             "--batch",
             "--adapters",
+            "--system",
         ],
-        &[],
+        &["--chat"],
         HELP,
     )?
     else {
@@ -134,6 +153,7 @@ pub fn run(args: &[String]) -> AnyResult<()> {
     let requests = match (prompt, &data) {
         (Some(p), None) => vec![Request {
             prompt: p.to_owned(),
+            messages: None,
             adapter: None,
         }],
         (None, Some(d)) => {
@@ -191,6 +211,21 @@ pub fn run(args: &[String]) -> AnyResult<()> {
         pet_core::load_adapter(&mut model, name, dir)?;
         pet_core::set_adapter(&mut model, &[])?;
     }
+    let chat = f.switch("--chat") || requests.iter().any(|r| r.messages.is_some());
+    let template = if chat {
+        Some(ChatTemplate::from_folder(&model_dir)?.ok_or_else(|| {
+            format!(
+                "model folder {} has no chat template (tokenizer_config.json's chat_template or chat_template.jinja)",
+                model_dir.display()
+            )
+        })?)
+    } else {
+        if f.get("--system").is_some() {
+            return super::usage("generate", "--system applies to --chat only");
+        }
+        None
+    };
+    let system = f.get("--system").map(str::to_owned);
     let config = model.config().clone();
     let tok = TextTokenizer::for_decoder(
         model_dir.join("tokenizer.json"),
@@ -207,8 +242,32 @@ pub fn run(args: &[String]) -> AnyResult<()> {
     let mut lines = String::new();
     let mut done = 0usize;
     for chunk in requests.chunks(batch) {
-        let texts: Vec<&str> = chunk.iter().map(|r| r.prompt.as_str()).collect();
-        let enc = tok.encode_batch(&texts, device)?;
+        let texts: Vec<String> = match &template {
+            None => chunk.iter().map(|r| r.prompt.clone()).collect(),
+            Some(t) => chunk
+                .iter()
+                .map(|r| {
+                    let messages = match &r.messages {
+                        Some(m) => m.clone(),
+                        None => system
+                            .iter()
+                            .map(|s| ChatMessage {
+                                role: "system".into(),
+                                content: s.clone(),
+                            })
+                            .chain(std::iter::once(ChatMessage {
+                                role: "user".into(),
+                                content: r.prompt.clone(),
+                            }))
+                            .collect(),
+                    };
+                    t.render(&messages, true)
+                })
+                .collect::<model_zoo::Result<_>>()?,
+        };
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        // A rendered chat carries its own special tokens.
+        let enc = tok.encode_batch_with(&refs, device, template.is_none())?;
         let mut ctx = Context::eval();
         if !adapters.is_empty() {
             let names: Vec<&str> = chunk
@@ -260,6 +319,7 @@ pub fn run(args: &[String]) -> AnyResult<()> {
                 &json!({
                     "line": done,
                     "prompt": r.prompt,
+                    "messages": r.messages,
                     "completion": tok.decode(tokens, true)?,
                     "tokens": tokens,
                     "adapter": r.adapter,
