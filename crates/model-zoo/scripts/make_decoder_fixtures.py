@@ -15,7 +15,9 @@ each with `config.json` and `model.safetensors` from
   is exercised), q/k/v/o and MLP biases, an untied LM head;
 - `tiny-qwen2/`: Qwen2 (q/k/v biases, no o bias), tied embeddings;
 - `tiny-qwen3/`: Qwen3 (RMSNorm on each query and key head), an explicit
-  `head_dim` of 16 (not hidden/heads = 8);
+  `head_dim` of 16 (not hidden/heads = 8), YaRN RoPE scaling (factor 4,
+  original context 16: interpolated, ramped and kept dimensions, and the
+  attention factor on cos/sin);
 - `tiny-mistral/`: Mistral with a sliding window of 4 tokens (shorter than the
   inputs, so the window matters);
 - `tiny-mixtral/`: Mixtral, 4 experts, top-2 (probabilities renormalised),
@@ -116,7 +118,12 @@ def families():
     )
     yield "tiny-qwen3", Qwen3ForCausalLM, Qwen3Config(
         **COMMON, head_dim=16, tie_word_embeddings=False,
-        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 1000000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
     )
     yield "tiny-mistral", MistralForCausalLM, MistralConfig(
         **COMMON, sliding_window=4, tie_word_embeddings=False,

@@ -22,7 +22,9 @@
 //!   `linear` divides every `θ_j` by a factor; `llama3` (Llama 3.1) divides
 //!   the low-frequency band (wavelength above `L/low_freq_factor`, `L` the
 //!   original context) by the factor, keeps the high-frequency band (below
-//!   `L/high_freq_factor`) and interpolates smoothly in between.
+//!   `L/high_freq_factor`) and interpolates smoothly in between; `yarn`
+//!   (Qwen2/Qwen3 long context) ramps between interpolated and kept
+//!   dimensions by their rotation count over `L` and scales cos and sin.
 //! - **Family options**: q/k/v (and o) biases (Llama's `attention_bias`;
 //!   always on q/k/v for Qwen2), MLP biases (`mlp_bias`), an RMSNorm on every
 //!   query and key head before RoPE (Qwen3's `q_norm` / `k_norm`), an explicit
@@ -112,6 +114,19 @@ pub enum RopeScaling {
         low_freq_factor: f64,
         high_freq_factor: f64,
         original_max_position_embeddings: f64,
+    },
+    /// YaRN (Peng et al. 2023, arXiv 2309.00071; Qwen2/Qwen3's long-context
+    /// setting): dimensions rotating fewer than `beta_slow` times over the
+    /// original context are interpolated (`θ_j / factor`), those rotating more
+    /// than `beta_fast` times are kept, with a linear ramp in between; cos and
+    /// sin are multiplied by `attention_factor` (`0.1 ln(factor) + 1` by default).
+    Yarn {
+        factor: f64,
+        original_max_position_embeddings: f64,
+        beta_fast: f64,
+        beta_slow: f64,
+        attention_factor: f64,
+        truncate: bool,
     },
 }
 
@@ -371,11 +386,47 @@ fn rope(j: &JsonConfig) -> Result<(f64, RopeScaling)> {
             high_freq_factor: num("high_freq_factor")?,
             original_max_position_embeddings: num("original_max_position_embeddings")?,
         },
+        "yarn" => {
+            let orig = num("original_max_position_embeddings")?;
+            let factor = match p.get("factor").and_then(Value::as_f64) {
+                Some(f) => f,
+                None => j.f64_or("max_position_embeddings", 2048.0)? / orig,
+            };
+            let mscale = |scale: f64, m: f64| {
+                if scale <= 1.0 {
+                    1.0
+                } else {
+                    0.1 * m * scale.ln() + 1.0
+                }
+            };
+            let opt = |k: &str| p.get(k).and_then(Value::as_f64);
+            let attention_factor = match (
+                opt("attention_factor"),
+                opt("mscale"),
+                opt("mscale_all_dim"),
+            ) {
+                (Some(a), _, _) => a,
+                (None, Some(m), Some(ma)) if m != 0.0 && ma != 0.0 => {
+                    mscale(factor, m) / mscale(factor, ma)
+                }
+                _ => mscale(factor, 1.0),
+            };
+            RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings: orig,
+                beta_fast: opt("beta_fast").filter(|b| *b != 0.0).unwrap_or(32.0),
+                beta_slow: opt("beta_slow").filter(|b| *b != 0.0).unwrap_or(1.0),
+                attention_factor,
+                truncate: p.get("truncate").and_then(Value::as_bool).unwrap_or(true),
+            }
+        }
         other => {
             return Err(Error::config(
                 &j.path,
                 format!("{key}.rope_type"),
-                format!("RoPE scaling '{other}' is not supported (default, linear and llama3 are)"),
+                format!(
+                    "RoPE scaling '{other}' is not supported (default, linear, llama3 and yarn are)"
+                ),
             ));
         }
     };
@@ -438,13 +489,75 @@ fn inv_freq(config: &LlamaConfig, device: Device) -> TensorResult<Tensor> {
                 .op(op)?;
             smoothed.f_where_self(&medium, &inv_l).op(op)?
         }
+        RopeScaling::Yarn {
+            factor,
+            original_max_position_embeddings: orig,
+            beta_fast,
+            beta_slow,
+            truncate,
+            ..
+        } => {
+            let base = config.rope_theta;
+            let dim = d as f64;
+            // The dimension that completes `rot` rotations over the original context.
+            let corr = |rot: f64| {
+                dim * (orig / (rot * 2.0 * std::f64::consts::PI)).ln() / (2.0 * base.ln())
+            };
+            let (mut low, mut high) = (corr(*beta_fast), corr(*beta_slow));
+            if *truncate {
+                low = low.floor();
+                high = high.ceil();
+            }
+            let (low, mut high) = (low.max(0.0), high.min(dim - 1.0));
+            if low == high {
+                high += 0.001;
+            }
+            let ramp = Tensor::f_arange(d / 2, (Kind::Float, Device::Cpu))
+                .and_then(|a| a.f_sub_scalar(low))
+                .and_then(|a| a.f_div_scalar(high - low))
+                .and_then(|a| a.f_clamp(0.0, 1.0))
+                .op(op)?;
+            let keep = ramp.f_neg().and_then(|r| r.f_add_scalar(1.0)).op(op)?;
+            let interp = inv.f_div_scalar(*factor).op(op)?;
+            interp
+                .f_mul(&keep.f_neg().and_then(|k| k.f_add_scalar(1.0))?)
+                .and_then(|a| a.f_add(&inv.f_mul(&keep)?))
+                .op(op)?
+        }
     };
     inv.f_to_device(device).op(op)
+}
+
+/// The factor RoPE's cos and sin are multiplied by (YaRN's attention factor; else 1).
+fn rope_attention_scaling(config: &LlamaConfig) -> f64 {
+    match config.rope_scaling {
+        RopeScaling::Yarn {
+            attention_factor, ..
+        } => attention_factor,
+        _ => 1.0,
+    }
+}
+
+/// RoPE's frequencies `θ_j` (f32, `[head_dim / 2]`) and the factor on cos and sin.
+#[derive(Debug)]
+pub struct Rope {
+    pub inv_freq: Tensor,
+    pub scaling: f64,
+}
+
+impl Rope {
+    pub fn new(config: &LlamaConfig, device: Device) -> TensorResult<Self> {
+        Ok(Self {
+            inv_freq: inv_freq(config, device)?,
+            scaling: rope_attention_scaling(config),
+        })
+    }
 }
 
 /// `[cos, sin]` of shape `[B, T, head_dim]` for positions `[B, T]`.
 fn rope_tables(
     inv_freq: &Tensor,
+    scaling: f64,
     positions: &Tensor,
     kind: Kind,
 ) -> TensorResult<(Tensor, Tensor)> {
@@ -455,8 +568,13 @@ fn rope_tables(
         .and_then(|p| p.f_mul(&inv_freq.f_view([1, 1, -1])?))
         .op(op)?;
     let emb = Tensor::f_cat(&[&freqs, &freqs], -1).op(op)?;
-    let cos = emb.f_cos().and_then(|c| c.f_to_kind(kind)).op(op)?;
-    let sin = emb.f_sin().and_then(|s| s.f_to_kind(kind)).op(op)?;
+    let (mut cos, mut sin) = (emb.f_cos().op(op)?, emb.f_sin().op(op)?);
+    if scaling != 1.0 {
+        cos = cos.f_mul_scalar(scaling).op(op)?;
+        sin = sin.f_mul_scalar(scaling).op(op)?;
+    }
+    let cos = cos.f_to_kind(kind).op(op)?;
+    let sin = sin.f_to_kind(kind).op(op)?;
     Ok((cos, sin))
 }
 
@@ -790,7 +908,7 @@ pub struct LlamaModel {
     layer_names: Vec<String>,
     #[child]
     pub norm: Slot,
-    inv_freq: Tensor,
+    rope: Rope,
 }
 
 impl LlamaModel {
@@ -809,7 +927,7 @@ impl LlamaModel {
             layers,
             layer_names: (0..n).map(|i| format!("layers.{i}")).collect(),
             norm: Box::new(RmsNorm::new(c.hidden_size, c.rms_norm_eps, device)?),
-            inv_freq: inv_freq(c, device)?,
+            rope: Rope::new(c, device)?,
             config,
         })
     }
@@ -886,7 +1004,7 @@ impl LlamaModel {
     /// The step's RoPE tables and attention bias for token ids of size
     /// `ids [B, T]` embedded as `h`, the cache length and mask read from `ctx`.
     fn step(
-        inv_freq: &Tensor,
+        rope: &Rope,
         window: Option<i64>,
         ids: &[i64],
         h: &Tensor,
@@ -906,7 +1024,7 @@ impl LlamaModel {
         }
         let device = h.device();
         let pos = Self::positions(mask.as_ref(), b, t, past, device)?;
-        let (cos, sin) = rope_tables(inv_freq, &pos, h.kind())?;
+        let (cos, sin) = rope_tables(&rope.inv_freq, rope.scaling, &pos, h.kind())?;
         // One host read per forward: is anything padded?
         let padded = match &mask {
             Some(m) => {
@@ -946,7 +1064,7 @@ impl LlamaModel {
             ));
         }
         let h = ctx.call("embed_tokens", self.embed_tokens.as_ref(), input_ids)?;
-        let step = Self::step(&self.inv_freq, self.config.sliding_window, &s, &h, ctx)?;
+        let step = Self::step(&self.rope, self.config.sliding_window, &s, &h, ctx)?;
         let before = ctx.insert(step);
         let mut out = Ok(h);
         for (name, layer) in self.layer_names.iter().zip(&self.layers) {
@@ -1222,7 +1340,7 @@ fn checkpoint_half_kind(files: &[tensor_core::io::SafetensorsFile]) -> Result<Op
 pub struct LlamaEmbedStage {
     #[child]
     pub embed_tokens: Slot,
-    inv_freq: Tensor,
+    rope: Rope,
     sliding_window: Option<i64>,
 }
 
@@ -1237,7 +1355,7 @@ impl LlamaEmbedStage {
             ));
         }
         let h = ctx.call("embed_tokens", self.embed_tokens.as_ref(), input_ids)?;
-        let step = LlamaModel::step(&self.inv_freq, self.sliding_window, &s, &h, ctx)?;
+        let step = LlamaModel::step(&self.rope, self.sliding_window, &s, &h, ctx)?;
         ctx.insert(step);
         Ok(h)
     }
@@ -1283,7 +1401,7 @@ impl LlamaForCausalLM {
             embed_tokens,
             layers,
             norm,
-            inv_freq,
+            rope,
             ..
         } = *m;
         let tied = if lm_head.is_none() {
@@ -1298,7 +1416,7 @@ impl LlamaForCausalLM {
         };
         let embed = LlamaEmbedStage {
             embed_tokens,
-            inv_freq,
+            rope,
             sliding_window: config.sliding_window,
         };
         let head = LlamaHeadStage {
@@ -1748,7 +1866,7 @@ mod tests {
                 .to_string()
         };
         let mut v = base();
-        v["rope_parameters"]["rope_type"] = "yarn".into();
+        v["rope_parameters"]["rope_type"] = "longrope".into();
         assert!(err(v).contains("rope_type"));
         let mut v = base();
         v["num_key_value_heads"] = 3.into();
