@@ -1854,6 +1854,41 @@ mod tests {
         );
     }
 
+    /// A bf16 checkpoint loads on the CPU upcast to f32 (the values are the
+    /// bf16 ones), and its logits follow the f32 model's within bf16 rounding.
+    #[test]
+    fn half_precision_checkpoints_upcast_on_the_cpu() {
+        let src = fixture("tiny-mistral");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(src.join("config.json"), dir.path().join("config.json")).unwrap();
+        let all = tensor_core::io::load(src.join("model.safetensors"), Device::Cpu).unwrap();
+        let half: Vec<(String, Tensor)> = all
+            .into_iter()
+            .map(|(n, t)| (n, t.to_kind(Kind::BFloat16)))
+            .collect();
+        let refs: Vec<(&str, &Tensor)> = half.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        tensor_core::io::save(dir.path().join("model.safetensors"), &refs, None).unwrap();
+        assert_eq!(
+            checkpoint_half_kind(&loading::open_folder_weights(dir.path(), "t").unwrap()).unwrap(),
+            Some(Kind::BFloat16)
+        );
+        let m = LlamaForCausalLM::from_folder(dir.path(), Device::Cpu).unwrap();
+        let (n, w) = &m.named_parameters()[1];
+        assert_eq!(w.kind(), Kind::Float, "{n}");
+        let want = half
+            .iter()
+            .find(|(k, _)| k == n)
+            .unwrap()
+            .1
+            .to_kind(Kind::Float);
+        assert!(w.equal(&want), "{n} holds the bf16 values");
+        let e = fixtures::expected(&src);
+        let ids = e["input_ids"].narrow(0, 0, 1);
+        let got = no_grad(|| m.logits(&ids, None)).unwrap();
+        let c = closeness(&got, &e["logits"].narrow(0, 0, 1), 0.1, 0.05).unwrap();
+        assert!(c.ok, "{c:?}");
+    }
+
     #[test]
     fn bad_configs_name_the_key() {
         let base = || {
