@@ -204,6 +204,43 @@ fn per_prompt_adapters_share_one_batch() {
     // The adapters change the text: rows a and b differ from the base model's.
     let base = &got[2]["tokens"];
     assert!(got[0]["tokens"] != *base || got[1]["tokens"] != *base);
+    // One prompt with --adapter: the same tokens as its line in the batch, written to --out.
+    let out = dir.path().join("one.jsonl");
+    expect(
+        &[
+            "generate",
+            "--model",
+            s(&m),
+            "--prompt",
+            prompts[1],
+            "--adapter",
+            "b",
+            "--adapters",
+            &spec,
+            "--max-new-tokens",
+            "6",
+            "--out",
+            s(&out),
+        ],
+        0,
+    );
+    let one = lines(&std::fs::read_to_string(&out).unwrap());
+    assert_eq!(one[0]["tokens"], got[1]["tokens"]);
+    assert_eq!(one[0]["adapter"], "b");
+    expect(
+        &[
+            "generate",
+            "--model",
+            s(&m),
+            "--data",
+            s(&data),
+            "--adapter",
+            "b",
+            "--adapters",
+            &spec,
+        ],
+        2,
+    );
 }
 
 fn corpus(n: usize) -> String {

@@ -46,6 +46,7 @@ options:
   --system TEXT          with --chat: a system message before each prompt
   --adapters N=D,...     PEFT LoRA folders loaded as adapters NAME; a --data line's \"adapter\"
                          picks one for that prompt (none: the base model), all in one batch
+  --adapter NAME         with --prompt: the loaded adapter to generate with
 
 exit codes: 0 written, 1 a file is missing or malformed, 2 a malformed command line.
 
@@ -141,6 +142,7 @@ pub fn run(args: &[String]) -> AnyResult<()> {
             "--batch",
             "--adapters",
             "--system",
+            "--adapter",
         ],
         &["--chat"],
         HELP,
@@ -154,7 +156,7 @@ pub fn run(args: &[String]) -> AnyResult<()> {
         (Some(p), None) => vec![Request {
             prompt: p.to_owned(),
             messages: None,
-            adapter: None,
+            adapter: f.get("--adapter").map(str::to_owned),
         }],
         (None, Some(d)) => {
             if !d.is_file() {
@@ -164,6 +166,12 @@ pub fn run(args: &[String]) -> AnyResult<()> {
         }
         _ => return super::usage("generate", "give exactly one of --prompt and --data"),
     };
+    if f.get("--adapter").is_some() && prompt.is_none() {
+        return super::usage(
+            "generate",
+            "--adapter picks the adapter of --prompt; --data lines name theirs in \"adapter\"",
+        );
+    }
     let out = f.path("--out");
     if let Some(o) = &out {
         let mut inputs: Vec<(&str, &Path)> = vec![("--model", &model_dir)];
