@@ -43,7 +43,7 @@ use tensor_core::layers::{
     Activation, BlockNames, Embedding, FeedForward, FfnNames, LayerNorm, Linear, PreNormBlock,
 };
 use tensor_core::module::{Context, Module, ModuleExt, Slot};
-use tensor_core::tch::{Device, Kind, Reduction, Tensor};
+use tensor_core::tch::{Device, Kind, Tensor};
 use tensor_core::{Error as TensorError, Result as TensorResult, TchResultExt};
 
 use crate::bert::dropout;
@@ -322,12 +322,7 @@ fn causal_bias(
             .op(op)?;
         allowed = allowed.f_logical_and(&keep).op(op)?;
     }
-    let min = match kind {
-        Kind::Half => -65504.0,
-        Kind::BFloat16 => -3.389_531_389_251_535e38,
-        Kind::Double => f64::MIN,
-        _ => f64::from(f32::MIN),
-    };
+    let min = tensor_core::layers::hidden_key_bias(kind);
     Tensor::f_zeros([1], (kind, device))
         .and_then(|z| z.f_masked_fill(&allowed.f_logical_not()?, min))
         .op(op)
@@ -637,55 +632,13 @@ impl Gpt2Model {
                 TensorError::shape("Gpt2 lm_loss input_ids", "[batch, seq >= 2]", s).into(),
             );
         }
-        let (b, t) = (s[0], s[1]);
         let saved = std::mem::replace(
             &mut ctx.attention_mask,
             attention_mask.map(Tensor::shallow_clone),
         );
         let logits = self.logits(input_ids, ctx);
         ctx.attention_mask = saved;
-        let logits = logits?;
-        let v = self.config.vocab_size;
-        let op = "Gpt2 lm_loss";
-        let pred = logits
-            .f_narrow(1, 0, t - 1)
-            .and_then(|p| p.f_reshape([b * (t - 1), v]))
-            .op(op)?;
-        let mut targets = input_ids
-            .f_narrow(1, 1, t - 1)
-            .and_then(|x| x.f_to_kind(Kind::Int64))
-            .op(op)?;
-        let count = if let Some(m) = attention_mask {
-            let m = m.f_to_device(input_ids.device()).op(op)?.f_ne(0).op(op)?;
-            let valid = m
-                .f_narrow(1, 0, t - 1)
-                .and_then(|a| a.f_logical_and(&m.f_narrow(1, 1, t - 1)?))
-                .op(op)?;
-            targets = targets
-                .f_masked_fill(&valid.f_logical_not().op(op)?, -100)
-                .op(op)?;
-            valid.f_sum(Kind::Float).op(op)?
-        } else {
-            Tensor::f_scalar_tensor((b * (t - 1)) as f64, (Kind::Float, logits.device())).op(op)?
-        };
-        let total = pred
-            .f_cross_entropy_loss::<Tensor>(
-                &targets.f_reshape([b * (t - 1)]).op(op)?,
-                None,
-                Reduction::Sum,
-                -100,
-                0.0,
-            )
-            .op(op)?;
-        Ok(total
-            .f_div(
-                &count
-                    .f_clamp_min(1.0)
-                    .op(op)?
-                    .f_to_kind(total.kind())
-                    .op(op)?,
-            )
-            .op(op)?)
+        Ok(crate::lm::next_token_loss(&logits?, input_ids, attention_mask)?.0)
     }
 
     /// Check `input_ids`: `[B, T]` integers, `1 <= T <= n_positions`, ids in `0..vocab`.

@@ -13,6 +13,7 @@
 //! - [`source`]: where a model folder comes from (explicit folder, environment,
 //!   the packaged default); [`config`]: Hugging Face `config.json`;
 //!   [`tokenizer`]: `tokenizer.json` through the `tokenizers` crate;
+//! - [`lm`]: the causal language-model loss the decoders share;
 //! - [`chat`]: a folder's chat template, rendered as transformers renders it;
 //! - [`data`]: the project's real datasets (JSONL);
 //! - [`finetune`]: the text-classification recipe, on `tensor_core::train`.
@@ -29,6 +30,7 @@ pub mod error;
 pub mod finetune;
 pub mod gpt;
 pub mod llama;
+pub mod lm;
 pub mod loading;
 pub mod source;
 pub mod tokenizer;

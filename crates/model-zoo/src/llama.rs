@@ -50,7 +50,7 @@ use std::path::Path;
 use serde_json::Value;
 use tensor_core::layers::{
     Activation, BlockNames, Embedding, FeedForward, FfnNames, Linear, MoeNames, PreNormBlock,
-    RmsNorm, SparseMoeBlock,
+    RmsNorm, SparseMoeBlock, hidden_key_bias,
 };
 use tensor_core::module::{Context, Module, ModuleExt, Slot};
 use tensor_core::tch::{self, Device, Kind, Tensor};
@@ -591,16 +591,6 @@ fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> TensorResult<Tensor> {
         .op(op)
 }
 
-/// The dtype's most negative value, which hides a key in the attention bias.
-fn hide_value(kind: Kind) -> f64 {
-    match kind {
-        Kind::Half => -65504.0,
-        Kind::BFloat16 => -3.389_531_389_251_535e38,
-        Kind::Double => f64::MIN,
-        _ => f64::from(f32::MIN),
-    }
-}
-
 /// What every attention of one forward pass shares: the RoPE tables of the
 /// new positions and the attention bias `[B, 1, T, S]` over all `S` cached
 /// and new keys. The model puts it into the context for its layers. When
@@ -997,7 +987,7 @@ impl LlamaModel {
             allowed = allowed.f_logical_and(&keep).op(op)?;
         }
         Tensor::f_zeros([1], (kind, device))
-            .and_then(|z| z.f_masked_fill(&allowed.f_logical_not()?, hide_value(kind)))
+            .and_then(|z| z.f_masked_fill(&allowed.f_logical_not()?, hidden_key_bias(kind)))
             .op(op)
     }
 
@@ -1088,6 +1078,8 @@ impl LlamaModel {
 #[derive(Debug, Module)]
 #[module(kind = "LlamaForCausalLM", forward = forward_impl)]
 pub struct LlamaForCausalLM {
+    /// What the model was built from (the `model` slot may later hold a wrapper).
+    pub config: LlamaConfig,
     #[child]
     pub model: Slot,
     #[child]
@@ -1107,7 +1099,8 @@ impl LlamaForCausalLM {
             )?))
         };
         Ok(Self {
-            model: Box::new(LlamaModel::new(config, device)?),
+            model: Box::new(LlamaModel::new(config.clone(), device)?),
+            config,
             lm_head,
         })
     }
@@ -1132,13 +1125,13 @@ impl LlamaForCausalLM {
         Ok(model)
     }
 
-    pub fn decoder(&self) -> &LlamaModel {
+    /// The decoder stack, unless its slot was replaced by another module.
+    pub fn decoder(&self) -> Option<&LlamaModel> {
         tensor_core::module::downcast_ref::<LlamaModel>(self.model.as_ref())
-            .expect("the model slot holds the LlamaModel it was built with")
     }
 
     pub fn config(&self) -> &LlamaConfig {
-        &self.decoder().config
+        &self.config
     }
 
     /// Copy a checkpoint's tensors in: every parameter once with the shape
@@ -1189,8 +1182,8 @@ impl LlamaForCausalLM {
             Some(head) => ctx.call("lm_head", head.as_ref(), &h),
             None => {
                 let w = self
-                    .decoder()
-                    .embed_tokens
+                    .model
+                    .get("embed_tokens")?
                     .params()
                     .first()
                     .map(|(_, w)| w.shallow_clone())
@@ -1199,6 +1192,25 @@ impl LlamaForCausalLM {
                     .op("tied lm_head")
             }
         }
+    }
+
+    /// The mean next-token loss of `input_ids [B, T]` under `attention_mask`
+    /// ([`crate::lm::next_token_loss`]) and the number of positions it
+    /// averages; `train` turns dropout on.
+    pub fn lm_loss(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        train: bool,
+    ) -> Result<(Tensor, Tensor)> {
+        let mut ctx = if train {
+            Context::train()
+        } else {
+            Context::eval()
+        };
+        ctx.attention_mask = attention_mask.map(Tensor::shallow_clone);
+        let logits = ctx.call("", self, input_ids)?;
+        crate::lm::next_token_loss(&logits, input_ids, attention_mask)
     }
 
     /// Logits `[B, T, vocab]` of `input_ids [B, T]` under `attention_mask`.
@@ -1392,7 +1404,7 @@ impl LlamaForCausalLM {
     /// stage, hidden width)`: running them in order in one context computes
     /// the model's logits. m2mKD splits a teacher given this way into modules.
     pub fn into_stages(self) -> Result<(Slot, Vec<Slot>, Slot, i64)> {
-        let Self { model, lm_head } = self;
+        let Self { model, lm_head, .. } = self;
         let m = tensor_core::module::downcast_box::<LlamaModel>(model).map_err(|_| {
             Error::invalid("into_stages: the model slot no longer holds a LlamaModel")
         })?;

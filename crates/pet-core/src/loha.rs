@@ -29,7 +29,7 @@ use tensor_core::tch::{Kind, Tensor};
 
 use crate::error::{Error, Result};
 use crate::model::{AddReport, add_linear_adapters, base_linear, check_new_name, linear_targets};
-use crate::target::{module_seed, param, pattern_value, uniform};
+use crate::target::{module_seed, param, uniform};
 
 /// LoHa's configuration (PEFT's field names and defaults: `r = 8`, `α = 8`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -107,13 +107,12 @@ impl LohaConfig {
 
     /// Rank and `α` for the module at `path`.
     pub fn rank_alpha(&self, path: &str) -> (i64, f64) {
-        (
-            pattern_value(path, &self.rank_pattern)
-                .copied()
-                .unwrap_or(self.r),
-            pattern_value(path, &self.alpha_pattern)
-                .copied()
-                .unwrap_or(self.alpha),
+        tensor_core::adapt::rank_alpha(
+            path,
+            self.r,
+            self.alpha,
+            &self.rank_pattern,
+            &self.alpha_pattern,
         )
     }
 }

@@ -23,7 +23,7 @@ use tensor_core::tch::{Kind, Tensor};
 
 use crate::error::{Error, Result};
 use crate::gate::{Gate, GateConfig};
-use crate::target::{module_seed, normal, param, pattern_value, uniform};
+use crate::target::{module_seed, normal, param, uniform};
 
 /// How `s` follows from `α` and `r`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -152,13 +152,13 @@ impl LoraConfig {
 
     /// Rank and `α` for the module at `path` (patterns first, then the defaults).
     pub fn rank_alpha(&self, path: &str) -> (i64, f64) {
-        let r = pattern_value(path, &self.rank_pattern)
-            .copied()
-            .unwrap_or(self.r);
-        let a = pattern_value(path, &self.alpha_pattern)
-            .copied()
-            .unwrap_or(self.alpha);
-        (r, a)
+        tensor_core::adapt::rank_alpha(
+            path,
+            self.r,
+            self.alpha,
+            &self.rank_pattern,
+            &self.alpha_pattern,
+        )
     }
 
     /// `s` for rank `r` and `α`.

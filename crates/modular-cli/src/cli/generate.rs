@@ -8,6 +8,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use model_zoo::chat::{ChatMessage, ChatTemplate};
+use model_zoo::data::jsonl_rows;
 use model_zoo::llama::{GenerateOptions, LlamaForCausalLM, Sampling};
 use model_zoo::tokenizer::TextTokenizer;
 use pet_core::{BASE, MixedBatch};
@@ -63,16 +64,9 @@ struct Request {
 }
 
 fn read_requests(path: &Path) -> AnyResult<Vec<Request>> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("data {}: cannot read: {e}", path.display()))?;
     let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let at = format!("{}:{}", path.display(), i + 1);
-        let v: Value =
-            serde_json::from_str(line).map_err(|e| format!("{at}: not valid JSON: {e}"))?;
+    for (n, v) in jsonl_rows(path)? {
+        let at = format!("{}:{n}", path.display());
         let messages: Option<Vec<ChatMessage>> = match v.get("messages") {
             None | Some(Value::Null) => None,
             Some(m) => Some(serde_json::from_value(m.clone()).map_err(|e| {
@@ -98,9 +92,6 @@ fn read_requests(path: &Path) -> AnyResult<Vec<Request>> {
             messages,
             adapter,
         });
-    }
-    if out.is_empty() {
-        return Err(format!("data {} holds no prompts", path.display()).into());
     }
     Ok(out)
 }

@@ -8,21 +8,23 @@
 //!
 //! of a JSONL corpus (`{"text": ...}` lines) with AdamW, and written as a
 //! PEFT LoRA folder that `modular generate --adapters` and Python PEFT load.
-//! 10% of the lines (seeded) are held out; `tune.json` records the options,
+//! Batches are right-padded (`tensor_core::train::pad_batch`) in a seeded
+//! order (`BatchPlan`); 10% of the lines (seeded) are held out; `tune.json` records the options,
 //! the training loss per epoch and the held-out loss before and after.
 
 use std::path::Path;
 
+use model_zoo::data::load_texts;
 use model_zoo::llama::LlamaForCausalLM;
 use model_zoo::tokenizer::TextTokenizer;
 use pet_core::{
     LoraConfig, add_lora, mark_only_adapters_trainable, save_adapter, trainable_report,
 };
-use serde_json::{Value, json};
-use tensor_core::module::{Context, ModuleExt};
-use tensor_core::tch::{self, Device, Kind, Reduction, Tensor};
-use tensor_core::train::SplitMix64;
+use serde_json::json;
+use tensor_core::module::ModuleExt;
+use tensor_core::tch::{self, Device};
 use tensor_core::train::optim::{AdamW, AdamWConfig};
+use tensor_core::train::{Batch, BatchPlan, SplitMix64, pad_batch};
 
 use super::{AnyResult, AtomicDir, Flags, progress};
 
@@ -42,104 +44,26 @@ pub struct LmOptions {
     pub force: bool,
 }
 
-fn read_texts(path: &Path) -> AnyResult<Vec<String>> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("data {}: cannot read: {e}", path.display()))?;
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let at = format!("{}:{}", path.display(), i + 1);
-        let v: Value =
-            serde_json::from_str(line).map_err(|e| format!("{at}: not valid JSON: {e}"))?;
-        let t = v
-            .get("text")
-            .and_then(Value::as_str)
-            .ok_or_else(|| format!("{at}: needs a string field \"text\""))?;
-        out.push(t.to_owned());
-    }
-    if out.len() < 2 {
-        return Err(format!(
-            "data {} holds {} text(s); language-model tuning needs at least 2 (one is held out)",
-            path.display(),
-            out.len()
-        )
-        .into());
-    }
-    Ok(out)
-}
-
-/// Token ids `[B, T]` and mask of `texts`, each cut to `max_len` tokens and
-/// left-padded with `pad`.
-fn batch(
-    tok: &TextTokenizer,
-    texts: &[&String],
-    max_len: usize,
-    pad: i64,
-) -> AnyResult<(Tensor, Tensor)> {
-    let mut rows = Vec::with_capacity(texts.len());
-    for t in texts {
-        let mut ids = tok.encode_ids(t)?;
-        ids.truncate(max_len);
-        rows.push(ids);
-    }
-    let t = rows.iter().map(Vec::len).max().unwrap_or(1).max(1);
-    let (mut ids, mut mask) = (Vec::new(), Vec::new());
-    for r in &rows {
-        ids.extend(std::iter::repeat_n(pad, t - r.len()).chain(r.iter().copied()));
-        mask.extend(std::iter::repeat_n(0i64, t - r.len()).chain(std::iter::repeat_n(1, r.len())));
-    }
-    let shape = [rows.len() as i64, t as i64];
-    Ok((
-        Tensor::from_slice(&ids).f_view(shape)?,
-        Tensor::from_slice(&mask).f_view(shape)?,
-    ))
-}
-
-/// Mean next-token cross-entropy over the positions where both the token and
-/// the next one are real, and how many there were.
-fn lm_loss(
-    model: &LlamaForCausalLM,
-    ids: &Tensor,
-    mask: &Tensor,
-    train: bool,
-) -> AnyResult<(Tensor, i64)> {
-    let mut ctx = if train {
-        Context::train()
-    } else {
-        Context::eval()
-    };
-    ctx.attention_mask = Some(mask.shallow_clone());
-    let logits = ctx.call("", model, ids)?;
-    let t = ids.size()[1];
-    let v = logits.size()[2];
-    let pred = logits.f_narrow(1, 0, t - 1)?.f_reshape([-1, v])?;
-    let target = ids.f_narrow(1, 1, t - 1)?.f_reshape([-1])?;
-    let keep = mask
-        .f_narrow(1, 0, t - 1)?
-        .f_mul(&mask.f_narrow(1, 1, t - 1)?)?
-        .f_reshape([-1])?;
-    let n = keep.f_sum(Kind::Int64)?.f_int64_value(&[])?;
-    // Positions to ignore get the target -100.
-    let target = target.f_where_self(&keep.f_ne(0)?, &Tensor::from(-100i64))?;
-    let loss = pred
-        .f_to_kind(Kind::Float)?
-        .f_cross_entropy_loss::<Tensor>(&target, None, Reduction::Mean, -100, 0.0)?;
-    Ok((loss, n))
+/// Token ids of `texts` (the tokenizer's special tokens added), right-padded
+/// with `pad` after each is cut to `max_len` tokens.
+fn batch(tok: &TextTokenizer, texts: &[&String], max_len: usize, pad: i64) -> AnyResult<Batch> {
+    let seqs = texts
+        .iter()
+        .map(|t| tok.encode_ids(t))
+        .collect::<model_zoo::Result<Vec<_>>>()?;
+    Ok(pad_batch(&seqs, pad, Some(max_len), Device::Cpu)?)
 }
 
 /// Mean held-out loss, token-weighted.
-fn held_out_loss(model: &LlamaForCausalLM, batches: &[(Tensor, Tensor)]) -> AnyResult<f64> {
-    let (mut sum, mut n) = (0.0, 0i64);
-    for (ids, mask) in batches {
-        let (l, k) = tch::no_grad(|| lm_loss(model, ids, mask, false))?;
-        if k > 0 {
-            sum += l.f_double_value(&[])? * k as f64;
-            n += k;
-        }
+fn held_out_loss(model: &LlamaForCausalLM, batches: &[Batch]) -> AnyResult<f64> {
+    let (mut sum, mut n) = (0.0, 0.0);
+    for b in batches {
+        let (l, k) = tch::no_grad(|| model.lm_loss(&b.input_ids, Some(&b.attention_mask), false))?;
+        let k = k.f_double_value(&[])?;
+        sum += l.f_double_value(&[])? * k;
+        n += k;
     }
-    Ok(if n > 0 { sum / n as f64 } else { f64::NAN })
+    Ok(if n > 0.0 { sum / n } else { f64::NAN })
 }
 
 pub fn run(f: &Flags, model_dir: &Path, data: &Path, out: &Path, o: &LmOptions) -> AnyResult<()> {
@@ -151,12 +75,16 @@ pub fn run(f: &Flags, model_dir: &Path, data: &Path, out: &Path, o: &LmOptions) 
         .into());
     }
     f.out_not_input(out, &[("--data", data), ("--model", model_dir)])?;
-    let mut texts = read_texts(data)?;
-    let mut rng = SplitMix64::new(o.seed);
-    for i in (1..texts.len()).rev() {
-        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
-        texts.swap(i, j);
+    let mut texts = load_texts(data)?;
+    if texts.len() < 2 {
+        return Err(format!(
+            "data {} holds {} text(s); language-model tuning needs at least 2 (one is held out)",
+            data.display(),
+            texts.len()
+        )
+        .into());
     }
+    SplitMix64::new(o.seed).shuffle(&mut texts);
     let held = (texts.len() / 10).max(1);
     let (eval_texts, train_texts) = texts.split_at(held);
     let mut train_texts: Vec<&String> = train_texts.iter().collect();
@@ -209,23 +137,19 @@ pub fn run(f: &Flags, model_dir: &Path, data: &Path, out: &Path, o: &LmOptions) 
     );
     let mut epoch_losses = Vec::new();
     tensor_core::seed::manual_seed(o.seed);
+    let plan = BatchPlan::new(train_texts.len(), o.batch)?.shuffled(o.seed);
     for epoch in 0..o.epochs {
-        let mut order: Vec<&String> = train_texts.clone();
-        for i in (1..order.len()).rev() {
-            let j = (rng.next_u64() % (i as u64 + 1)) as usize;
-            order.swap(i, j);
-        }
-        let chunks: Vec<&[&String]> = order.chunks(o.batch).collect();
         let pb = progress(
-            chunks.len() as u64,
+            plan.num_batches() as u64,
             &format!("epoch {}", epoch + 1),
             o.quiet,
         );
         let (mut sum, mut steps) = (0.0, 0usize);
-        for ch in chunks {
-            let (ids, mask) = batch(&tok, ch, o.max_len, pad)?;
-            let (loss, n) = lm_loss(&model, &ids, &mask, true)?;
-            if n == 0 {
+        for idx in plan.epoch(epoch as u64) {
+            let texts: Vec<&String> = idx.iter().map(|&i| train_texts[i]).collect();
+            let b = batch(&tok, &texts, o.max_len, pad)?;
+            let (loss, n) = model.lm_loss(&b.input_ids, Some(&b.attention_mask), true)?;
+            if n.f_double_value(&[])? == 0.0 {
                 pb.inc(1);
                 continue;
             }

@@ -39,4 +39,4 @@ pub use host::{
     mark_only_trainable, resolve_targets, unwrap_empty_hosts,
 };
 pub use mixed::{BASE, MixedBatch};
-pub use target::{matches_any, matches_target, name_seed, pattern_value};
+pub use target::{matches_any, matches_target, name_seed, pattern_value, rank_alpha};

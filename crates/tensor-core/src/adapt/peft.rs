@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{Value, json};
 use tch::Tensor;
 
-use crate::adapt::target::{matches_any, pattern_value};
+use crate::adapt::target::{matches_any, rank_alpha};
 use crate::error::{Error, Result};
 use crate::io::{self as tio, SafetensorsFile};
 
@@ -194,13 +194,12 @@ impl LoraHeader {
 
     /// Rank and `α` of the module at `module` (patterns first).
     pub fn rank_alpha(&self, module: &str) -> (i64, f64) {
-        (
-            pattern_value(module, &self.rank_pattern)
-                .copied()
-                .unwrap_or(self.r),
-            pattern_value(module, &self.alpha_pattern)
-                .copied()
-                .unwrap_or(self.alpha),
+        rank_alpha(
+            module,
+            self.r,
+            self.alpha,
+            &self.rank_pattern,
+            &self.alpha_pattern,
         )
     }
 

@@ -39,6 +39,21 @@ pub fn pattern_value<'a, T>(path: &str, patterns: &'a BTreeMap<String, T>) -> Op
         .map(|(_, v)| v)
 }
 
+/// Rank and `α` of the module at `path`: the most specific `rank_pattern` /
+/// `alpha_pattern` entries, else `r` and `alpha` (PEFT's LoRA and LoHa rule).
+pub fn rank_alpha(
+    path: &str,
+    r: i64,
+    alpha: f64,
+    rank_pattern: &BTreeMap<String, i64>,
+    alpha_pattern: &BTreeMap<String, f64>,
+) -> (i64, f64) {
+    (
+        pattern_value(path, rank_pattern).copied().unwrap_or(r),
+        pattern_value(path, alpha_pattern).copied().unwrap_or(alpha),
+    )
+}
+
 /// FNV-1a over the bytes of `parts` (each followed by a separator), mixed into `seed`.
 pub fn name_seed(seed: u64, parts: &[&str]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;

@@ -192,12 +192,7 @@ impl Attention {
         let Some(allowed) = allowed else {
             return Ok(None);
         };
-        let min = match kind {
-            Kind::Half => f64::from(half_min()),
-            Kind::BFloat16 => -3.389_531_389_251_535e38,
-            Kind::Double => f64::MIN,
-            _ => f64::from(f32::MIN),
-        };
+        let min = hidden_key_bias(kind);
         let zeros = Tensor::f_zeros([1], (kind, device)).op("Attention mask")?;
         Ok(Some(
             zeros
@@ -207,8 +202,16 @@ impl Attention {
     }
 }
 
-fn half_min() -> f32 {
-    -65504.0
+/// The additive bias that hides a key in attention scores of dtype `kind`:
+/// the dtype's most negative finite value, so a query that sees no key at
+/// all averages uniformly instead of producing NaN.
+pub fn hidden_key_bias(kind: Kind) -> f64 {
+    match kind {
+        Kind::Half => -65504.0,
+        Kind::BFloat16 => -3.389_531_389_251_535e38,
+        Kind::Double => f64::MIN,
+        _ => f64::from(f32::MIN),
+    }
 }
 
 impl Attention {

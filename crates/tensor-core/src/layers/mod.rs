@@ -12,7 +12,7 @@ mod linear;
 mod moe;
 mod norm;
 
-pub use attention::{Attention, AttentionConfig, AttentionNames};
+pub use attention::{Attention, AttentionConfig, AttentionNames, hidden_key_bias};
 pub use block::{BlockNames, PreNormBlock};
 pub use embedding::Embedding;
 pub use ffn::{Activation, FeedForward, FfnNames, FfnPart};
